@@ -1,0 +1,250 @@
+"""Caption annotations in the layouts the project reads: COCO 2014/2017, Karpathy splits, CSV.
+
+Every layout is read into one `CaptionSplit`: the split's images (ids and paths) and its
+captions (text and the image each belongs to). Tokenisation is cached per annotations file.
+"""
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+KARPATHY_FILES = ("dataset_coco.json", "dataset_flickr8k.json", "dataset_flickr30k.json")
+CSV_FILES = ("captions.txt", "captions.csv")
+CSV_IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "flickr30k_images", ".")
+FLICKR_IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "Flickr8k_Dataset",
+                     "flickr30k_images", "flickr30k-images", ".")
+LAYOUTS = ("auto", "coco", "karpathy", "csv")
+TOKENIZER_VERSION = "treebank-lower/1"
+
+
+class AnnotationError(ValueError):
+    """An annotations file that cannot be read; the message names the file (and row)."""
+
+
+@dataclass
+class CaptionSplit:
+    """One split of a captioning dataset: images and their captions."""
+    name: str
+    layout: str
+    source: Path
+    image_ids: list
+    image_paths: list
+    captions: list = field(default_factory=list)
+    caption_image: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    caption_rows: list = field(default_factory=list)
+
+    def references(self):
+        """Captions per image id, for scoring."""
+        refs = {i: [] for i in self.image_ids}
+        for text, img in zip(self.captions, self.caption_image):
+            refs[self.image_ids[img]].append(text)
+        return refs
+
+    def tokenized(self, cache_dir=None):
+        """Token lists of all captions, read from the cache when this file was seen before."""
+        return tokenize_cached(self, cache_dir)
+
+    def describe_row(self, caption_index):
+        """Where a caption came from, for error messages."""
+        return f"{self.source}, row {self.caption_rows[caption_index]}"
+
+
+def default_cache_dir():
+    """Folder for derived files (token and feature caches)."""
+    return Path(os.environ.get("CAPTIONING_CACHE", Path.home() / ".cache" / "captioning"))
+
+
+def detect_layout(data_dir):
+    """Which layout `data_dir` holds: 'coco', 'karpathy' or 'csv'."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: data folder not found")
+    if list((data_dir / "annotations").glob("captions_*20[0-9][0-9].json")):
+        return "coco"
+    if any((data_dir / f).exists() for f in KARPATHY_FILES):
+        return "karpathy"
+    if any((data_dir / f).exists() for f in CSV_FILES):
+        return "csv"
+    raise FileNotFoundError(
+        f"{data_dir}: no captions found; expected annotations/captions_<split><year>.json (COCO), "
+        f"one of {', '.join(KARPATHY_FILES)} (Karpathy splits) or {' / '.join(CSV_FILES)} "
+        "(image,caption CSV)")
+
+
+def read_split(data_dir, split="train", layout="auto"):
+    """The `split` ('train', 'val' or 'test') of the dataset under `data_dir`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    data_dir = Path(data_dir)
+    layout = detect_layout(data_dir) if layout == "auto" else layout
+    return {"coco": _read_coco_split, "karpathy": _read_karpathy_split,
+            "csv": _read_csv_split}[layout](data_dir, split)
+
+
+def read_captions(annotations_file):
+    """(image id, caption) pairs of a COCO captions file."""
+    s = read_coco_file(annotations_file, image_dir=Path(annotations_file).parent, name="file")
+    return [(s.image_ids[i], c) for c, i in zip(s.captions, s.caption_image)]
+
+
+def _load_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: annotations file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AnnotationError(f"{path}: malformed JSON ({e})") from None
+
+
+def _check_caption(path, row, caption):
+    if not isinstance(caption, str) or not caption.strip():
+        raise AnnotationError(f"{path}, row {row}: caption is empty or not text: {caption!r}")
+    return caption.strip()
+
+
+def read_coco_file(path, image_dir, name, layout="coco"):
+    """A COCO captions (or image-info) JSON file through pycocotools."""
+    from pycocotools.coco import COCO  # deferred: importing it pulls in matplotlib
+    data = _load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise AnnotationError(f"{path}: not a COCO annotations file (no 'images' list)")
+    for row, a in enumerate(data.get("annotations", [])):
+        missing = [k for k in ("image_id", "caption") if not isinstance(a, dict) or k not in a]
+        if missing:
+            raise AnnotationError(f"{path}, annotations row {row}: missing key(s) {missing}")
+    for row, im in enumerate(data["images"]):
+        missing = [k for k in ("id", "file_name") if not isinstance(im, dict) or k not in im]
+        if missing:
+            raise AnnotationError(f"{path}, images row {row}: missing key(s) {missing}")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
+        coco.createIndex()
+    image_ids = sorted(coco.imgs)
+    position = {img: k for k, img in enumerate(image_ids)}
+    captions, owners, rows = [], [], []
+    for row, a in enumerate(data.get("annotations", [])):
+        if a["image_id"] not in position:
+            raise AnnotationError(f"{path}, annotations row {row}: image_id {a['image_id']} "
+                                  "is not in the images list")
+        captions.append(_check_caption(path, row, a["caption"]))
+        owners.append(position[a["image_id"]])
+        rows.append(row)
+    paths = [Path(image_dir) / coco.imgs[i]["file_name"] for i in image_ids]
+    return CaptionSplit(name, layout, Path(path), image_ids, paths, captions,
+                        np.asarray(owners, np.int64), rows)
+
+
+def _read_coco_split(data_dir, split):
+    ann = data_dir / "annotations"
+    for year in ("2017", "2014"):
+        for stem in (f"captions_{split}{year}", f"image_info_{split}{year}"):
+            if (ann / f"{stem}.json").exists():
+                return read_coco_file(ann / f"{stem}.json", data_dir / f"{split}{year}", split)
+    raise FileNotFoundError(f"{ann}: no captions_{split}2017.json or captions_{split}2014.json "
+                            f"(nor image_info_{split}<year>.json) for split '{split}'")
+
+
+def _find_image_dir(data_dir, names, first_file):
+    for d in names:
+        if (data_dir / d / first_file).exists():
+            return data_dir / d
+    return data_dir / names[0]
+
+
+def _read_karpathy_split(data_dir, split):
+    path = next((data_dir / f for f in KARPATHY_FILES if (data_dir / f).exists()), None)
+    if path is None:
+        raise FileNotFoundError(f"{data_dir}: none of {', '.join(KARPATHY_FILES)} found")
+    data = _load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise AnnotationError(f"{path}: not a Karpathy split file (no 'images' list)")
+    wanted = {"train": ("train", "restval")}.get(split, (split,))
+    chosen = [(row, im) for row, im in enumerate(data["images"]) if im.get("split") in wanted]
+    image_dir = None
+    ids, paths, captions, owners, rows = [], [], [], [], []
+    for k, (row, im) in enumerate(chosen):
+        try:
+            image_id = im["cocoid"] if "cocoid" in im else im["imgid"]
+            filename, sentences = im["filename"], im["sentences"]
+        except KeyError as e:
+            raise AnnotationError(f"{path}, images row {row}: missing key {e}") from None
+        if "filepath" in im:
+            image_path = data_dir / im["filepath"] / filename
+        else:
+            image_dir = image_dir or _find_image_dir(data_dir, FLICKR_IMAGE_DIRS, filename)
+            image_path = image_dir / filename
+        ids.append(image_id)
+        paths.append(image_path)
+        for s in sentences:
+            captions.append(_check_caption(path, row, s.get("raw") if isinstance(s, dict) else s))
+            owners.append(k)
+            rows.append(row)
+    return CaptionSplit(split, "karpathy", path, ids, paths, captions,
+                        np.asarray(owners, np.int64), rows)
+
+
+def csv_split_of(image_name):
+    """Deterministic 80/10/10 train/val/test assignment for CSV datasets without splits."""
+    bucket = zlib.crc32(image_name.encode("utf-8")) % 10
+    return "test" if bucket == 9 else "val" if bucket == 8 else "train"
+
+
+def _read_csv_split(data_dir, split):
+    path = next((data_dir / f for f in CSV_FILES if (data_dir / f).exists()), None)
+    if path is None:
+        raise FileNotFoundError(f"{data_dir}: none of {', '.join(CSV_FILES)} found")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = [h.strip().lower() for h in next(reader, [])]
+        if header[:2] != ["image", "caption"]:
+            raise AnnotationError(f"{path}, row 1: expected the header 'image,caption', got {header}")
+        rows = list(enumerate(reader, start=2))
+    all_images = sorted({r[0] for _, r in rows if r})
+    image_id = {name: k for k, name in enumerate(all_images)}
+    names = [n for n in all_images if csv_split_of(n) == split]
+    position = {n: k for k, n in enumerate(names)}
+    image_dir = _find_image_dir(data_dir, CSV_IMAGE_DIRS, names[0]) if names else data_dir
+    captions, owners, rownums = [], [], []
+    for rownum, r in rows:
+        if not r:
+            continue
+        if len(r) < 2:
+            raise AnnotationError(f"{path}, row {rownum}: expected 'image,caption', got {r}")
+        if r[0] in position:
+            captions.append(_check_caption(path, rownum, ",".join(r[1:])))
+            owners.append(position[r[0]])
+            rownums.append(rownum)
+    return CaptionSplit(split, "csv", path, [image_id[n] for n in names],
+                        [image_dir / n for n in names], captions,
+                        np.asarray(owners, np.int64), rownums)
+
+
+def _cache_key(split):
+    st = split.source.stat()
+    text = f"{split.source.resolve()}|{split.name}|{st.st_size}|{st.st_mtime_ns}|{TOKENIZER_VERSION}"
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+def tokenize_cached(split, cache_dir=None):
+    """Token lists of a split's captions; tokenised once per annotations file, then cached."""
+    from vocabulary import tokenize
+    cache = Path(cache_dir or default_cache_dir()) / "tokens" / f"{_cache_key(split)}.txt"
+    if cache.exists():
+        lines = cache.read_text(encoding="utf-8").split("\n")[:-1]
+        if len(lines) == len(split.captions):
+            return [line.split(" ") if line else [] for line in lines]
+    tokens = [tokenize(c) for c in split.captions]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(" ".join(t) + "\n" for t in tokens), encoding="utf-8")
+    os.replace(tmp, cache)
+    return tokens

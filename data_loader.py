@@ -1,0 +1,175 @@
+"""Datasets and `get_loader` for captioning data (the CVND call, on any layout `annotations` reads)."""
+import functools
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.utils.data as data
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms
+
+from annotations import read_split
+from length_bucket_sampler import LengthBucketSampler
+from vocabulary import Vocabulary
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageLoadError(OSError):
+    """An image that is missing or cannot be decoded; the message names the file."""
+
+
+def load_image(path, source=None):
+    """The image at `path` as 8-bit RGB (grayscale, CMYK, RGBA and 16-bit inputs converted)."""
+    named_by = f" (named by {source})" if source else ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return to_rgb(im)
+    except FileNotFoundError:
+        raise ImageLoadError(f"{path}: image file not found{named_by}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"{path}: cannot read image{named_by}: {e}") from None
+
+
+def to_rgb(im):
+    """8-bit RGB copy of a PIL image; transparency is composited onto white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        scale = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / scale * 255.0, 0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def make_transform(image_size=224, train=False, normalize=True):
+    """Resize/crop (random crop and flip when training) to a tensor, ImageNet-normalised."""
+    steps = [transforms.Resize(image_size)]
+    if train:
+        steps += [transforms.RandomCrop(image_size), transforms.RandomHorizontalFlip()]
+    else:
+        steps += [transforms.CenterCrop(image_size)]
+    steps.append(transforms.ToTensor())
+    if normalize:
+        steps.append(transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    return transforms.Compose(steps)
+
+
+class CaptionDataset(data.Dataset):
+    """One item per caption: (image tensor or cached image feature, caption ids)."""
+
+    def __init__(self, split, vocab, transform=None, features=None, tokens=None):
+        self.split, self.vocab, self.transform, self.features = split, vocab, transform, features
+        tokens = split.tokenized() if tokens is None else tokens
+        self.captions = [vocab.encode(t) for t in tokens]
+        self.caption_lengths = [len(t) for t in tokens]
+        self.sampler = None
+
+    def __len__(self):
+        return len(self.captions)
+
+    def image_input(self, caption_index):
+        """Transformed image (or its cached feature) that caption `caption_index` describes."""
+        img = int(self.split.caption_image[caption_index])
+        if self.features is not None:
+            return torch.from_numpy(np.asarray(self.features[img], dtype=np.float32))
+        image = load_image(self.split.image_paths[img], self.split.source)
+        return self.transform(image) if self.transform else image
+
+    def __getitem__(self, index):
+        return self.image_input(index), torch.tensor(self.captions[index], dtype=torch.long)
+
+    def get_train_indices(self, batch_size=None):
+        """Indices of one random batch of equal caption length (the CVND call), from the buckets."""
+        sampler = self.sampler or LengthBucketSampler(self.caption_lengths, batch_size or 1)
+        return sampler.sample_batch()
+
+
+class ImageDataset(data.Dataset):
+    """One item per image: (image tensor, image id), or (original, transformed) in test mode."""
+
+    def __init__(self, split, transform=None, with_original=False):
+        self.split, self.transform, self.with_original = split, transform, with_original
+
+    def __len__(self):
+        return len(self.split.image_ids)
+
+    def __getitem__(self, index):
+        image = load_image(self.split.image_paths[index], self.split.source)
+        tensor = self.transform(image) if self.transform else image
+        if self.with_original:
+            return np.array(image), tensor
+        return tensor, self.split.image_ids[index]
+
+
+def pad_collate(batch, pad_id=3):
+    """Stack images and right-pad captions with `pad_id` to the longest in the batch."""
+    images, captions = zip(*batch)
+    captions = torch.nn.utils.rnn.pad_sequence(captions, batch_first=True, padding_value=pad_id)
+    return torch.stack(images), captions  # captions: (batch, max_len)
+
+
+def load_or_build_vocab(data_dir=None, vocab_file="./vocab.json", vocab_threshold=None,
+                        vocab_from_file=True, start_word="<start>", end_word="<end>",
+                        unk_word="<unk>", layout="auto", train_split=None, tokens=None):
+    """The vocabulary in `vocab_file`, or one built from the training captions and saved there."""
+    if vocab_from_file and vocab_file and Path(vocab_file).exists():
+        return Vocabulary.load(vocab_file)
+    if train_split is None:
+        train_split = read_split(resolve_data_dir(data_dir), "train", layout)
+    tokens = train_split.tokenized() if tokens is None else tokens
+    threshold = 5 if vocab_threshold is None else vocab_threshold
+    return Vocabulary(threshold, vocab_file, start_word, end_word, unk_word, captions=tokens)
+
+
+def resolve_data_dir(data_dir):
+    """`data_dir`, or the built-in demo dataset (made on first use) when None."""
+    if data_dir is not None:
+        return Path(data_dir)
+    from demo_dataset import DEFAULT_DEMO_ROOT, make_demo_dataset
+    return make_demo_dataset(DEFAULT_DEMO_ROOT)
+
+
+def get_loader(transform, mode="train", batch_size=1, vocab_threshold=None,
+               vocab_file="./vocab.json", start_word="<start>", end_word="<end>",
+               unk_word="<unk>", vocab_from_file=True, num_workers=0, cocoapi_loc=None,
+               data_dir=None, split=None, layout="auto", shuffle=True, seed=0,
+               features=None, num_replicas=1, rank=0, drop_last=False):
+    """DataLoader over `data_dir` (default: the demo dataset), called as in the CVND project.
+
+    mode='train': batches of (images, captions) whose captions share one length, every
+    caption once per epoch (`features` replaces images with cached CNN features).
+    mode='val': (images, image_ids) per image. mode='test': (original image, image).
+    `split` defaults to the mode's own split; `cocoapi_loc` is accepted and ignored.
+    """
+    if mode not in ("train", "val", "test"):
+        raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")
+    data_dir = resolve_data_dir(data_dir)
+    split_data = read_split(data_dir, split or mode, layout)
+    if mode == "train":
+        tokens = split_data.tokenized()
+        train_split = split_data if split_data.name == "train" else None
+        vocab = load_or_build_vocab(data_dir, vocab_file, vocab_threshold,
+                                    vocab_from_file or split_data.name != "train",
+                                    start_word, end_word, unk_word, layout, train_split,
+                                    tokens if train_split else None)
+        dataset = CaptionDataset(split_data, vocab, transform, features, tokens)
+        dataset.sampler = LengthBucketSampler(dataset.caption_lengths, batch_size, shuffle,
+                                              seed, drop_last, num_replicas, rank)
+        return data.DataLoader(dataset, batch_sampler=dataset.sampler, num_workers=num_workers,
+                               collate_fn=functools.partial(pad_collate, pad_id=vocab.pad_id),
+                               pin_memory=torch.cuda.is_available())
+    vocab = load_or_build_vocab(data_dir, vocab_file, vocab_threshold, True, start_word,
+                                end_word, unk_word, layout)
+    dataset = ImageDataset(split_data, transform, with_original=(mode == "test"))
+    dataset.vocab = vocab
+    return data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                           num_workers=num_workers, pin_memory=torch.cuda.is_available())

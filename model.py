@@ -1,0 +1,157 @@
+"""Show-and-Tell captioning model: a CNN encoder and an LSTM decoder (needs only torch, torchvision)."""
+import urllib.error
+
+import torch
+import torch.nn as nn
+import torchvision
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+BACKBONES = RESNETS + ("smallcnn",)
+
+
+class SmallCNN(nn.Module):
+    """Four conv blocks for small images (the demo dataset), trained from scratch."""
+
+    def __init__(self, width=32, grid=2):
+        super().__init__()
+        layers, channels = [], 3
+        for k in range(4):
+            out = width * 2 ** k
+            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            channels = out
+        # A small grid rather than one global average keeps where each shape is.
+        layers += [nn.AdaptiveAvgPool2d(grid), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+        self.out_features = channels * grid * grid
+        self.blocks = [self.net[4 * k:4 * k + 4] for k in range(4)]
+
+    def forward(self, images):
+        return self.net(images)  # (batch, out_features)
+
+
+def build_resnet(name, pretrained=True, weights_path=None):
+    """A torchvision ResNet without its classifier, and its feature size."""
+    if name not in RESNETS:
+        raise ValueError(f"backbone must be one of {BACKBONES}, not {name!r}")
+    make = getattr(torchvision.models, name)
+    if weights_path is not None:
+        net = make(weights=None)
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    elif pretrained:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        try:
+            net = make(weights=weights)
+        except (urllib.error.URLError, OSError) as e:
+            raise RuntimeError(
+                f"Could not download the ImageNet weights for {name} from {weights.url} ({e}). "
+                f"Connect to the internet, or put that file in {torch.hub.get_dir()}/checkpoints/, "
+                "or pass weights_path=<local .pth file>, or pretrained=False for random "
+                "weights.") from None
+    else:
+        net = make(weights=None)
+    features = net.fc.in_features
+    net.fc = nn.Identity()
+    net.blocks = [net.layer1, net.layer2, net.layer3, net.layer4]
+    return net, features
+
+
+class EncoderCNN(nn.Module):
+    """CNN backbone (frozen by default) then a linear projection: images -> (batch, embed_size)."""
+
+    def __init__(self, embed_size, backbone="resnet50", pretrained=True, weights_path=None,
+                 trainable_blocks=0, feature_norm=True):
+        super().__init__()
+        if backbone == "smallcnn":
+            self.backbone, feature_size = SmallCNN(), None
+            feature_size = self.backbone.out_features
+        else:
+            self.backbone, feature_size = build_resnet(backbone, pretrained, weights_path)
+        self.feature_size = feature_size
+        self.trainable_blocks = trainable_blocks
+        self.backbone.requires_grad_(trainable_blocks < 0)
+        if trainable_blocks > 0:
+            for block in self.backbone.blocks[-trainable_blocks:]:
+                block.requires_grad_(True)
+        self.embed = nn.Linear(feature_size, embed_size)
+        # Normalising the image feature is what lets the LSTM use it (without, it learns a prior).
+        self.norm = nn.BatchNorm1d(embed_size, momentum=0.01) if feature_norm else nn.Identity()
+
+    @property
+    def frozen(self):
+        return self.trainable_blocks == 0
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()  # frozen batch-norm statistics stay ImageNet's
+        return self
+
+    def extract(self, images):
+        """Pooled backbone features: (batch, 3, H, W) -> (batch, feature_size)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self.backbone(images).flatten(1)  # (batch, feature_size)
+
+    def project(self, features):
+        """Backbone features -> (batch, embed_size)."""
+        return self.norm(self.embed(features))
+
+    def forward(self, images):
+        return self.project(self.extract(images))
+
+
+class DecoderRNN(nn.Module):
+    """LSTM decoder: the image feature is the first input, then the embedded caption tokens."""
+
+    def __init__(self, embed_size, hidden_size, vocab_size, num_layers=1, dropout=0.0, end_id=1):
+        super().__init__()
+        self.end_id = end_id
+        self.embed = nn.Embedding(vocab_size, embed_size)
+        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True,
+                            dropout=dropout if num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, features, captions):
+        """Scores (batch, captions.shape[1], vocab_size); output t predicts captions[:, t]."""
+        embeddings = self.dropout(self.embed(captions[:, :-1]))  # (batch, seq_len - 1, embed)
+        inputs = torch.cat([features.unsqueeze(1), embeddings], dim=1)  # (batch, seq_len, embed)
+        hiddens, _ = self.lstm(inputs)
+        return self.fc(self.dropout(hiddens))  # (batch, seq_len, vocab)
+
+    def step(self, inputs, states=None):
+        """One LSTM step: inputs (batch, 1, embed) -> scores (batch, vocab), new states."""
+        hiddens, states = self.lstm(inputs, states)
+        return self.fc(hiddens.squeeze(1)), states  # (batch, vocab)
+
+    @torch.no_grad()
+    def sample(self, inputs, states=None, max_len=20):
+        """Greedy caption ids (a list of ints, ending with `<end>` if reached) for one image.
+
+        `inputs` is the image feature shaped (1, 1, embed_size), as in the CVND project.
+        """
+        ids = []
+        for _ in range(max_len):
+            scores, states = self.step(inputs, states)
+            word = scores.argmax(dim=1)
+            ids.append(int(word.item()))
+            if ids[-1] == self.end_id:
+                break
+            inputs = self.embed(word).unsqueeze(1)  # (1, 1, embed)
+        return ids
+
+
+class ShowAndTell(nn.Module):
+    """Encoder and decoder as one module (one object to train, wrap in DDP, and save)."""
+
+    def __init__(self, encoder, decoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def encode(self, inputs):
+        """Image embedding from images (batch, 3, H, W) or cached features (batch, feature_size)."""
+        return self.encoder.project(inputs) if inputs.dim() == 2 else self.encoder(inputs)
+
+    def forward(self, inputs, captions):
+        return self.decoder(self.encode(inputs), captions)  # (batch, seq_len, vocab)

@@ -1,0 +1,33 @@
+"""Shared fixtures: a small demo dataset, the real COCO sample, an isolated cache folder."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+COCO_SAMPLE = SHARED_DATA / "coco-sample"
+COCO_VAL_CAPTIONS = SHARED_DATA / "coco-captions-val2017" / "captions_val2017.json"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Token and feature caches go to a temporary folder, never the user's."""
+    os.environ["CAPTIONING_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return Path(os.environ["CAPTIONING_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A small built-in demo dataset (the generator's real output, fewer images)."""
+    from demo_dataset import make_demo_dataset
+    root = tmp_path_factory.mktemp("demo") / "demo"
+    return make_demo_dataset(root, n_train=60, n_val=20, n_test=20, seed=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def coco_sample():
+    """The real COCO 2017 sample in ../shared/data (skipped when absent)."""
+    if not (COCO_SAMPLE / "annotations" / "captions_train2017.json").exists():
+        pytest.skip(f"real COCO sample not found at {COCO_SAMPLE} (see shared/data/README.md)")
+    return COCO_SAMPLE

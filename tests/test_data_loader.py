@@ -1,0 +1,192 @@
+"""Loader: equal-length batches, one epoch = every caption once, val/test modes, layouts, errors."""
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import annotations
+from annotations import AnnotationError, read_split
+from data_loader import ImageLoadError, get_loader, load_image, make_transform
+from length_bucket_sampler import LengthBucketSampler
+
+
+def loader(root, tmp_path, mode="train", **kw):
+    kw.setdefault("batch_size", 8)
+    return get_loader(make_transform(64 if "demo" in str(root) else 96), mode=mode,
+                      vocab_threshold=kw.pop("vocab_threshold", 2),
+                      vocab_file=str(tmp_path / "vocab.json"), vocab_from_file=False,
+                      data_dir=root, **kw)
+
+
+def check_train_epoch(dl):
+    dataset = dl.dataset
+    seen = []
+    for images, captions in dl:
+        assert images.shape[0] == captions.shape[0] <= dl.batch_sampler.batch_size
+        assert (captions[:, 0] == 0).all() and (captions[:, -1] == 1).all()
+        assert (captions != dataset.vocab.pad_id).all()  # one length per batch: no padding
+    for batch in dl.batch_sampler:
+        assert len({dataset.caption_lengths[i] for i in batch}) == 1
+        seen.extend(batch)
+    assert sorted(seen) == list(range(len(dataset)))  # every caption exactly once
+
+
+def test_demo_train_batches_have_one_length_and_cover_epoch(demo_root, tmp_path):
+    dl = loader(demo_root, tmp_path)
+    assert len(dl.dataset) == 60 * 5
+    check_train_epoch(dl)
+
+
+def test_real_coco_train_batches(coco_sample, tmp_path):
+    dl = loader(coco_sample, tmp_path, batch_size=32)
+    assert len(dl.dataset) == 400
+    check_train_epoch(dl)
+    images, captions = next(iter(dl))
+    assert images.shape[1:] == (3, 96, 96)
+
+
+def test_cvnd_get_train_indices(demo_root, tmp_path):
+    dl = loader(demo_root, tmp_path, batch_size=10)
+    indices = dl.dataset.get_train_indices()
+    assert len(indices) == 10
+    assert len({dl.dataset.caption_lengths[i] for i in indices}) == 1
+
+
+def test_val_mode_yields_images_with_ids(coco_sample, tmp_path):
+    loader(coco_sample, tmp_path)  # builds the vocabulary the val loader reads
+    dl = get_loader(make_transform(96), mode="val", batch_size=16, data_dir=coco_sample,
+                    vocab_file=str(tmp_path / "vocab.json"))
+    ids = []
+    for images, image_ids in dl:
+        assert images.shape[1:] == (3, 96, 96)
+        ids.extend(image_ids.tolist())
+    with open(coco_sample / "annotations" / "captions_val2017.json") as f:
+        assert sorted(ids) == sorted(im["id"] for im in json.load(f)["images"])
+
+
+def test_test_mode_yields_original_and_transformed(demo_root, tmp_path):
+    loader(demo_root, tmp_path)
+    dl = get_loader(make_transform(64), mode="test", data_dir=demo_root,
+                    vocab_file=str(tmp_path / "vocab.json"))
+    original, image = next(iter(dl))
+    assert original.shape[0] == 1 and original.shape[-1] == 3 and original.dtype == torch.uint8
+    assert image.shape == (1, 3, 64, 64)
+    assert len(dl.dataset) == 20
+
+
+def test_grayscale_coco_image_becomes_rgb(coco_sample):
+    path = coco_sample / "val2017" / "000000431848.jpg"
+    from PIL import Image
+    assert Image.open(path).mode == "L"
+    image = load_image(path)
+    assert image.mode == "RGB"
+    assert make_transform(224)(image).shape == (3, 224, 224)
+
+
+def test_rgba_png_composited_on_white(tmp_path):
+    from PIL import Image
+    path = tmp_path / "a.png"
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(path)
+    assert load_image(path).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_missing_image_error_names_file(demo_root, tmp_path):
+    dl = loader(demo_root, tmp_path)
+    dl.dataset.split.image_paths[0] = demo_root / "train2017" / "gone.png"
+    first_caption = int(np.flatnonzero(dl.dataset.split.caption_image == 0)[0])
+    with pytest.raises(ImageLoadError, match=r"gone\.png: image file not found .*captions_train2017"):
+        dl.dataset[first_caption]
+
+
+def test_unreadable_image_error_names_file(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    with pytest.raises(ImageLoadError, match="bad.jpg: cannot read image"):
+        load_image(bad)
+
+
+def write_coco(root, text):
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    (root / "annotations" / "captions_train2017.json").write_text(text)
+
+
+def test_malformed_annotations_file_named(tmp_path):
+    write_coco(tmp_path, '{"images": [}')
+    with pytest.raises(AnnotationError, match=r"captions_train2017.json: malformed JSON"):
+        read_split(tmp_path, "train")
+
+
+def test_annotation_row_missing_key_named(tmp_path):
+    write_coco(tmp_path, json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
+                                     "annotations": [{"image_id": 1, "caption": "ok"},
+                                                     {"image_id": 1}]}))
+    with pytest.raises(AnnotationError, match=r"captions_train2017.json, annotations row 1: missing key"):
+        read_split(tmp_path, "train")
+
+
+def test_no_dataset_found_says_what_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no captions found"):
+        read_split(tmp_path, "train")
+
+
+def test_tokenisation_is_cached_per_file(coco_sample, monkeypatch):
+    first = read_split(coco_sample, "val").tokenized()
+    import vocabulary
+    monkeypatch.setattr(vocabulary, "tokenize", lambda c: pytest.fail("tokenised again"))
+    assert read_split(coco_sample, "val").tokenized() == first
+
+
+def test_karpathy_split_file(coco_sample, tmp_path):
+    os.symlink(coco_sample / "val2017", tmp_path / "val2017")
+    with open(coco_sample / "annotations" / "captions_val2017.json") as f:
+        coco = json.load(f)
+    caps = Counter()
+    images = []
+    for k, im in enumerate(coco["images"][:30]):
+        sentences = [{"raw": a["caption"]} for a in coco["annotations"] if a["image_id"] == im["id"]]
+        caps[["train", "restval", "val", "test"][k % 4]] += len(sentences)
+        images.append({"filepath": "val2017", "filename": im["file_name"], "cocoid": im["id"],
+                       "split": ["train", "restval", "val", "test"][k % 4], "sentences": sentences})
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    train = read_split(tmp_path, "train")
+    assert train.layout == "karpathy"
+    assert len(train.captions) == caps["train"] + caps["restval"]
+    test = read_split(tmp_path, "test")
+    assert len(test.captions) == caps["test"] and all(p.exists() for p in test.image_paths)
+    dl = loader(tmp_path, tmp_path, mode="train", vocab_threshold=1)
+    check_train_epoch(dl)
+
+
+def test_csv_layout(coco_sample, tmp_path):
+    os.symlink(coco_sample / "val2017", tmp_path / "Images")
+    names = sorted(p.name for p in (coco_sample / "val2017").glob("*.jpg"))
+    rows = ["image,caption"] + [f'{n},"a photo, number {k}"' for k, n in enumerate(names)
+                                for _ in range(2)]
+    (tmp_path / "captions.txt").write_text("\n".join(rows) + "\n")
+    splits = {s: read_split(tmp_path, s) for s in ("train", "val", "test")}
+    assert sum(len(s.image_ids) for s in splits.values()) == len(names)
+    assert all(len(s.image_ids) > 0 for s in splits.values())
+    assert splits["train"].captions[0].startswith("a photo, number")
+    assert load_image(splits["test"].image_paths[0]).mode == "RGB"
+
+
+def test_sampler_shards_across_ranks():
+    lengths = np.random.default_rng(0).integers(5, 15, size=203)
+    shards = [list(LengthBucketSampler(lengths, 8, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == len(LengthBucketSampler(lengths, 8, num_replicas=2))
+    flat = [i for shard in shards for b in shard for i in b]
+    assert set(flat) == set(range(203))
+    assert len(flat) - 203 <= 8  # at most one batch repeated to even out the shards
+
+
+def test_sampler_reshuffles_per_epoch():
+    s = LengthBucketSampler(np.arange(100) % 7, 5, seed=0)
+    first = list(s)
+    s.set_epoch(1)
+    assert list(s) != first
+    s.set_epoch(0)
+    assert list(s) == first
