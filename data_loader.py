@@ -117,6 +117,18 @@ def pad_collate(batch, pad_id=3):
     return torch.stack(images), captions  # captions: (batch, max_len)
 
 
+def make_caption_loader(dataset, batch_size, shuffle=True, seed=0, num_workers=0,
+                        num_replicas=1, rank=0, drop_last=False):
+    """DataLoader of equal-length caption batches over a `CaptionDataset`."""
+    dataset.sampler = LengthBucketSampler(dataset.caption_lengths, batch_size, shuffle, seed,
+                                          drop_last, num_replicas, rank)
+    # Its own generator: making an iterator must not draw from the global RNG (resumability).
+    return data.DataLoader(dataset, batch_sampler=dataset.sampler, num_workers=num_workers,
+                           collate_fn=functools.partial(pad_collate, pad_id=dataset.vocab.pad_id),
+                           pin_memory=torch.cuda.is_available(),
+                           generator=torch.Generator().manual_seed(seed))
+
+
 def load_or_build_vocab(data_dir=None, vocab_file="./vocab.json", vocab_threshold=None,
                         vocab_from_file=True, start_word="<start>", end_word="<end>",
                         unk_word="<unk>", layout="auto", train_split=None, tokens=None):
@@ -162,11 +174,8 @@ def get_loader(transform, mode="train", batch_size=1, vocab_threshold=None,
                                     start_word, end_word, unk_word, layout, train_split,
                                     tokens if train_split else None)
         dataset = CaptionDataset(split_data, vocab, transform, features, tokens)
-        dataset.sampler = LengthBucketSampler(dataset.caption_lengths, batch_size, shuffle,
-                                              seed, drop_last, num_replicas, rank)
-        return data.DataLoader(dataset, batch_sampler=dataset.sampler, num_workers=num_workers,
-                               collate_fn=functools.partial(pad_collate, pad_id=vocab.pad_id),
-                               pin_memory=torch.cuda.is_available())
+        return make_caption_loader(dataset, batch_size, shuffle, seed, num_workers,
+                                   num_replicas, rank, drop_last)
     vocab = load_or_build_vocab(data_dir, vocab_file, vocab_threshold, True, start_word,
                                 end_word, unk_word, layout)
     dataset = ImageDataset(split_data, transform, with_original=(mode == "test"))

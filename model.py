@@ -95,7 +95,12 @@ class EncoderCNN(nn.Module):
 
     def project(self, features):
         """Backbone features -> (batch, embed_size)."""
-        return self.norm(self.embed(features))
+        embedded = self.embed(features)
+        if self.training and embedded.shape[0] == 1 and isinstance(self.norm, nn.BatchNorm1d):
+            # Batch statistics of one sample are undefined: a lone caption uses the running ones.
+            return nn.functional.batch_norm(embedded, self.norm.running_mean, self.norm.running_var,
+                                            self.norm.weight, self.norm.bias, False, 0.0, self.norm.eps)
+        return self.norm(embedded)
 
     def forward(self, images):
         return self.project(self.extract(images))

@@ -1,0 +1,24 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both depend on `make venv`, which creates .venv and installs requirements.txt once
+# (again only when requirements.txt changes).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv demo test bench
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+demo: venv
+	$(PY) demo.py
+
+test: venv
+	$(PY) -m pytest
+
+bench: venv
+	$(PY) -m bench

@@ -1,0 +1,108 @@
+"""Checkpoints: state dicts plus config and vocabulary, written atomically, read without pickle."""
+import dataclasses
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import DecoderRNN, EncoderCNN, ShowAndTell
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the mismatch."""
+
+
+def save_checkpoint(state, path):
+    """Write `state` to `path` via a temporary file and a rename, so no reader sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint with `weights_only=True` (tensors and plain data only, never code)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... by cause
+        raise CheckpointError(
+            f"{path}: not a usable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "Checkpoints are read with weights_only=True, so files holding code are refused; "
+            "a truncated file means the run was stopped while an older version wrote it.") from None
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no 'config'/'model')")
+    return state
+
+
+def rng_state():
+    """Python, NumPy and torch RNG states as plain data and tensors (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what `rng_state` returned."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_model_state(model, state_dict, path, expected):
+    """`model.load_state_dict`, but a mismatch names both sides instead of a shape traceback."""
+    own = model.state_dict()
+    problems = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if problems or missing or unexpected:
+        detail = "; ".join(problems[:5] + [f"missing {missing[:5]}"] * bool(missing)
+                           + [f"unexpected {unexpected[:5]}"] * bool(unexpected))
+        raise CheckpointError(f"{path}: checkpoint does not fit the model being built "
+                              f"({expected}): {detail}")
+    model.load_state_dict(state_dict)
+
+
+def build_model(config, vocab):
+    """Encoder and decoder described by `config`."""
+    encoder = EncoderCNN(config.embed_size, config.backbone, config.pretrained,
+                         config.weights_path, config.trainable_blocks, config.feature_norm)
+    decoder = DecoderRNN(config.embed_size, config.hidden_size, len(vocab), config.num_layers,
+                         config.dropout, end_id=vocab.end_id)
+    return ShowAndTell(encoder, decoder)
+
+
+def load_trained(path, device="cpu"):
+    """(model in eval mode, vocabulary, config) rebuilt from a checkpoint's config and weights."""
+    from config import TrainConfig, config_from_dict
+    from vocabulary import Vocabulary
+    state = load_checkpoint(path)
+    config = config_from_dict(TrainConfig, state["config"])
+    vocab = Vocabulary.from_dict(state["vocab"])
+    # The checkpoint holds every weight: build without downloading ImageNet weights.
+    shell = dataclasses.replace(config, pretrained=False, weights_path=None)
+    model = build_model(shell, vocab)
+    load_model_state(model, state["model"], path, f"vocabulary of {len(vocab)} words, "
+                     + ", ".join(f"{k}={getattr(config, k)}" for k in ("backbone", "embed_size",
+                                                                      "hidden_size", "num_layers")))
+    return model.to(device).eval(), vocab, config

@@ -1,0 +1,95 @@
+"""Evaluate a checkpoint on a split: captions in COCO results format, official COCO metrics."""
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from decoding import decode_captions
+
+
+@torch.no_grad()
+def predict_captions(model, vocab, loader, device="cpu", beam_size=1, max_len=20,
+                     length_penalty=1.0, blind=False, progress=False):
+    """{image id: caption} for a loader of (images or cached features, image ids)."""
+    model.eval()
+    predictions = {}
+    for inputs, image_ids in tqdm(loader, desc="captioning", unit="batch", disable=not progress):
+        inputs = inputs.to(device)
+        if blind:
+            inputs = torch.zeros_like(inputs)
+        features = model.encode(inputs)  # (batch, embed)
+        _, captions = decode_captions(model.decoder, features, vocab, beam_size, max_len,
+                                      length_penalty)
+        predictions.update(zip((int(i) for i in image_ids), captions))
+    return predictions
+
+
+def write_json(data, path):
+    """Write JSON via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def evaluate(checkpoint, split="test", data_dir=None, layout=None, beam_size=1, max_len=None,
+             length_penalty=1.0, batch_size=64, num_workers=2, limit=None, output_dir=None,
+             use_java=None, spice=False, device=None, progress=True):
+    """Caption `split` with a checkpoint and score it; returns metrics, per-image scores, captions.
+
+    With `output_dir`, writes results_<split>.json (COCO results format), metrics and per-image
+    scores there. `data_dir`/`layout` default to those the model was trained on.
+    """
+    from annotations import read_split
+    from checkpoint import load_trained
+    from coco_metrics import score_captions, write_results
+    from data_loader import ImageDataset, make_transform, resolve_data_dir
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, vocab, config = load_trained(checkpoint, device)
+    data = read_split(resolve_data_dir(data_dir or config.data_dir), split, layout or config.layout)
+    dataset = ImageDataset(data, make_transform(config.image_size))
+    if limit:
+        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    predictions = predict_captions(model, vocab, loader, device, beam_size,
+                                   max_len or config.max_caption_len, length_penalty,
+                                   config.blind, progress)
+    references = data.references()
+    metrics, per_image = score_captions(predictions, references, use_java=use_java, spice=spice)
+    result = {"metrics": metrics, "per_image": per_image, "predictions": predictions,
+              "references": {i: references[i] for i in predictions}}
+    if output_dir:
+        tag = f"{split}" + (f"_beam{beam_size}" if beam_size > 1 else "")
+        write_results(predictions, Path(output_dir) / f"results_{tag}.json")
+        write_json(metrics, Path(output_dir) / f"metrics_{tag}.json")
+        write_json({str(k): v for k, v in per_image.items()},
+                   Path(output_dir) / f"per_image_{tag}.json")
+    return result
+
+
+def main(argv=None):
+    """Command line: python evaluate.py CHECKPOINT [--split test] [--beam 3] ..."""
+    from coco_metrics import format_metrics
+    parser = argparse.ArgumentParser(description=evaluate.__doc__)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--layout", choices=("auto", "coco", "karpathy", "csv"))
+    parser.add_argument("--beam", type=int, default=1)
+    parser.add_argument("--limit", type=int, help="score only the first N images")
+    parser.add_argument("--output-dir", help="where results and metrics JSON go")
+    parser.add_argument("--spice", action="store_true", help="also SPICE (needs its CoreNLP jars)")
+    args = parser.parse_args(argv)
+    result = evaluate(args.checkpoint, args.split, args.data_dir, args.layout, args.beam,
+                      limit=args.limit, output_dir=args.output_dir, spice=args.spice)
+    print(format_metrics(result["metrics"]))
+    return result
+
+
+if __name__ == "__main__":
+    main()

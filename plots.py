@@ -1,0 +1,67 @@
+"""Figures people look at: learning curves and images with their captions (matplotlib)."""
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(("module://", "nbagg")) else None
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path):
+    if path is None:
+        return fig
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_learning_curves(history, path=None):
+    """Loss, perplexity and val CIDEr per epoch; saved to `path` (PNG) or returned as a figure."""
+    epochs = history["epoch"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        axes[0].plot(epochs, history[key], marker="o", label=label)
+    for key, label in (("train_perplexity", "train"), ("val_perplexity", "val")):
+        axes[1].plot(epochs, history[key], marker="o", label=label)
+    axes[2].plot(epochs, history["val_cider"], marker="o", color="tab:green")
+    for ax, title in zip(axes, ("cross-entropy loss", "perplexity", "val CIDEr (greedy)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    axes[1].set_yscale("log")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_captioned_images(images, captions, path=None, columns=4, titles=None):
+    """A grid of images (PIL or HxWx3 arrays) with each caption written under its image."""
+    rows = max(1, math.ceil(len(images) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, (ax, image, caption) in enumerate(zip(axes.flat, images, captions)):
+        ax.imshow(image)
+        if titles:
+            ax.set_title(titles[k], fontsize=8)
+        ax.text(0.5, -0.04, "\n".join(_wrap(caption, 34)), transform=ax.transAxes, ha="center",
+                va="top", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _wrap(text, width):
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line] if line else lines

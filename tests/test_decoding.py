@@ -1,0 +1,241 @@
+"""Batched greedy and beam-search decoding (decoding.py) against DecoderRNN.sample and by hand."""
+import pytest
+import torch
+
+from decoding import beam_search, decode_captions, greedy_decode
+from model import DecoderRNN
+from vocabulary import Vocabulary
+
+EMBED, HIDDEN, VOCAB, END, PAD = 16, 32, 30, 1, 3
+BIGRAM = 20  # vocabulary (and embedding and hidden) size of the hand-built decoder
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Single-threaded torch: these tiny ops only lose time to thread hand-offs on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_decoder(seed, num_layers=1, end_bias=0.5):
+    """Random DecoderRNN in eval mode; a raised `<end>` bias makes rows end at various steps."""
+    torch.manual_seed(seed)
+    decoder = DecoderRNN(EMBED, HIDDEN, VOCAB, num_layers=num_layers).eval()
+    with torch.no_grad():
+        # Wider than the default init, so captions vary instead of repeating one token.
+        for p in decoder.parameters():
+            p.normal_(0.0, 0.5)
+        decoder.fc.bias[END] += end_bias
+    return decoder
+
+
+def lengths(ids):
+    """Tokens per row through the first `<end>` (the width when there is none)."""
+    out = []
+    for row in ids.tolist():
+        out.append(row.index(END) + 1 if END in row else len(row))
+    return out
+
+
+def sequence_logprob(decoder, feature, ids):
+    """Summed log-probability of `ids` under the decoder, by teacher forcing."""
+    captions = torch.tensor([ids])
+    with torch.no_grad():
+        logits = decoder(feature.unsqueeze(0), captions)  # (1, len, vocab)
+    return float(logits.log_softmax(-1)[0, torch.arange(len(ids)), captions[0]].sum())
+
+
+def check_padding(ids):
+    """After the first `<end>` a row is all padding."""
+    for row, n in zip(ids.tolist(), lengths(ids)):
+        assert all(i == PAD for i in row[n:])
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_greedy_matches_sample_per_image(num_layers):
+    decoder = random_decoder(0, num_layers)
+    torch.manual_seed(1)
+    features = torch.randn(12, EMBED)
+    ids = greedy_decode(decoder, features, max_len=20)
+    assert ids.dtype == torch.long and ids.shape[0] == 12
+    for i in range(12):
+        expected = decoder.sample(features[i].view(1, 1, -1), max_len=20)
+        row = ids[i].tolist()
+        assert row[:len(expected)] == expected
+        assert all(t == PAD for t in row[len(expected):])
+    assert len(set(lengths(ids))) >= 2  # some rows end early, at different steps
+    check_padding(ids)
+
+
+def test_greedy_stops_once_every_row_ended():
+    decoder = random_decoder(3, end_bias=1.5)
+    features = torch.randn(5, EMBED)
+    ids = greedy_decode(decoder, features, max_len=50)
+    assert ids.shape[1] == max(lengths(ids)) < 50
+    assert (ids == END).any(dim=1).all() and len(set(lengths(ids))) >= 3
+    check_padding(ids)
+
+
+def test_greedy_runs_to_max_len_without_end():
+    decoder = random_decoder(0, end_bias=-100.0)
+    features = torch.randn(4, EMBED)
+    ids = greedy_decode(decoder, features, max_len=7)
+    assert ids.shape == (4, 7) and not (ids == END).any()
+    assert torch.equal(beam_search(decoder, features, beam_size=1, max_len=7), ids)
+    assert beam_search(decoder, features, beam_size=3, max_len=7).shape == (4, 7)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("seed,batch", [(0, 1), (1, 5), (2, 12), (3, 7)])
+def test_beam_one_is_greedy(num_layers, seed, batch):
+    decoder = random_decoder(seed, num_layers)
+    torch.manual_seed(100 + seed)
+    features = torch.randn(batch, EMBED)
+    greedy = greedy_decode(decoder, features, max_len=15)
+    for penalty in (0.0, 1.0):
+        assert torch.equal(beam_search(decoder, features, beam_size=1, max_len=15,
+                                       length_penalty=penalty), greedy)
+
+
+def bigram_decoder():
+    """A DecoderRNN whose next-token logits depend only on the last input token (by hand).
+
+    Identity embeddings; the LSTM forgets its cell and copies the input's one-hot into the hidden
+    state, so `fc` holds a table of next-token logits. Features are one-hot "image tokens":
+    image 12 leads to `<start>`, after which token 4 is locally best (0.5 against 0.4 for token
+    5) but spreads over six words, while token 5 ends at once: greedy is provably suboptimal.
+    Image 13 goes straight to a word that ends, where greedy is already best. Image 14 ends at
+    once (0.45) or goes 16 (0.5), 17 (0.6), `<end>`: shorter by raw sum, longer per token.
+    """
+    size = BIGRAM
+    decoder = DecoderRNN(size, size, size).eval()
+    logits = torch.full((size, size), -8.0)  # logits[prev, next]
+    logits[12, 0] = 8.0  # image 12 -> <start>
+    logits[0, 4], logits[0, 5] = torch.tensor([0.5, 0.4]).log()  # <start> -> 4 or 5
+    logits[4, 6:12] = torch.tensor(1 / 6).log()  # 4 -> any of six words
+    logits[6:12, END] = 8.0  # each word -> <end>
+    logits[5, END] = 8.0  # 5 -> <end>
+    logits[13, 6] = 8.0  # image 13 -> word 6
+    logits[14, END], logits[14, 16] = torch.tensor([0.45, 0.5]).log()  # image 14 -> <end> or 16
+    logits[16, 17] = torch.tensor(0.6).log()  # 16 -> 17, else one of six words
+    logits[16, 6:12] = torch.tensor(0.4 / 6).log()
+    logits[17, END] = 8.0  # 17 -> <end>
+    eye = torch.eye(size)
+    with torch.no_grad():
+        decoder.embed.weight.copy_(eye)
+        lstm = decoder.lstm
+        lstm.weight_hh_l0.zero_()
+        lstm.bias_hh_l0.zero_()
+        lstm.weight_ih_l0.zero_()
+        lstm.weight_ih_l0[2 * size:3 * size] = 10 * eye  # cell input: the token's one-hot
+        lstm.bias_ih_l0.copy_(torch.cat([torch.full((size,), v) for v in (20.0, -20.0, 0.0, 20.0)]))
+        scale = torch.tanh(torch.tanh(torch.tensor(10.0)))  # hidden value of the active token
+        decoder.fc.weight.copy_(logits.t() / scale)
+        decoder.fc.bias.zero_()
+    features = eye[[12, 13, 12]]
+    return decoder, features
+
+
+@pytest.mark.parametrize("beam_size", [2, 3])
+@pytest.mark.parametrize("penalty", [0.0, 1.0])
+def test_beam_beats_greedy_where_greedy_is_suboptimal(beam_size, penalty):
+    decoder, features = bigram_decoder()
+    greedy = greedy_decode(decoder, features)
+    assert greedy[0, :3].tolist() == [0, 4, 6]  # greedy takes the locally best token 4
+    beam = beam_search(decoder, features, beam_size=beam_size, length_penalty=penalty)
+    assert beam.tolist() == [[0, 5, END], [6, END, PAD], [0, 5, END]]
+    for i, feature in enumerate(features):
+        g_ids = greedy[i, :lengths(greedy[i:i + 1])[0]].tolist()
+        b_ids = beam[i, :lengths(beam[i:i + 1])[0]].tolist()
+        beam_score = sequence_logprob(decoder, feature, b_ids)
+        assert beam_score >= sequence_logprob(decoder, feature, g_ids) - 1e-5
+    assert sequence_logprob(decoder, features[0], [0, 5, END]) > \
+        sequence_logprob(decoder, features[0], greedy[0, :4].tolist()) + 1.0
+
+
+def test_length_penalty_favours_the_longer_caption():
+    decoder, _ = bigram_decoder()
+    features = torch.eye(BIGRAM)[[14]]
+    short = beam_search(decoder, features, beam_size=2, length_penalty=0.0)
+    long = beam_search(decoder, features, beam_size=2, length_penalty=1.0)
+    assert short.tolist() == [[END]] and long.tolist() == [[16, 17, END]]
+    raw = [sequence_logprob(decoder, features[0], ids) for ids in ([END], [16, 17, END])]
+    assert raw[0] > raw[1] and raw[0] / 1 < raw[1] / 3
+
+
+@pytest.mark.parametrize("num_layers,seed", [(1, 4), (2, 2)])
+def test_beam_scores_at_least_greedy_on_random_weights(num_layers, seed):
+    # Beam search is not guaranteed to beat greedy per image (greedy's path can leave the beam),
+    # so this asserts the typical case: most images at least as good, a gain overall.
+    decoder = random_decoder(seed, num_layers, end_bias=1.0)
+    torch.manual_seed(5)
+    features = torch.randn(16, EMBED)
+    greedy = greedy_decode(decoder, features, max_len=20)
+    beam = beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=0.0)
+    better_or_equal, differ, gain = 0, 0, 0.0
+    for i, feature in enumerate(features):
+        g_ids = greedy[i, :lengths(greedy[i:i + 1])[0]].tolist()
+        b_ids = beam[i, :lengths(beam[i:i + 1])[0]].tolist()
+        g, b = sequence_logprob(decoder, feature, g_ids), sequence_logprob(decoder, feature, b_ids)
+        better_or_equal += b >= g - 1e-4
+        differ += b_ids != g_ids
+        gain += b - g
+    assert better_or_equal >= 14 and differ >= 3 and gain > 0
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("beam_size,penalty", [(3, 1.0), (4, 0.0), (2, 0.7)])
+def test_beam_is_batch_invariant(num_layers, beam_size, penalty):
+    decoder = random_decoder(6, num_layers)
+    torch.manual_seed(7)
+    features = torch.randn(6, EMBED)
+    batched = beam_search(decoder, features, beam_size=beam_size, max_len=12,
+                          length_penalty=penalty)
+    for i in range(6):
+        alone = beam_search(decoder, features[i:i + 1], beam_size=beam_size, max_len=12,
+                            length_penalty=penalty)
+        n = alone.shape[1]
+        assert batched[i, :n].tolist() == alone[0].tolist()
+        assert (batched[i, n:] == PAD).all()
+
+
+def test_beam_shapes_and_padding():
+    decoder = random_decoder(8)
+    features = torch.randn(9, EMBED)
+    ids = beam_search(decoder, features, beam_size=3, max_len=10, pad_id=PAD)
+    assert ids.dtype == torch.long and ids.shape[0] == 9 and 1 <= ids.shape[1] <= 10
+    assert ids.shape[1] == max(lengths(ids))
+    check_padding(ids)
+    with pytest.raises(ValueError):
+        beam_search(decoder, features, beam_size=VOCAB)
+
+
+def test_runs_in_float64():
+    decoder = random_decoder(9).double()
+    features = torch.randn(3, EMBED, dtype=torch.float64)
+    greedy = greedy_decode(decoder, features)
+    assert greedy.dtype == torch.long
+    assert torch.equal(beam_search(decoder, features, beam_size=1), greedy)
+    assert beam_search(decoder, features, beam_size=3).dtype == torch.long
+
+
+def test_decode_captions(tmp_path):
+    captions = ["a dog runs on the grass", "a cat sits on the mat", "a dog and a cat"]
+    vocab = Vocabulary(1, vocab_file=str(tmp_path / "v.json"), captions=captions)
+    torch.manual_seed(10)
+    decoder = DecoderRNN(EMBED, HIDDEN, len(vocab)).eval()
+    with torch.no_grad():
+        decoder.fc.bias[vocab.end_id] += 1.0
+    features = torch.randn(4, EMBED)
+    for beam_size in (1, 3):
+        ids, sentences = decode_captions(decoder, features, vocab, beam_size=beam_size, max_len=8)
+        assert len(ids) == len(sentences) == 4
+        expected = (greedy_decode(decoder, features, max_len=8) if beam_size == 1 else
+                    beam_search(decoder, features, beam_size=3, max_len=8))
+        for row, full, sentence in zip(ids, expected.tolist(), sentences):
+            assert row == full[:len(row)] and all(t == vocab.pad_id for t in full[len(row):])
+            assert vocab.end_id not in row[:-1]
+            assert sentence == vocab.decode(row)
+            assert all(word in vocab for word in sentence.split())

@@ -1,0 +1,115 @@
+"""Model: output shapes, the CVND `sample` contract, freezing, weight loading, download errors."""
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from model import DecoderRNN, EncoderCNN, ShowAndTell
+
+EMBED, HIDDEN, VOCAB = 32, 48, 40
+
+
+@pytest.fixture(scope="module")
+def resnet_encoder():
+    torch.manual_seed(0)
+    return EncoderCNN(EMBED, backbone="resnet18", pretrained=False).eval()
+
+
+def test_encoder_output_shape_cvnd_call():
+    encoder = EncoderCNN(EMBED, pretrained=False).eval()  # ResNet-50 by default
+    assert encoder.feature_size == 2048
+    assert encoder(torch.randn(2, 3, 224, 224)).shape == (2, EMBED)
+
+
+def test_frozen_by_default_only_projection_trains(resnet_encoder):
+    trainable = {n for n, p in resnet_encoder.named_parameters() if p.requires_grad}
+    assert trainable == {"embed.weight", "embed.bias", "norm.weight", "norm.bias"}
+    resnet_encoder.train()
+    assert not resnet_encoder.backbone.training and resnet_encoder.norm.training
+    resnet_encoder.eval()
+
+
+def test_trainable_blocks_unfreezes_last_blocks():
+    encoder = EncoderCNN(EMBED, backbone="resnet18", pretrained=False, trainable_blocks=1)
+    grads = {n.split(".")[1] for n, p in encoder.backbone.named_parameters(prefix="b") if p.requires_grad}
+    assert grads == {"layer4"}
+    images = torch.randn(2, 3, 64, 64)
+    encoder.train()(images).sum().backward()
+    assert encoder.backbone.layer4[0].conv1.weight.grad is not None
+    assert encoder.backbone.layer3[0].conv1.weight.grad is None
+
+
+def test_smallcnn_backbone_for_small_images():
+    encoder = EncoderCNN(EMBED, backbone="smallcnn", trainable_blocks=-1)
+    assert all(p.requires_grad for p in encoder.parameters())
+    assert encoder(torch.randn(3, 3, 64, 64)).shape == (3, EMBED)
+
+
+def test_decoder_forward_shape():
+    decoder = DecoderRNN(EMBED, HIDDEN, VOCAB)
+    captions = torch.randint(0, VOCAB, (4, 11))
+    assert decoder(torch.randn(4, EMBED), captions).shape == (4, 11, VOCAB)
+    assert DecoderRNN(EMBED, HIDDEN, VOCAB, num_layers=2)(torch.randn(4, EMBED), captions).shape == (4, 11, VOCAB)
+
+
+def test_decoder_output_t_sees_only_tokens_before_t():
+    torch.manual_seed(0)
+    decoder = DecoderRNN(EMBED, HIDDEN, VOCAB).eval()
+    features = torch.randn(1, EMBED)
+    a = torch.randint(0, VOCAB, (1, 8))
+    b = a.clone()
+    b[0, 5] = (a[0, 5] + 1) % VOCAB
+    out_a, out_b = decoder(features, a), decoder(features, b)
+    assert torch.equal(out_a[:, :6], out_b[:, :6]) and not torch.equal(out_a[:, 6:], out_b[:, 6:])
+
+
+def test_sample_contract(resnet_encoder):
+    torch.manual_seed(1)
+    decoder = DecoderRNN(EMBED, HIDDEN, VOCAB).eval()
+    features = resnet_encoder(torch.randn(1, 3, 64, 64)).unsqueeze(1)  # (1, 1, embed)
+    ids = decoder.sample(features)
+    assert isinstance(ids, list) and all(type(i) is int for i in ids) and 0 < len(ids) <= 20
+    assert len(decoder.sample(features, max_len=5)) <= 5
+    with torch.no_grad():
+        decoder.fc.bias[1] = 1e4  # <end> always wins: stops right after emitting it
+    assert decoder.sample(features) == [1]
+
+
+def test_sample_matches_teacher_forced_argmax():
+    torch.manual_seed(2)
+    decoder = DecoderRNN(EMBED, HIDDEN, VOCAB).eval()
+    features = torch.randn(1, EMBED)
+    ids = decoder.sample(features.unsqueeze(1), max_len=12)
+    with torch.no_grad():
+        scores = decoder(features, torch.tensor([ids + [0]]))
+    assert scores[0, :len(ids)].argmax(-1).tolist() == ids
+
+
+def test_show_and_tell_accepts_images_or_cached_features(resnet_encoder):
+    model = ShowAndTell(resnet_encoder, DecoderRNN(EMBED, HIDDEN, VOCAB)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    captions = torch.randint(0, VOCAB, (2, 6))
+    features = resnet_encoder.extract(images)
+    assert torch.allclose(model(images, captions), model(features, captions), atol=1e-5)
+
+
+def test_local_weights_file(tmp_path):
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    encoder = EncoderCNN(EMBED, backbone="resnet18", weights_path=tmp_path / "r18.pth")
+    assert torch.equal(encoder.backbone.conv1.weight, reference.conv1.weight)
+
+
+def test_weights_download_failure_says_how_to_proceed(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match=r"Could not download the ImageNet weights for resnet18.*"
+                                           r"weights_path=.*pretrained=False"):
+        EncoderCNN(EMBED, backbone="resnet18")
+
+
+def test_unknown_backbone():
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        EncoderCNN(EMBED, backbone="vgg16")

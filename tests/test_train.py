@@ -1,0 +1,169 @@
+"""Training: resume equals uninterrupted, feature cache, atomic checkpoints, history, DDP, real COCO fit."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import feature_cache
+import train as train_module
+from checkpoint import CheckpointError, load_checkpoint, load_trained, save_checkpoint
+from config import TrainConfig
+from tests.conftest import ROOT
+from train import train
+
+
+def tiny_config(demo_root, out, **kw):
+    base = dict(data_dir=str(demo_root), output_dir=str(out), vocab_threshold=1, backbone="smallcnn",
+                pretrained=False, trainable_blocks=-1, image_size=32, embed_size=32, hidden_size=48,
+                batch_size=16, epochs=3, val_images=10, patience=None, num_workers=0,
+                progress=False, seed=3, dropout=0.3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def interrupt_training_at_epoch(monkeypatch, epoch):
+    """Make the `epoch`-th training pass raise, as a kill between epochs would end the run."""
+    real, calls = train_module.run_epoch, []
+
+    def run_epoch(*args, **kwargs):
+        if kwargs.get("optimizer") is not None or len(args) > 5:
+            calls.append(1)
+            if len(calls) == epoch:
+                raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_module, "run_epoch", run_epoch)
+
+
+def test_resume_continues_exactly_like_uninterrupted_run(demo_root, tmp_path, monkeypatch):
+    full = train(tiny_config(demo_root, tmp_path / "full"))
+    with monkeypatch.context() as m:
+        interrupt_training_at_epoch(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(demo_root, tmp_path / "cut"))
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 0
+    resumed = train(tiny_config(demo_root, tmp_path / "cut", resume=True))
+    assert resumed["epoch"] == [1, 2, 3]
+    assert len(resumed["step_loss"]) == len(full["step_loss"]) > 0
+    assert resumed["step_loss"] == full["step_loss"]
+    assert resumed["val_loss"] == full["val_loss"]
+
+
+def test_outputs_history_and_checkpoint_contents(demo_root, tmp_path):
+    history = train(tiny_config(demo_root, tmp_path, epochs=2))
+    for name in ("last.pt", "best.pt", "history.json", "history.csv", "learning_curves.png",
+                 "vocab.json", "config.json"):
+        assert (tmp_path / name).exists(), name
+    assert json.loads((tmp_path / "history.json").read_text())["val_loss"] == history["val_loss"]
+    rows = (tmp_path / "history.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss") and len(rows) == 3
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert {"config", "vocab", "model", "optimizer", "scheduler", "rng", "epoch", "step"} <= set(state)
+    assert state["config"]["hidden_size"] == 48 and state["step"] == len(history["step_loss"])
+    model, vocab, config = load_trained(tmp_path / "best.pt")
+    assert config.backbone == "smallcnn" and len(vocab) == model.decoder.fc.out_features
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_early_stopping_when_val_cider_stalls(demo_root, tmp_path):
+    history = train(tiny_config(demo_root, tmp_path, epochs=6, lr=0.0, patience=2))
+    assert history["epoch"] == [1, 2, 3]  # best at epoch 1, then two epochs without improvement
+
+
+def test_resume_refuses_other_architecture(demo_root, tmp_path):
+    train(tiny_config(demo_root, tmp_path, epochs=1))
+    with pytest.raises(CheckpointError, match="hidden_size: checkpoint 48 vs config 64"):
+        train(tiny_config(demo_root, tmp_path, epochs=2, hidden_size=64, resume=True))
+
+
+def test_nan_loss_stops_with_clear_message(demo_root, tmp_path, monkeypatch):
+    train(tiny_config(demo_root, tmp_path, epochs=1))
+    before = (tmp_path / "last.pt").read_bytes()
+    monkeypatch.setattr(train_module, "caption_loss", lambda *a, **k: torch.tensor(float("nan"),
+                                                                                 requires_grad=True))
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        train(tiny_config(demo_root, tmp_path, epochs=2, resume=True))
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_atomic_checkpoint_write_keeps_old_file(tmp_path, monkeypatch):
+    path = save_checkpoint({"config": {}, "model": {"w": torch.ones(3)}}, tmp_path / "c.pt")
+    before = path.read_bytes()
+
+    def dies_midway(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"config": {}, "model": {"w": torch.zeros(3)}}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_frozen_encoder_trains_from_feature_cache(demo_root, tmp_path, monkeypatch, isolated_cache):
+    config = tiny_config(demo_root, tmp_path / "a", backbone="resnet18", trainable_blocks=0,
+                         epochs=1)
+    train(config)
+    files = list((isolated_cache / "features").glob("*.npy"))
+    assert len(files) == 2  # train and val images, each computed once
+    cached = np.load(files[0], mmap_mode="r")
+    assert cached.dtype == np.float16 and cached.shape[1] == 512 and isinstance(cached, np.memmap)
+    # A second run with the same CNN reads the cache: the CNN never runs on images again.
+    from model import EncoderCNN
+    monkeypatch.setattr(EncoderCNN, "extract", lambda *a: pytest.fail("CNN re-run"))
+    history = train(tiny_config(demo_root, tmp_path / "b", backbone="resnet18", trainable_blocks=0,
+                                epochs=1))
+    assert np.isfinite(history["train_loss"]).all()
+
+
+def test_feature_cache_key_changes_with_weights(demo_root):
+    from annotations import read_split
+    from data_loader import make_transform
+    from model import EncoderCNN
+    split = read_split(demo_root, "val")
+    a = EncoderCNN(8, "resnet18", pretrained=False)
+    b = EncoderCNN(8, "resnet18", pretrained=False)
+    t = make_transform(32)
+    assert feature_cache.cache_key(a, split, t) == feature_cache.cache_key(a, split, t)
+    assert feature_cache.cache_key(a, split, t) != feature_cache.cache_key(b, split, t)
+    assert feature_cache.cache_key(a, split, t) != feature_cache.cache_key(a, split, make_transform(48))
+
+
+def test_two_process_gloo_ddp_run(demo_root, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+           str(ROOT / "train.py"), "--data-dir", str(demo_root), "--output-dir", str(out),
+           "--backbone", "smallcnn", "--no-pretrained", "--trainable-blocks", "-1",
+           "--image-size", "32", "--embed-size", "32", "--hidden-size", "48", "--batch-size", "16",
+           "--epochs", "2", "--val-images", "10", "--num-workers", "0", "--no-progress",
+           "--vocab-threshold", "1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = json.loads((out / "history.json").read_text())
+    assert history["epoch"] == [1, 2]
+    single = train(tiny_config(demo_root, tmp_path / "single", epochs=1))
+    # Each rank walks half of the batches.
+    assert len(history["step_loss"]) == 2 * ((len(single["step_loss"]) + 1) // 2)
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_fits_real_coco_captions(coco_sample, tmp_path):
+    # Validate on the training images themselves: training-set CIDEr must rise.
+    data = tmp_path / "coco"
+    (data / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        os.symlink(coco_sample / "train2017", data / f"{split}2017")
+        os.symlink(coco_sample / "annotations" / "captions_train2017.json",
+                   data / "annotations" / f"captions_{split}2017.json")
+    config = TrainConfig(data_dir=str(data), output_dir=str(tmp_path / "run"), backbone="resnet18",
+                         pretrained=False, image_size=128, vocab_threshold=1, embed_size=128,
+                         hidden_size=256, batch_size=32, epochs=25, lr=3e-3, dropout=0.0,
+                         val_images=None, patience=None, num_workers=0, progress=False)
+    history = train(config)
+    assert history["val_cider"][-1] > 3 * history["val_cider"][0]
+    assert history["val_cider"][-1] > 1.0
+    assert history["train_loss"][-1] < 0.5 * history["train_loss"][0]
