@@ -35,10 +35,11 @@ class CaptionSplit:
     layout: str
     source: Path
     image_ids: list
-    image_paths: list
+    image_paths: list  # str paths
     captions: list = field(default_factory=list)
     caption_image: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     caption_rows: list = field(default_factory=list)
+    image_rows: list = field(default_factory=list)
 
     def references(self):
         """Captions per image id, for scoring."""
@@ -54,6 +55,25 @@ class CaptionSplit:
     def describe_row(self, caption_index):
         """Where a caption came from, for error messages."""
         return f"{self.source}, row {self.caption_rows[caption_index]}"
+
+    def describe_image(self, image_index):
+        """Where an image was named, for error messages."""
+        rows = self.image_rows
+        return f"{self.source}, images row {rows[image_index]}" if rows else str(self.source)
+
+    def without_images(self, image_indices):
+        """A copy without the given images and their captions (skipping unreadable files)."""
+        drop = set(int(i) for i in image_indices)
+        keep = [i for i in range(len(self.image_ids)) if i not in drop]
+        new_index = np.full(len(self.image_ids), -1, np.int64)
+        new_index[keep] = np.arange(len(keep))
+        kept = [k for k, img in enumerate(self.caption_image) if new_index[img] >= 0]
+        pick = lambda values: [values[i] for i in keep]  # noqa: E731
+        return CaptionSplit(self.name, self.layout, self.source, pick(self.image_ids),
+                            pick(self.image_paths), [self.captions[k] for k in kept],
+                            new_index[self.caption_image[kept]],
+                            [self.caption_rows[k] for k in kept],
+                            pick(self.image_rows) if self.image_rows else [])
 
 
 def default_cache_dir():
@@ -130,6 +150,7 @@ def read_coco_file(path, image_dir, name, layout="coco"):
         coco.createIndex()
     image_ids = sorted(coco.imgs)
     position = {img: k for k, img in enumerate(image_ids)}
+    image_row = {im["id"]: row for row, im in enumerate(data["images"])}
     captions, owners, rows = [], [], []
     for row, a in enumerate(data.get("annotations", [])):
         if a["image_id"] not in position:
@@ -138,9 +159,11 @@ def read_coco_file(path, image_dir, name, layout="coco"):
         captions.append(_check_caption(path, row, a["caption"]))
         owners.append(position[a["image_id"]])
         rows.append(row)
-    paths = [Path(image_dir) / coco.imgs[i]["file_name"] for i in image_ids]
+    # Plain strings: building 100k+ Path objects is a visible share of loader start-up.
+    folder = str(image_dir)
+    paths = [os.path.join(folder, coco.imgs[i]["file_name"]) for i in image_ids]
     return CaptionSplit(name, layout, Path(path), image_ids, paths, captions,
-                        np.asarray(owners, np.int64), rows)
+                        np.asarray(owners, np.int64), rows, [image_row[i] for i in image_ids])
 
 
 def _read_coco_split(data_dir, split):
@@ -171,6 +194,7 @@ def _read_karpathy_split(data_dir, split):
     chosen = [(row, im) for row, im in enumerate(data["images"]) if im.get("split") in wanted]
     image_dir = None
     ids, paths, captions, owners, rows = [], [], [], [], []
+    image_rows = [row for row, _ in chosen]
     for k, (row, im) in enumerate(chosen):
         try:
             image_id = im["cocoid"] if "cocoid" in im else im["imgid"]
@@ -178,10 +202,10 @@ def _read_karpathy_split(data_dir, split):
         except KeyError as e:
             raise AnnotationError(f"{path}, images row {row}: missing key {e}") from None
         if "filepath" in im:
-            image_path = data_dir / im["filepath"] / filename
+            image_path = os.path.join(data_dir, im["filepath"], filename)
         else:
             image_dir = image_dir or _find_image_dir(data_dir, FLICKR_IMAGE_DIRS, filename)
-            image_path = image_dir / filename
+            image_path = os.path.join(image_dir, filename)
         ids.append(image_id)
         paths.append(image_path)
         for s in sentences:
@@ -189,7 +213,7 @@ def _read_karpathy_split(data_dir, split):
             owners.append(k)
             rows.append(row)
     return CaptionSplit(split, "karpathy", path, ids, paths, captions,
-                        np.asarray(owners, np.int64), rows)
+                        np.asarray(owners, np.int64), rows, image_rows)
 
 
 def csv_split_of(image_name):
@@ -214,6 +238,10 @@ def _read_csv_split(data_dir, split):
     position = {n: k for k, n in enumerate(names)}
     image_dir = _find_image_dir(data_dir, CSV_IMAGE_DIRS, names[0]) if names else data_dir
     captions, owners, rownums = [], [], []
+    first_row = {}
+    for rownum, r in rows:
+        if r and r[0] in position:
+            first_row.setdefault(r[0], rownum)
     for rownum, r in rows:
         if not r:
             continue
@@ -224,8 +252,8 @@ def _read_csv_split(data_dir, split):
             owners.append(position[r[0]])
             rownums.append(rownum)
     return CaptionSplit(split, "csv", path, [image_id[n] for n in names],
-                        [image_dir / n for n in names], captions,
-                        np.asarray(owners, np.int64), rownums)
+                        [os.path.join(image_dir, n) for n in names], captions,
+                        np.asarray(owners, np.int64), rownums, [first_row[n] for n in names])
 
 
 def _cache_key(split):

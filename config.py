@@ -20,7 +20,7 @@ class TrainConfig:
     trainable_blocks: int = 0            # 0: frozen CNN + feature cache; k: fine-tune last k; -1: all
     image_size: int = 224
     augment: bool = False                # random crop + flip (fine-tuning only)
-    feature_norm: bool = True
+    feature_norm: str = "running"        # running | batch | layer | none (see model.RunningNorm)
     embed_size: int = 256
     hidden_size: int = 512
     num_layers: int = 1
@@ -38,6 +38,7 @@ class TrainConfig:
     max_caption_len: int = 20
     val_images: int | None = 500         # images scored by CIDEr after each epoch; None: all
     patience: int | None = 3             # epochs without a better val CIDEr before stopping
+    skip_bad_images: bool = False        # drop unreadable images (reported) instead of stopping
     blind: bool = False                  # zero image features (the ablation)
     seed: int = 0
     num_workers: int = 2

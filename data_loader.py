@@ -81,7 +81,7 @@ class CaptionDataset(data.Dataset):
         img = int(self.split.caption_image[caption_index])
         if self.features is not None:
             return torch.from_numpy(np.asarray(self.features[img], dtype=np.float32))
-        image = load_image(self.split.image_paths[img], self.split.source)
+        image = load_image(self.split.image_paths[img], self.split.describe_image(img))
         return self.transform(image) if self.transform else image
 
     def __getitem__(self, index):
@@ -103,11 +103,39 @@ class ImageDataset(data.Dataset):
         return len(self.split.image_ids)
 
     def __getitem__(self, index):
-        image = load_image(self.split.image_paths[index], self.split.source)
+        image = load_image(self.split.image_paths[index], self.split.describe_image(index))
         tensor = self.transform(image) if self.transform else image
         if self.with_original:
             return np.array(image), tensor
         return tensor, self.split.image_ids[index]
+
+
+class _ImageCheck(data.Dataset):
+    def __init__(self, split):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split.image_paths)
+
+    def __getitem__(self, index):
+        try:
+            load_image(self.split.image_paths[index], self.split.describe_image(index))
+            return ""
+        except ImageLoadError as e:
+            return str(e)
+
+
+def find_unreadable_images(split, num_workers=0, progress=True):
+    """{image index: error message} for every image of `split` that cannot be loaded."""
+    from tqdm.auto import tqdm
+    loader = data.DataLoader(_ImageCheck(split), batch_size=64, num_workers=num_workers,
+                             collate_fn=list)
+    errors, start = {}, 0
+    for messages in tqdm(loader, desc=f"checking {split.name} images", unit="batch",
+                         disable=not progress):
+        errors.update((start + k, m) for k, m in enumerate(messages) if m)
+        start += len(messages)
+    return errors
 
 
 def pad_collate(batch, pad_id=3):

@@ -19,8 +19,9 @@ from coco_metrics import cider_score
 from checkpoint import (CheckpointError, build_model, load_checkpoint, load_model_state,
                         rng_state, save_checkpoint, set_rng_state)
 from config import ARCHITECTURE_FIELDS, TrainConfig, parse_config
-from data_loader import (CaptionDataset, ImageDataset, load_or_build_vocab, make_caption_loader,
-                         make_transform, resolve_data_dir)
+from data_loader import (CaptionDataset, ImageDataset, find_unreadable_images,
+                         load_or_build_vocab, make_caption_loader, make_transform,
+                         resolve_data_dir)
 from evaluate import predict_captions
 from feature_cache import cached_features
 from vocabulary import Vocabulary
@@ -188,6 +189,21 @@ def write_history(history, output_dir):
     plot_learning_curves(history, output_dir / "learning_curves.png")
 
 
+def drop_unreadable_images(split, config):
+    """`split` without the images that cannot be read, and how many were dropped."""
+    bad = find_unreadable_images(split, config.num_workers, config.progress)
+    if bad:
+        tqdm.write(f"skipping {len(bad)} unreadable {split.name} image(s); first: "
+                   f"{next(iter(bad.values()))}")
+    return split.without_images(bad), len(bad)
+
+
+def remove_stale_temporaries(output_dir):
+    """Delete half-written files a killed run left behind (complete files are never touched)."""
+    for tmp in Path(output_dir).glob(".*.tmp*"):
+        tmp.unlink(missing_ok=True)
+
+
 def new_history():
     return {"epoch": [], "train_loss": [], "train_perplexity": [], "val_loss": [],
             "val_perplexity": [], "val_cider": [], "lr": [], "epoch_seconds": [], "step_loss": []}
@@ -202,6 +218,10 @@ def train(config):
     data_dir = resolve_data_dir(config.data_dir)
     train_split = read_split(data_dir, "train", config.layout)
     val_split = read_split(data_dir, "val", config.layout)
+    skipped = {}
+    if config.skip_bad_images:
+        train_split, skipped["train"] = drop_unreadable_images(train_split, config)
+        val_split, skipped["val"] = drop_unreadable_images(val_split, config)
     if resume_state:
         check_resumable(resume_state["config"], config, last_path)
         vocab = Vocabulary.from_dict(resume_state["vocab"])
@@ -229,8 +249,10 @@ def train(config):
                                           resume_state["stale_epochs"])
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
                  if world > 1 else model)
+    history["skipped_images"] = skipped
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output_dir)
         vocab.save(output_dir / "vocab.json")
         (output_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
     for epoch in range(start_epoch, config.epochs):

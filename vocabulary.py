@@ -83,7 +83,8 @@ class Vocabulary:
     def encode(self, caption):
         """Ids of a caption string (or token list) wrapped in `<start>` ... `<end>`."""
         tokens = tokenize(caption) if isinstance(caption, str) else caption
-        return [self.start_id] + [self(t) for t in tokens] + [self.end_id]
+        get, unk = self.word2idx.get, self.unk_id
+        return [self.start_id, *[get(t, unk) for t in tokens], self.end_id]
 
     def decode(self, ids):
         """Sentence from ids: stops at `<end>`, drops `<start>`, `<pad>` and `<unk>`."""

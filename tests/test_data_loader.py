@@ -95,7 +95,7 @@ def test_rgba_png_composited_on_white(tmp_path):
 
 def test_missing_image_error_names_file(demo_root, tmp_path):
     dl = loader(demo_root, tmp_path)
-    dl.dataset.split.image_paths[0] = demo_root / "train2017" / "gone.png"
+    dl.dataset.split.image_paths[0] = str(demo_root / "train2017" / "gone.png")
     first_caption = int(np.flatnonzero(dl.dataset.split.caption_image == 0)[0])
     with pytest.raises(ImageLoadError, match=r"gone\.png: image file not found .*captions_train2017"):
         dl.dataset[first_caption]
@@ -156,7 +156,7 @@ def test_karpathy_split_file(coco_sample, tmp_path):
     assert train.layout == "karpathy"
     assert len(train.captions) == caps["train"] + caps["restval"]
     test = read_split(tmp_path, "test")
-    assert len(test.captions) == caps["test"] and all(p.exists() for p in test.image_paths)
+    assert len(test.captions) == caps["test"] and all(os.path.exists(p) for p in test.image_paths)
     dl = loader(tmp_path, tmp_path, mode="train", vocab_threshold=1)
     check_train_epoch(dl)
 

@@ -1,0 +1,1 @@
+"""Benchmarks: the project's way against the naive (CVND-style) way, run with `python -m bench`."""

@@ -1,0 +1,86 @@
+"""Decoder training speed on real COCO images: from the feature cache vs the frozen CNN every step."""
+import gc
+
+import torch
+
+from bench.common import COCO_SAMPLE, DECODER_VOCAB, coco_vocab, row, timed
+
+BATCH_SIZE = 32
+
+
+def steps(quick):
+    """(warm-up steps, timed steps from the cache, timed steps through the CNN)."""
+    return (1, 5, 1) if quick else (2, 60, 6)
+
+
+def setup():
+    """Config, vocabulary, the 80 train images of coco-sample and a seeded Show-and-Tell model."""
+    from annotations import read_split
+    from config import TrainConfig
+    from model import DecoderRNN, EncoderCNN, ShowAndTell
+    config = TrainConfig(batch_size=BATCH_SIZE, pretrained=False, lr_schedule="constant",
+                         num_workers=0, progress=False, device="cpu")
+    vocab = coco_vocab()
+    torch.manual_seed(0)  # the same CNN weights in every process, so the feature cache is reused
+    encoder = EncoderCNN(config.embed_size, "resnet50", pretrained=False, trainable_blocks=0)
+    decoder = DecoderRNN(config.embed_size, config.hidden_size, DECODER_VOCAB, end_id=vocab.end_id)
+    return config, vocab, read_split(COCO_SAMPLE, "train"), ShowAndTell(encoder, decoder)
+
+
+def features(model, split):
+    """The project's feature cache of the split (computed once, then a memmap)."""
+    from data_loader import make_transform
+    from feature_cache import cached_features
+    return cached_features(model.encoder, split, make_transform(224), progress=False)
+
+
+def make_loader(split, vocab, cache=None):
+    """Equal-length caption batches: cached features when `cache` is given, else images."""
+    from data_loader import CaptionDataset, make_caption_loader, make_transform
+    dataset = CaptionDataset(split, vocab, make_transform(224), features=cache)
+    return make_caption_loader(dataset, BATCH_SIZE, seed=0, drop_last=True)
+
+
+def batches(loader, n, counted):
+    """The first `n` batches of `loader` across epochs; their caption counts go to `counted`."""
+    epoch = 0
+    while True:
+        loader.batch_sampler.set_epoch(epoch)
+        for inputs, captions in loader:
+            if n == 0:
+                return
+            counted.append(len(captions))
+            yield inputs, captions
+            n -= 1
+        epoch += 1
+
+
+def train_steps(model, vocab, config, loader, n):
+    """Captions per second of `n` training steps, each exactly as `train.run_epoch` takes them."""
+    from train import make_optimizer, make_scheduler, run_epoch
+    optimizer = make_optimizer(config, model)
+    scheduler = make_scheduler(config, optimizer, n)
+    counted = []
+    _, seconds = timed(run_epoch, model, batches(loader, n, counted), vocab, config,
+                       torch.device("cpu"), optimizer, scheduler)
+    return sum(counted) / seconds
+
+
+def run(workdir, quick):
+    """Yield the training row: captions/s from the cache vs through ResNet-50."""
+    warmup, cached_steps, cnn_steps = steps(quick)
+    config, vocab, split, model = setup()
+    cache, cache_seconds = timed(features, model, split)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rates = {}
+    for way, cache_or_none, n in (("cache", cache, cached_steps), ("cnn", None, cnn_steps)):
+        model.load_state_dict(state)  # both ways start from the same weights
+        loader = make_loader(split, vocab, cache_or_none)
+        train_steps(model, vocab, config, loader, warmup)
+        rates[way] = train_steps(model, vocab, config, loader, n)
+        gc.collect()
+    yield row("decoder training (ResNet-50 frozen)", rates["cache"], rates["cnn"], "captions/s",
+              target=20, higher_is_better=True,
+              note=f"batch {BATCH_SIZE}, vocab {DECODER_VOCAB:,}, {cached_steps} vs {cnn_steps} steps "
+                   f"after {warmup} warm-up; one-time cache of {len(split.image_ids)} images "
+                   f"took {cache_seconds:.1f} s")

@@ -1,0 +1,99 @@
+"""The four tutorial notebooks: committed clean, one parameters cell, no logic of their own, and
+they run top to bottom (on a tiny demo dataset, with small settings injected after the
+parameters cell as papermill does)."""
+import ast
+import os
+import re
+import shutil
+import time
+
+import nbformat
+import pytest
+
+from tests.conftest import ROOT
+
+NOTEBOOKS = ("0_Dataset.ipynb", "1_Preliminaries.ipynb", "2_Training.ipynb", "3_Inference.ipynb")
+# Notebooks call the project's modules; definitions and loops belong in those modules
+# (comprehensions for display are fine).
+FORBIDDEN_TEXT = re.compile(r"\b(class|def)\s")
+FORBIDDEN_NODES = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.For,
+                   ast.AsyncFor, ast.While)
+
+
+def read(name):
+    return nbformat.read(ROOT / name, as_version=4)
+
+
+def tags(cell):
+    return cell.get("metadata", {}).get("tags", [])
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_committed_clean(name):
+    nb = read(name)
+    nbformat.validate(nb)
+    assert nb.cells[0].cell_type == "markdown", "a notebook opens with a markdown introduction"
+    parameter_cells = [k for k, c in enumerate(nb.cells) if "parameters" in tags(c)]
+    assert parameter_cells == [1] and nb.cells[1].cell_type == "code", \
+        "exactly one parameters cell, right after the introduction"
+    assert not any("injected-parameters" in tags(c) for c in nb.cells)
+    for k, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        assert cell.outputs == [] and cell.execution_count is None, f"cell {k} has outputs"
+        assert not FORBIDDEN_TEXT.search(cell.source), f"cell {k} defines something:\n{cell.source}"
+        found = [type(node).__name__ for node in ast.walk(ast.parse(cell.source))
+                 if isinstance(node, FORBIDDEN_NODES)]
+        assert not found, f"cell {k} has {found} (definitions and loops go in the modules):\n{cell.source}"
+
+
+def test_notebooks_default_to_the_demo():
+    for name in NOTEBOOKS:
+        source = next(c.source for c in read(name).cells if "parameters" in tags(c))
+        assert 'DATASET = "demo"' in source and 'DATA_DIR = "data/demo"' in source, name
+
+
+def inject(nb, values):
+    """Insert papermill's 'injected-parameters' cell right after the parameters cell."""
+    index = next(k for k, c in enumerate(nb.cells) if "parameters" in tags(c))
+    known = nb.cells[index].source
+    for key in values:
+        assert re.search(rf"^{key} =", known, re.MULTILINE), f"{key} is not a parameter"
+    cell = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in values.items()))
+    cell.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(index + 1, cell)
+    return nb
+
+
+def test_notebooks_run_in_order(demo_root, tmp_path, monkeypatch):
+    from nbclient import NotebookClient
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    # One thread: tiny models gain nothing from more, and on a busy machine (tests running in
+    # parallel) extra OpenMP threads make them many times slower.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # CAPTIONING_CACHE already points to a temporary folder (conftest), and the kernel inherits it.
+    data = dict(DATA_DIR=str(demo_root), DEMO_OPTIONS=dict(n_train=60, n_val=20, n_test=20, image_size=64, seed=1))
+    model = dict(IMAGE_SIZE=32, EMBED_SIZE=32, HIDDEN_SIZE=32)
+    checkpoint_dir = tmp_path / "outputs" / "model"
+    values = {
+        "0_Dataset.ipynb": dict(data, N_IMAGES=4, N_WORDS=10),
+        "1_Preliminaries.ipynb": dict(data, **model, BATCH_SIZE=4, THRESHOLDS=[1, 5],
+                                      VOCAB_FILE=str(tmp_path / "vocab.json")),
+        "2_Training.ipynb": dict(data, **model, OUTPUT_DIR=str(checkpoint_dir), EPOCHS=1, MORE_EPOCHS=1,
+                                 BATCH_SIZE=32, VAL_IMAGES=8, NUM_WORKERS=0, PROGRESS=False),
+        "3_Inference.ipynb": dict(data, CHECKPOINT=str(checkpoint_dir / "best.pt"), BEAM_SIZE=2, LIMIT=10,
+                                  RESULTS_DIR=str(tmp_path / "outputs" / "inference"), N_SHOW=2,
+                                  N_BEST_WORST=2, MY_IMAGE=str(demo_root / "test2017" / "000002000001.png")),
+    }
+    for name in NOTEBOOKS:
+        shutil.copy(ROOT / name, tmp_path / name)
+        nb = inject(nbformat.read(tmp_path / name, as_version=4), values[name])
+        started = time.time()
+        # Raises CellExecutionError, naming the cell and the error, if any cell fails.
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+        print(f"{name}: {time.time() - started:.1f} s")
+    assert (checkpoint_dir / "best.pt").exists() and (checkpoint_dir / "last.pt").exists()
+    history = (checkpoint_dir / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 2, "one epoch, then one more after resuming"
+    assert (tmp_path / "outputs" / "inference" / "results_test.json").exists()
