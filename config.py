@@ -20,7 +20,7 @@ class TrainConfig:
     trainable_blocks: int = 0            # 0: frozen CNN + feature cache; k: fine-tune last k; -1: all
     image_size: int = 224
     augment: bool = False                # random crop + flip (fine-tuning only)
-    feature_norm: str = "running"        # running | batch | layer | none (see model.RunningNorm)
+    feature_norm: str = "batch"          # batch | layer | none: normalisation of the image feature
     embed_size: int = 256
     hidden_size: int = 512
     num_layers: int = 1

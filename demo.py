@@ -15,8 +15,8 @@ from demo_dataset import DEFAULT_DEMO_ROOT, make_demo_dataset, object_accuracy
 
 DEMO_CONFIG = TrainConfig(
     data_dir=str(DEFAULT_DEMO_ROOT), output_dir="outputs/demo/model", vocab_threshold=1,
-    backbone="smallcnn", pretrained=False, trainable_blocks=-1, image_size=48,
-    embed_size=256, hidden_size=256, dropout=0.1, batch_size=64, epochs=6, lr=2e-3,
+    backbone="smallcnn", pretrained=False, trainable_blocks=-1, image_size=32,
+    embed_size=256, hidden_size=256, dropout=0.0, batch_size=64, epochs=14, lr=2e-3,
     val_images=300, patience=None, num_workers=1)
 
 

@@ -17,9 +17,7 @@ class SmallCNN(nn.Module):
         layers, channels = [], 3
         for k in range(4):
             out = width * 2 ** k
-            # GroupNorm, not BatchNorm: batches hold captions of one length, so their images are
-            # far from i.i.d. and batch statistics would leak the caption's length and template.
-            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.GroupNorm(8, out),
+            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
                        nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             channels = out
         # Global max pooling: each channel says whether its pattern is anywhere in the image,
@@ -31,27 +29,6 @@ class SmallCNN(nn.Module):
 
     def forward(self, images):
         return self.net(images)  # (batch, out_features)
-
-
-class RunningNorm(nn.BatchNorm1d):
-    """Per-feature standardisation with running statistics only, also while training.
-
-    Batch norm's centring is what makes the LSTM use the image (without it the image feature
-    is nearly the same for every image and the decoder learns a caption prior), but its batch
-    statistics would leak the caption length: batches hold captions of one length. This
-    updates the running mean and variance from each batch, then normalises with those.
-    """
-
-    def __init__(self, num_features, momentum=0.1):
-        super().__init__(num_features, momentum=momentum)
-
-    def forward(self, x):
-        if self.training and x.shape[0] > 1:
-            with torch.no_grad():
-                nn.functional.batch_norm(x.detach().float(), self.running_mean, self.running_var,
-                                         training=True, momentum=self.momentum)
-        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
-                                        self.bias, False, 0.0, self.eps)
 
 
 def build_resnet(name, pretrained=True, weights_path=None):
@@ -85,7 +62,7 @@ class EncoderCNN(nn.Module):
     """CNN backbone (frozen by default) then a linear projection: images -> (batch, embed_size)."""
 
     def __init__(self, embed_size, backbone="resnet50", pretrained=True, weights_path=None,
-                 trainable_blocks=0, feature_norm="running"):
+                 trainable_blocks=0, feature_norm="batch"):
         super().__init__()
         if backbone == "smallcnn":
             self.backbone, feature_size = SmallCNN(), None
@@ -99,9 +76,10 @@ class EncoderCNN(nn.Module):
             for block in self.backbone.blocks[-trainable_blocks:]:
                 block.requires_grad_(True)
         self.embed = nn.Linear(feature_size, embed_size)
-        # Normalising the image feature is what lets the LSTM use it (see RunningNorm).
-        norms = {"running": lambda: RunningNorm(embed_size), "layer": lambda: nn.LayerNorm(embed_size),
-                 "batch": lambda: nn.BatchNorm1d(embed_size, momentum=0.01), "none": nn.Identity}
+        # Batch norm on the image feature is what lets the LSTM use it: without centring, the
+        # feature is nearly the same for every image and the decoder learns a caption prior.
+        norms = {"batch": lambda: nn.BatchNorm1d(embed_size, momentum=0.01),
+                 "layer": lambda: nn.LayerNorm(embed_size), "none": nn.Identity}
         if feature_norm not in norms:
             raise ValueError(f"feature_norm must be one of {list(norms)}, not {feature_norm!r}")
         self.norm = norms[feature_norm]()
