@@ -136,10 +136,15 @@ def read_coco_file(path, image_dir, name, layout="coco"):
     data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise AnnotationError(f"{path}: not a COCO annotations file (no 'images' list)")
-    for row, a in enumerate(data.get("annotations", [])):
+    annotations = data.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise AnnotationError(f"{path}: 'annotations' is not a list")
+    for row, a in enumerate(annotations):
         missing = [k for k in ("image_id", "caption") if not isinstance(a, dict) or k not in a]
         if missing:
             raise AnnotationError(f"{path}, annotations row {row}: missing key(s) {missing}")
+    # pycocotools indexes annotations by 'id'; hand-made caption files often leave it out.
+    data["annotations"] = [a if "id" in a else {**a, "id": row} for row, a in enumerate(annotations)]
     for row, im in enumerate(data["images"]):
         missing = [k for k in ("id", "file_name") if not isinstance(im, dict) or k not in im]
         if missing:

@@ -171,6 +171,11 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
             step_losses.append(loss.item())
             total, tokens = total + loss.item() * n, tokens + n
             bar.set_postfix(loss=f"{loss.item():.3f}", ppl=f"{math.exp(min(loss.item(), 50)):.1f}")
+    if dist.is_available() and dist.is_initialized():
+        # Each rank saw its own shard: the epoch's loss is the token-weighted mean over all.
+        sums = torch.tensor([total, float(tokens)], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total, tokens = sums.tolist()
     return step_losses, total / max(tokens, 1)
 
 

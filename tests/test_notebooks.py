@@ -10,6 +10,7 @@ import time
 import nbformat
 import pytest
 
+from demo_dataset import read_marker
 from tests.conftest import ROOT
 
 NOTEBOOKS = ("0_Dataset.ipynb", "1_Preliminaries.ipynb", "2_Training.ipynb", "3_Inference.ipynb")
@@ -72,7 +73,11 @@ def test_notebooks_run_in_order(demo_root, tmp_path, monkeypatch):
     # parallel) extra OpenMP threads make them many times slower.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # CAPTIONING_CACHE already points to a temporary folder (conftest), and the kernel inherits it.
-    data = dict(DATA_DIR=str(demo_root), DEMO_OPTIONS=dict(n_train=60, n_val=20, n_test=20, image_size=64, seed=1))
+    # The notebooks' make_demo_dataset call must find the fixture's dataset as it is (same
+    # parameters), never regenerate the folder other tests share.
+    marker = read_marker(demo_root)
+    options = {k: marker[k] for k in ("n_train", "n_val", "n_test", "image_size", "seed", "max_shapes")}
+    data = dict(DATA_DIR=str(demo_root), DEMO_OPTIONS=options)
     model = dict(IMAGE_SIZE=32, EMBED_SIZE=32, HIDDEN_SIZE=32)
     checkpoint_dir = tmp_path / "outputs" / "model"
     values = {

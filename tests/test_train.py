@@ -68,9 +68,14 @@ def test_outputs_history_and_checkpoint_contents(demo_root, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_early_stopping_when_val_cider_stalls(demo_root, tmp_path):
-    history = train(tiny_config(demo_root, tmp_path, epochs=6, lr=0.0, patience=2))
-    assert history["epoch"] == [1, 2, 3]  # best at epoch 1, then two epochs without improvement
+def test_early_stopping_when_val_cider_stalls(demo_root, tmp_path, monkeypatch):
+    # Scripted val CIDEr: best at epoch 2, a tie and a drop, then a rise that must never be reached.
+    scores = iter([0.5, 0.6, 0.6, 0.55, 0.9, 0.9, 0.9])
+    monkeypatch.setattr(train_module, "cider_score", lambda *a, **k: next(scores))
+    history = train(tiny_config(demo_root, tmp_path, epochs=7, patience=2))
+    assert history["epoch"] == [1, 2, 3, 4]
+    assert history["val_cider"] == [0.5, 0.6, 0.6, 0.55]
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1  # 0-based: the second epoch
 
 
 def test_resume_refuses_other_architecture(demo_root, tmp_path):
@@ -135,7 +140,7 @@ def test_feature_cache_key_changes_with_weights(demo_root):
 def test_two_process_gloo_ddp_run(demo_root, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train.py"), "--data-dir", str(demo_root), "--output-dir", str(out),
            "--backbone", "smallcnn", "--no-pretrained", "--trainable-blocks", "-1",
            "--image-size", "32", "--embed-size", "32", "--hidden-size", "48", "--batch-size", "16",
@@ -152,7 +157,9 @@ def test_two_process_gloo_ddp_run(demo_root, tmp_path):
 
 
 def test_fits_real_coco_captions(coco_sample, tmp_path):
-    # Validate on the training images themselves: training-set CIDEr must rise.
+    # Validate on the training images themselves: training-set CIDEr must rise. No pretrained
+    # weights offline, so the frozen ResNet-18 is random: the decoder memorises captions slowly
+    # (greedy CIDEr stays near 0.1 for ~25 epochs, then climbs to about 2 by epoch 40).
     data = tmp_path / "coco"
     (data / "annotations").mkdir(parents=True)
     for split in ("train", "val"):
@@ -160,8 +167,8 @@ def test_fits_real_coco_captions(coco_sample, tmp_path):
         os.symlink(coco_sample / "annotations" / "captions_train2017.json",
                    data / "annotations" / f"captions_{split}2017.json")
     config = TrainConfig(data_dir=str(data), output_dir=str(tmp_path / "run"), backbone="resnet18",
-                         pretrained=False, image_size=128, vocab_threshold=1, embed_size=128,
-                         hidden_size=256, batch_size=32, epochs=25, lr=3e-3, dropout=0.0,
+                         pretrained=False, image_size=128, vocab_threshold=1, embed_size=256,
+                         hidden_size=512, batch_size=32, epochs=40, lr=3e-3, dropout=0.0,
                          val_images=None, patience=None, num_workers=0, progress=False)
     history = train(config)
     assert history["val_cider"][-1] > 3 * history["val_cider"][0]
