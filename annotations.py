@@ -21,7 +21,7 @@ CSV_IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "flickr30k_images", "
 FLICKR_IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "Flickr8k_Dataset",
                      "flickr30k_images", "flickr30k-images", ".")
 LAYOUTS = ("auto", "coco", "karpathy", "csv")
-TOKENIZER_VERSION = "treebank-lower/1"
+TOKENIZER_VERSION = "treebank-lower/2"
 
 
 class AnnotationError(ValueError):
@@ -261,6 +261,49 @@ def _read_csv_split(data_dir, split):
                         np.asarray(owners, np.int64), rownums, [first_row[n] for n in names])
 
 
+class TokenizedCaptions:
+    """Token lists of captions, stored flat: caption i is `words[ids[offsets[i]:offsets[i + 1]]]`.
+
+    Indexing and iterating give lists of strings; the arrays serve the fast paths (counting
+    words, encoding) that start a loader on COCO's 400k+ captions in a second or two.
+    """
+
+    def __init__(self, words, ids, offsets):
+        self.words = list(words)  # distinct tokens, in order of first use
+        self.ids = np.asarray(ids, dtype=np.int32)  # (total tokens,)
+        self.offsets = np.asarray(offsets, dtype=np.int64)  # (captions + 1,)
+
+    @classmethod
+    def from_lists(cls, token_lists):
+        """Flat form of a list of token lists."""
+        index, ids, offsets = {}, [], [0]
+        for tokens in token_lists:
+            ids.extend(index.setdefault(t, len(index)) for t in tokens)
+            offsets.append(len(ids))
+        return cls(index, ids, offsets)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        words = self.words
+        return [words[j] for j in self.ids[self.offsets[i]:self.offsets[i + 1]].tolist()]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other):
+        return list(self) == list(other)
+
+    def lengths(self):
+        """Tokens per caption (captions,)."""
+        return np.diff(self.offsets)
+
+    def counts(self):
+        """{word: occurrences} over all captions."""
+        return dict(zip(self.words, np.bincount(self.ids, minlength=len(self.words)).tolist()))
+
+
 def _cache_key(split):
     st = split.source.stat()
     text = f"{split.source.resolve()}|{split.name}|{st.st_size}|{st.st_mtime_ns}|{TOKENIZER_VERSION}"
@@ -268,16 +311,20 @@ def _cache_key(split):
 
 
 def tokenize_cached(split, cache_dir=None):
-    """Token lists of a split's captions; tokenised once per annotations file, then cached."""
+    """`TokenizedCaptions` of a split; tokenised once per annotations file, then cached (.npz)."""
     from vocabulary import tokenize
-    cache = Path(cache_dir or default_cache_dir()) / "tokens" / f"{_cache_key(split)}.txt"
+    cache = Path(cache_dir or default_cache_dir()) / "tokens" / f"{_cache_key(split)}.npz"
     if cache.exists():
-        lines = cache.read_text(encoding="utf-8").split("\n")[:-1]
-        if len(lines) == len(split.captions):
-            return [line.split(" ") if line else [] for line in lines]
-    tokens = [tokenize(c) for c in split.captions]
+        # Plain arrays only (allow_pickle=False): a planted file cannot run code.
+        with np.load(cache, allow_pickle=False) as z:
+            offsets = z["offsets"]
+            if len(offsets) == len(split.captions) + 1:
+                words = bytes(z["words"]).decode("utf-8").split("\n") if z["words"].size else []
+                return TokenizedCaptions(words, z["ids"], offsets)
+    tokens = TokenizedCaptions.from_lists(tokenize(c) for c in split.captions)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(" ".join(t) + "\n" for t in tokens), encoding="utf-8")
+    tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}.npz")
+    words = np.frombuffer("\n".join(tokens.words).encode("utf-8"), dtype=np.uint8)
+    np.savez(tmp, words=words, ids=tokens.ids, offsets=tokens.offsets)
     os.replace(tmp, cache)
     return tokens

@@ -88,7 +88,8 @@ def build_model(config, vocab):
     encoder = EncoderCNN(config.embed_size, config.backbone, config.pretrained,
                          config.weights_path, config.trainable_blocks, config.feature_norm)
     decoder = DecoderRNN(config.embed_size, config.hidden_size, len(vocab), config.num_layers,
-                         config.dropout, end_id=vocab.end_id)
+                         config.dropout, end_id=vocab.end_id, start_id=vocab.start_id,
+                         forget_bias=config.forget_bias)
     return ShowAndTell(encoder, decoder)
 
 

@@ -25,7 +25,11 @@ class TrainConfig:
     hidden_size: int = 512
     num_layers: int = 1
     dropout: float = 0.3
+    forget_bias: float = 1.0             # initial LSTM forget-gate bias; higher remembers the image longer
+    batch_by: str = "image"              # image: batch_size images, each with all its captions;
+                                         # length: batch_size captions of one length (CVND)
     batch_size: int = 64
+    captions_per_image: int | None = None  # batch_by=image: a random subset per image and epoch
     epochs: int = 10
     optimizer: str = "adamw"             # adam | adamw
     lr: float = 1e-3

@@ -9,7 +9,7 @@ import torch.utils.data as data
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
-from annotations import read_split
+from annotations import TokenizedCaptions, read_split
 from length_bucket_sampler import LengthBucketSampler
 from vocabulary import Vocabulary
 
@@ -69,28 +69,71 @@ class CaptionDataset(data.Dataset):
     def __init__(self, split, vocab, transform=None, features=None, tokens=None):
         self.split, self.vocab, self.transform, self.features = split, vocab, transform, features
         tokens = split.tokenized() if tokens is None else tokens
-        self.captions = [vocab.encode(t) for t in tokens]
-        self.caption_lengths = [len(t) for t in tokens]
+        if not isinstance(tokens, TokenizedCaptions):
+            tokens = TokenizedCaptions.from_lists(tokens)
+        # Encoded all at once: each distinct word is looked up once, not once per use.
+        lookup = np.array([vocab(w) for w in tokens.words] or [0], dtype=np.int64)
+        self.token_ids, self.offsets = lookup[tokens.ids], tokens.offsets  # flat, as in `tokens`
+        self.caption_lengths = tokens.lengths().tolist()  # words per caption, as in CVND
         self.sampler = None
 
     def __len__(self):
-        return len(self.captions)
+        return len(self.caption_lengths)
 
-    def image_input(self, caption_index):
-        """Transformed image (or its cached feature) that caption `caption_index` describes."""
-        img = int(self.split.caption_image[caption_index])
+    def image_input(self, image_index):
+        """Transformed image (or its cached feature) number `image_index` of the split."""
         if self.features is not None:
-            return torch.from_numpy(np.asarray(self.features[img], dtype=np.float32))
-        image = load_image(self.split.image_paths[img], self.split.describe_image(img))
+            return torch.from_numpy(np.asarray(self.features[image_index], dtype=np.float32))
+        image = load_image(self.split.image_paths[image_index], self.split.describe_image(image_index))
         return self.transform(image) if self.transform else image
 
+    def caption_ids(self, index):
+        """Caption `index` as a tensor of ids, `<start>` ... `<end>`."""
+        words = self.token_ids[self.offsets[index]:self.offsets[index + 1]]
+        return torch.from_numpy(np.concatenate(([self.vocab.start_id], words, [self.vocab.end_id])))
+
     def __getitem__(self, index):
-        return self.image_input(index), torch.tensor(self.captions[index], dtype=torch.long)
+        return self.image_input(int(self.split.caption_image[index])), self.caption_ids(index)
 
     def get_train_indices(self, batch_size=None):
         """Indices of one random batch of equal caption length (the CVND call), from the buckets."""
         sampler = self.sampler or LengthBucketSampler(self.caption_lengths, batch_size or 1)
         return sampler.sample_batch()
+
+
+class ImageCaptionsDataset(data.Dataset):
+    """One item per image: (image tensor or cached feature, the ids of all its captions).
+
+    Batches of these run the CNN once per image for all of its captions, and hold images in
+    random order whatever their captions' lengths (batch norm then sees a fair sample).
+    """
+
+    def __init__(self, captions, captions_per_image=None, seed=0):
+        self.captions = captions  # a CaptionDataset
+        owners = np.asarray(captions.split.caption_image)
+        order = np.argsort(owners, kind="stable")
+        bounds = np.searchsorted(owners[order], np.arange(len(captions.split.image_ids) + 1))
+        groups = np.split(order, bounds[1:-1])
+        self.images = [i for i, group in enumerate(groups) if len(group)]
+        self.groups = [groups[i] for i in self.images]
+        self.vocab = captions.vocab
+        self.captions_per_image, self.seed, self.epoch = captions_per_image, seed, 0
+
+    def set_epoch(self, epoch):
+        """Draw another subset of captions per image (with `captions_per_image`)."""
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        group = self.groups[index]
+        if self.captions_per_image is not None and len(group) > self.captions_per_image:
+            # Seeded by (seed, epoch, image): the same subset in every worker and after a resume.
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            group = np.sort(rng.choice(group, self.captions_per_image, replace=False))
+        return (self.captions.image_input(self.images[index]),
+                [self.captions.caption_ids(i) for i in group])
 
 
 class ImageDataset(data.Dataset):
@@ -143,6 +186,28 @@ def pad_collate(batch, pad_id=3):
     images, captions = zip(*batch)
     captions = torch.nn.utils.rnn.pad_sequence(captions, batch_first=True, padding_value=pad_id)
     return torch.stack(images), captions  # captions: (batch, max_len)
+
+
+def image_captions_collate(batch, pad_id=3):
+    """Images, all their captions right-padded with `pad_id`, and the image of each caption."""
+    images, groups = zip(*batch)
+    sizes = torch.tensor([len(g) for g in groups])
+    owners = torch.repeat_interleave(torch.arange(len(groups)), sizes)  # (captions,)
+    captions = torch.nn.utils.rnn.pad_sequence([c for g in groups for c in g], batch_first=True,
+                                               padding_value=pad_id)  # (captions, max_len)
+    return torch.stack(images), captions, owners
+
+
+def make_image_captions_loader(dataset, batch_size, shuffle=True, seed=0, num_workers=0,
+                               num_replicas=1, rank=0):
+    """DataLoader of `batch_size` images with all their captions over an `ImageCaptionsDataset`."""
+    # DistributedSampler also serves one process: a seeded shuffle per epoch (set_epoch).
+    sampler = data.DistributedSampler(dataset, num_replicas, rank, shuffle=shuffle, seed=seed)
+    return data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                           num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                           collate_fn=functools.partial(image_captions_collate,
+                                                        pad_id=dataset.vocab.pad_id),
+                           generator=torch.Generator().manual_seed(seed))
 
 
 def make_caption_loader(dataset, batch_size, shuffle=True, seed=0, num_workers=0,

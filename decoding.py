@@ -1,8 +1,8 @@
 """Batched greedy and beam-search caption decoding for `model.DecoderRNN` (CPU or GPU).
 
 The decoder should be in eval mode (the caller's job: these functions never change the mode).
-Sequences follow `DecoderRNN.sample`: the image feature is the first LSTM input, the first
-predicted token is normally `<start>`, and a sequence ends with (and includes) `end_id`.
+Sequences follow `DecoderRNN.sample`: the image feature is the first LSTM input, every
+sequence begins with the given `<start>` id, and ends with (and includes) `end_id`.
 """
 from typing import List, Tuple
 
@@ -14,20 +14,15 @@ PAD_ID = 3  # `<pad>` in vocabulary.Vocabulary
 @torch.no_grad()
 def greedy_decode(decoder, features, max_len=20, pad_id=PAD_ID):
     """Greedy ids (batch, steps): each row as `decoder.sample` gives it, `pad_id` after `end_id`."""
-    batch = features.size(0)
-    inputs = features.unsqueeze(1)  # (batch, 1, embed)
-    states = None
-    done = torch.zeros(batch, dtype=torch.bool, device=features.device)
-    columns = []
-    for _ in range(max_len):
-        scores, states = decoder.step(inputs, states)  # (batch, vocab)
+    states, word = decoder.begin(features)  # word: (batch,) `<start>`
+    done = word == decoder.end_id
+    columns = [word]
+    while len(columns) < max_len and not bool(done.all()):
+        # Finished rows keep stepping on `<pad>` so the batch stays whole; their output is masked.
+        scores, states = decoder.step(decoder.embed(word).unsqueeze(1), states)  # (batch, vocab)
         word = scores.argmax(dim=1).masked_fill(done, pad_id)  # (batch,)
         columns.append(word)
         done = done | (word == decoder.end_id)
-        if bool(done.all()):
-            break
-        # Finished rows keep stepping on `<pad>` so the batch stays whole; their output is masked.
-        inputs = decoder.embed(word).unsqueeze(1)  # (batch, 1, embed)
     return torch.stack(columns, dim=1)  # (batch, steps)
 
 
@@ -50,18 +45,19 @@ def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=1.0, 
     if width > vocab:
         raise ValueError(f"beam_size {k} too large for a vocabulary of {vocab} (needs 2k <= vocab)")
     neg_inf = float("-inf")
-    inputs = features.repeat_interleave(k, dim=0).unsqueeze(1)  # (batch * beam, 1, embed)
-    states = None
+    states, word = decoder.begin(features.repeat_interleave(k, dim=0))  # (batch * beam,) `<start>`
+    inputs = decoder.embed(word).unsqueeze(1)  # (batch * beam, 1, embed)
     cum = torch.zeros(batch, k, device=device)
     cum[:, 1:] = neg_inf  # beams start identical: expanding only beam 0 avoids duplicates
     tokens = torch.full((batch * k, max_len), pad_id, dtype=torch.long, device=device)
+    tokens[:, 0] = word
     best_seq = torch.full((batch, max_len), pad_id, dtype=torch.long, device=device)
     best_score = torch.full((batch,), neg_inf, device=device)
     n_finished = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     first_rows = torch.arange(batch, device=device).unsqueeze(1) * k  # (batch, 1)
     rank = torch.arange(width, device=device)  # (width,)
-    for t in range(max_len):
+    for t in range(1, max_len):
         scores, states = decoder.step(inputs, states)  # (batch * beam, vocab)
         # Choosing on the raw logits first (log_softmax is monotone) keeps beam 1 == argmax.
         top_ids = scores.topk(width, dim=1).indices  # (batch * beam, width)

@@ -12,7 +12,7 @@ BACKBONES = RESNETS + ("smallcnn",)
 class SmallCNN(nn.Module):
     """Four conv blocks for small images (the demo dataset), trained from scratch."""
 
-    def __init__(self, width=32):
+    def __init__(self, width=16):
         super().__init__()
         layers, channels = [], 3
         for k in range(4):
@@ -65,7 +65,7 @@ class EncoderCNN(nn.Module):
                  trainable_blocks=0, feature_norm="batch"):
         super().__init__()
         if backbone == "smallcnn":
-            self.backbone, feature_size = SmallCNN(), None
+            self.backbone = SmallCNN()
             feature_size = self.backbone.out_features
         else:
             self.backbone, feature_size = build_resnet(backbone, pretrained, weights_path)
@@ -115,21 +115,39 @@ class EncoderCNN(nn.Module):
 class DecoderRNN(nn.Module):
     """LSTM decoder: the image feature is the first input, then the embedded caption tokens."""
 
-    def __init__(self, embed_size, hidden_size, vocab_size, num_layers=1, dropout=0.0, end_id=1):
+    def __init__(self, embed_size, hidden_size, vocab_size, num_layers=1, dropout=0.0, end_id=1,
+                 start_id=0, forget_bias=1.0):
         super().__init__()
-        self.end_id = end_id
+        self.start_id, self.end_id = start_id, end_id
         self.embed = nn.Embedding(vocab_size, embed_size)
         self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True,
                             dropout=dropout if num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(hidden_size, vocab_size)
+        # A positive forget-gate bias (Jozefowicz et al., 2015) keeps the image, seen once at
+        # step 0, in the cell for the words that need it instead of fading at every step.
+        with torch.no_grad():
+            for name, bias in self.lstm.named_parameters():
+                if name.startswith("bias_"):  # gates are ordered input, forget, cell, output
+                    bias[hidden_size:2 * hidden_size] = forget_bias if name.startswith("bias_ih") else 0.0
 
     def forward(self, features, captions):
-        """Scores (batch, captions.shape[1], vocab_size); output t predicts captions[:, t]."""
+        """Scores (batch, captions.shape[1], vocab_size); output t predicts captions[:, t].
+
+        Output 0 is the image step's. Its word is always `<start>`, so, as in Show and Tell,
+        it is given rather than predicted: training scores outputs 1 onwards only.
+        """
         embeddings = self.dropout(self.embed(captions[:, :-1]))  # (batch, seq_len - 1, embed)
         inputs = torch.cat([features.unsqueeze(1), embeddings], dim=1)  # (batch, seq_len, embed)
         hiddens, _ = self.lstm(inputs)
         return self.fc(self.dropout(hiddens))  # (batch, seq_len, vocab)
+
+    def begin(self, features, states=None):
+        """The image step: LSTM states after features (batch, embed), and `<start>` ids (batch,)."""
+        _, states = self.lstm(features.unsqueeze(1), states)  # (batch, 1, embed) in
+        start = torch.full((features.size(0),), self.start_id, dtype=torch.long,
+                           device=features.device)
+        return states, start
 
     def step(self, inputs, states=None):
         """One LSTM step: inputs (batch, 1, embed) -> scores (batch, vocab), new states."""
@@ -138,18 +156,16 @@ class DecoderRNN(nn.Module):
 
     @torch.no_grad()
     def sample(self, inputs, states=None, max_len=20):
-        """Greedy caption ids (a list of ints, ending with `<end>` if reached) for one image.
+        """Greedy caption ids for one image: a list of ints, `<start>` first, `<end>` last if reached.
 
         `inputs` is the image feature shaped (1, 1, embed_size), as in the CVND project.
         """
-        ids = []
-        for _ in range(max_len):
-            scores, states = self.step(inputs, states)
+        states, word = self.begin(inputs.flatten(1), states)  # (1, embed) in
+        ids = [int(word)]
+        while len(ids) < max_len and ids[-1] != self.end_id:
+            scores, states = self.step(self.embed(word).unsqueeze(1), states)  # (1, 1, embed) in
             word = scores.argmax(dim=1)
-            ids.append(int(word.item()))
-            if ids[-1] == self.end_id:
-                break
-            inputs = self.embed(word).unsqueeze(1)  # (1, 1, embed)
+            ids.append(int(word))
         return ids
 
 
@@ -164,5 +180,9 @@ class ShowAndTell(nn.Module):
         """Image embedding from images (batch, 3, H, W) or cached features (batch, feature_size)."""
         return self.encoder.project(inputs) if inputs.dim() == 2 else self.encoder(inputs)
 
-    def forward(self, inputs, captions):
-        return self.decoder(self.encode(inputs), captions)  # (batch, seq_len, vocab)
+    def forward(self, inputs, captions, owners=None):
+        """Scores (captions, seq_len, vocab); caption k describes image `owners[k]` (default k)."""
+        features = self.encode(inputs)  # (images, embed)
+        if owners is not None:
+            features = features[owners]  # (captions, embed)
+        return self.decoder(features, captions)

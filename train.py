@@ -19,19 +19,27 @@ from coco_metrics import cider_score
 from checkpoint import (CheckpointError, build_model, load_checkpoint, load_model_state,
                         rng_state, save_checkpoint, set_rng_state)
 from config import ARCHITECTURE_FIELDS, TrainConfig, parse_config
-from data_loader import (CaptionDataset, ImageDataset, find_unreadable_images,
-                         load_or_build_vocab, make_caption_loader, make_transform,
-                         resolve_data_dir)
+from data_loader import (CaptionDataset, ImageCaptionsDataset, ImageDataset,
+                         find_unreadable_images, load_or_build_vocab, make_caption_loader,
+                         make_image_captions_loader, make_transform, resolve_data_dir)
 from evaluate import predict_captions
 from feature_cache import cached_features
 from vocabulary import Vocabulary
 
-def caption_loss(model, inputs, captions, pad_id, blind=False):
-    """Teacher-forced cross-entropy per token, padding ignored (train and validation alike)."""
+def caption_loss(model, batch, pad_id, blind=False):
+    """Teacher-forced cross-entropy per token, padding ignored (train and validation alike).
+
+    `batch` is (inputs, captions) or (inputs, captions, owners): images or cached features,
+    caption ids (captions, seq_len), and for grouped batches the input row of each caption.
+    """
+    inputs, captions, owners = (*batch, None)[:3]
     if blind:
         inputs = torch.zeros_like(inputs)
-    scores = model(inputs, captions)  # (batch, seq_len, vocab)
-    return F.cross_entropy(scores.flatten(0, 1).float(), captions.flatten(), ignore_index=pad_id)
+    scores = model(inputs, captions, owners)  # (captions, seq_len, vocab)
+    # Output 0 would predict `<start>`, which is given: scoring it teaches nothing, and a CNN
+    # trained from scratch then loses its gradient (the LSTM learns to ignore the image step).
+    return F.cross_entropy(scores[:, 1:].flatten(0, 1).float(), captions[:, 1:].flatten(),
+                           ignore_index=pad_id)
 
 
 def autocast_for(config, device):
@@ -118,13 +126,20 @@ class TrainingData:
                 cached_features(encoder, s, transform, write=False) for s in (train_split, val_split))
         else:
             self.train_features = self.val_features = None
-        common = dict(num_workers=config.num_workers, num_replicas=world, rank=rank)
-        self.train = make_caption_loader(
-            CaptionDataset(train_split, vocab, train_transform, self.train_features),
-            config.batch_size, shuffle=True, seed=config.seed, **common)
-        self.val = make_caption_loader(
-            CaptionDataset(val_split, vocab, transform, self.val_features),
-            config.batch_size, shuffle=False, seed=config.seed, **common)
+        if config.batch_by not in ("image", "length"):
+            raise ValueError(f"batch_by must be 'image' or 'length', not {config.batch_by!r}")
+        grouped = config.batch_by == "image"
+        make_loader = make_image_captions_loader if grouped else make_caption_loader
+        common = dict(seed=config.seed, num_workers=config.num_workers, num_replicas=world, rank=rank)
+        self.train, self.val = (
+            make_loader(ImageCaptionsDataset(dataset, per_image, config.seed) if grouped else dataset,
+                        config.batch_size, shuffle=shuffle, **common)
+            for dataset, shuffle, per_image in (
+                (CaptionDataset(train_split, vocab, train_transform, self.train_features), True,
+                 config.captions_per_image),
+                (CaptionDataset(val_split, vocab, transform, self.val_features), False, None)))
+        # Both samplers reshuffle per epoch through set_epoch.
+        self.train_sampler = self.train.sampler if grouped else self.train.batch_sampler
         n_val = len(val_split.image_ids) if config.val_images is None else min(
             config.val_images, len(val_split.image_ids))
         if self.val_features is not None:
@@ -147,10 +162,11 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
     step_losses, total, tokens = [], 0.0, 0
     bar = tqdm(loader, desc=desc, unit="batch", disable=not config.progress, leave=False)
     with torch.set_grad_enabled(training):
-        for inputs, captions in bar:
-            inputs, captions = inputs.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+        for batch in bar:
+            batch = [t.to(device, non_blocking=True) for t in batch]
+            captions = batch[1]
             with autocast:
-                loss = caption_loss(model, inputs, captions, vocab.pad_id, config.blind)
+                loss = caption_loss(model, batch, vocab.pad_id, config.blind)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"{desc}: loss became {loss.item()} at step {len(step_losses)} of this epoch; "
@@ -264,7 +280,9 @@ def train(config):
         if config.patience is not None and stale >= config.patience:
             break
         started = time.time()
-        data.train.batch_sampler.set_epoch(epoch)
+        data.train_sampler.set_epoch(epoch)
+        if hasattr(data.train.dataset, "set_epoch"):
+            data.train.dataset.set_epoch(epoch)
         data.train.generator.manual_seed(config.seed * 100003 + epoch)
         step_losses, train_loss = run_epoch(ddp_model, data.train, vocab, config, device, optimizer,
                                             scheduler, scaler, autocast,

@@ -39,15 +39,20 @@ class Vocabulary:
                 raise ValueError("Vocabulary needs captions or annotations_file to build from")
             from annotations import read_captions  # deferred: only a build needs the readers
             captions = [c for _, c in read_captions(annotations_file)]
-        self.build(tokenize(c) if isinstance(c, str) else c for c in captions)
+        if not hasattr(captions, "counts"):
+            captions = (tokenize(c) if isinstance(c, str) else c for c in captions)
+        self.build(captions)
         if vocab_file:
             self.save(vocab_file)
 
     def build(self, tokenized_captions):
         """Keep words seen at least `vocab_threshold` times; ids ordered by count, then word."""
-        counts = Counter()
-        for tokens in tokenized_captions:
-            counts.update(tokens)
+        if hasattr(tokenized_captions, "counts"):  # annotations.TokenizedCaptions counts at once
+            counts = tokenized_captions.counts()
+        else:
+            counts = Counter()
+            for tokens in tokenized_captions:
+                counts.update(tokens)
         specials = [self.start_word, self.end_word, self.unk_word, self.pad_word]
         kept = sorted((w for w, n in counts.items() if n >= self.vocab_threshold and w not in specials),
                       key=lambda w: (-counts[w], w))

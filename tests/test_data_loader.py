@@ -190,3 +190,68 @@ def test_sampler_reshuffles_per_epoch():
     assert list(s) != first
     s.set_epoch(0)
     assert list(s) == first
+
+
+def test_image_grouped_batches_cover_every_caption_with_its_own_image(demo_root, tmp_path):
+    from data_loader import (CaptionDataset, ImageCaptionsDataset, make_image_captions_loader)
+    from vocabulary import Vocabulary
+    split = read_split(demo_root, "train")
+    vocab = Vocabulary(1, None, captions=split.tokenized())
+    captions = CaptionDataset(split, vocab, make_transform(32))
+    grouped = ImageCaptionsDataset(captions)
+    assert len(grouped) == len(split.image_ids)
+    dl = make_image_captions_loader(grouped, batch_size=7, seed=1)
+    seen, lengths_in_a_batch = Counter(), set()
+    for images, ids, owners in dl:
+        assert images.shape == (int(owners.max()) + 1, 3, 32, 32)
+        assert ids.shape[0] == owners.shape[0] and (ids[:, 0] == vocab.start_id).all()
+        lengths_in_a_batch.add(len(set((ids != vocab.pad_id).sum(1).tolist())))
+        for k in range(len(ids)):
+            # Each caption row sits beside the very image it describes.
+            text = vocab.decode(ids[k].tolist())
+            matches = [i for i in range(len(captions)) if vocab.decode(captions.caption_ids(i)) == text
+                       and torch.equal(captions[i][0], images[owners[k]])]
+            assert matches, text
+            seen[matches[0]] += 1
+    assert sum(seen.values()) == len(captions) and max(seen.values()) == 1  # each caption once
+    assert max(lengths_in_a_batch) > 1  # batches mix caption lengths (batch norm sees all kinds)
+
+
+def test_image_grouped_loader_shards_images_across_ranks(demo_root):
+    from data_loader import CaptionDataset, ImageCaptionsDataset, make_image_captions_loader
+    from vocabulary import Vocabulary
+    split = read_split(demo_root, "val")
+    grouped = ImageCaptionsDataset(CaptionDataset(split, Vocabulary(1, None, captions=split.tokenized()),
+                                                  features=np.arange(len(split.image_ids))[:, None]))
+    shards = []
+    for rank in (0, 1):
+        dl = make_image_captions_loader(grouped, batch_size=3, seed=2, num_replicas=2, rank=rank)
+        dl.sampler.set_epoch(4)
+        shards.append([int(i) for features, _, _ in dl for i in features[:, 0]])
+    assert len(shards[0]) == len(shards[1]) == len(grouped) // 2
+    assert sorted(shards[0] + shards[1]) == list(range(len(grouped)))
+
+
+def test_captions_per_image_draws_a_seeded_subset_per_epoch(demo_root):
+    from data_loader import CaptionDataset, ImageCaptionsDataset
+    from vocabulary import Vocabulary
+    split = read_split(demo_root, "val")
+    captions = CaptionDataset(split, Vocabulary(1, None, captions=split.tokenized()),
+                              features=np.zeros((len(split.image_ids), 1)))
+    everything = ImageCaptionsDataset(captions)
+    subset = ImageCaptionsDataset(captions, captions_per_image=2, seed=3)
+
+    def drawn(epoch, index):
+        subset.set_epoch(epoch)
+        return [tuple(c.tolist()) for c in subset[index][1]]
+
+    draws = {}
+    for index in range(20):
+        own = {tuple(c.tolist()) for c in everything[index][1]}
+        assert len(own) == 5
+        for epoch in range(4):
+            picked = drawn(epoch, index)
+            assert len(picked) == 2 and set(picked) <= own
+            draws.setdefault(index, set()).add(frozenset(picked))
+        assert drawn(1, index) == drawn(1, index)  # reproducible (workers, resume)
+    assert sum(len(d) > 1 for d in draws.values()) >= 15  # epochs see other captions

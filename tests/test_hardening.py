@@ -198,7 +198,7 @@ KILLER = textwrap.dedent("""
         def dying_loss(*a, **k):
             if sum(passes) == 2 and passes[-1]:
                 steps.append(1)
-                if len(steps) == 5:  # five steps into epoch 2
+                if len(steps) == 2:  # two steps into epoch 2 (of 4: 60 images, 16 a batch)
                     os.kill(os.getpid(), signal.SIGKILL)
             return real_loss(*a, **k)
         t.run_epoch, t.caption_loss = counting_epoch, dying_loss

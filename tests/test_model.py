@@ -73,7 +73,7 @@ def test_sample_contract(resnet_encoder):
     assert len(decoder.sample(features, max_len=5)) <= 5
     with torch.no_grad():
         decoder.fc.bias[1] = 1e4  # <end> always wins: stops right after emitting it
-    assert decoder.sample(features) == [1]
+    assert decoder.sample(features) == [0, 1]  # <start> is given, then <end>
 
 
 def test_sample_matches_teacher_forced_argmax():
@@ -81,9 +81,11 @@ def test_sample_matches_teacher_forced_argmax():
     decoder = DecoderRNN(EMBED, HIDDEN, VOCAB).eval()
     features = torch.randn(1, EMBED)
     ids = decoder.sample(features.unsqueeze(1), max_len=12)
+    assert ids[0] == decoder.start_id == 0 and len(ids) == 12  # no <end> with random weights
     with torch.no_grad():
         scores = decoder(features, torch.tensor([ids + [0]]))
-    assert scores[0, :len(ids)].argmax(-1).tolist() == ids
+    # Output 0 (the image step) is not trained: <start> is given, every later word predicted.
+    assert scores[0, 1:len(ids)].argmax(-1).tolist() == ids[1:]
 
 
 def test_show_and_tell_accepts_images_or_cached_features(resnet_encoder):
@@ -113,3 +115,13 @@ def test_weights_download_failure_says_how_to_proceed(monkeypatch):
 def test_unknown_backbone():
     with pytest.raises(ValueError, match="backbone must be one of"):
         EncoderCNN(EMBED, backbone="vgg16")
+
+
+def test_forget_gate_bias_initialised():
+    decoder = DecoderRNN(EMBED, HIDDEN, VOCAB, num_layers=2, forget_bias=5.0)
+    for layer in range(2):
+        ih = getattr(decoder.lstm, f"bias_ih_l{layer}")
+        hh = getattr(decoder.lstm, f"bias_hh_l{layer}")
+        total = (ih + hh).detach()  # gates ordered input, forget, cell, output
+        assert torch.equal(total[HIDDEN:2 * HIDDEN], torch.full((HIDDEN,), 5.0))
+        assert total[:HIDDEN].abs().max() < 1 and total[2 * HIDDEN:].abs().max() < 1

@@ -38,6 +38,28 @@ def interrupt_training_at_epoch(monkeypatch, epoch):
     monkeypatch.setattr(train_module, "run_epoch", run_epoch)
 
 
+def test_caption_loss_does_not_score_the_start_output():
+    vocab, pad = 6, 5
+
+    class FixedScores(torch.nn.Module):
+        def __init__(self, scores):
+            super().__init__()
+            self.scores = scores
+
+        def forward(self, inputs, captions, owners=None):
+            return self.scores
+
+    captions = torch.tensor([[0, 3, 4, 1], [0, 2, 1, pad]])
+    scores = torch.randn(2, 4, vocab)
+    loss = train_module.caption_loss(FixedScores(scores), (torch.zeros(2, 3), captions), pad)
+    expected = torch.nn.functional.cross_entropy(
+        torch.cat([scores[0, 1:], scores[1, 1:3]]), torch.tensor([3, 4, 1, 2, 1]))
+    assert torch.allclose(loss, expected)
+    changed = scores.clone()
+    changed[:, 0] = torch.randn(2, vocab) * 10  # output 0 would predict the given <start>
+    assert torch.allclose(train_module.caption_loss(FixedScores(changed), (torch.zeros(2, 3), captions), pad), loss)
+
+
 def test_resume_continues_exactly_like_uninterrupted_run(demo_root, tmp_path, monkeypatch):
     full = train(tiny_config(demo_root, tmp_path / "full"))
     with monkeypatch.context() as m:
@@ -168,7 +190,7 @@ def test_fits_real_coco_captions(coco_sample, tmp_path):
                    data / "annotations" / f"captions_{split}2017.json")
     config = TrainConfig(data_dir=str(data), output_dir=str(tmp_path / "run"), backbone="resnet18",
                          pretrained=False, image_size=128, vocab_threshold=1, embed_size=256,
-                         hidden_size=512, batch_size=32, epochs=40, lr=3e-3, dropout=0.0,
+                         hidden_size=512, batch_size=8, epochs=40, lr=3e-3, dropout=0.0,
                          val_images=None, patience=None, num_workers=0, progress=False)
     history = train(config)
     assert history["val_cider"][-1] > 3 * history["val_cider"][0]
