@@ -131,16 +131,21 @@ class DecoderRNN(nn.Module):
                 if name.startswith("bias_"):  # gates are ordered input, forget, cell, output
                     bias[hidden_size:2 * hidden_size] = forget_bias if name.startswith("bias_ih") else 0.0
 
-    def forward(self, features, captions):
+    def forward(self, features, captions, scored=None):
         """Scores (batch, captions.shape[1], vocab_size); output t predicts captions[:, t].
 
         Output 0 is the image step's. Its word is always `<start>`, so, as in Show and Tell,
-        it is given rather than predicted: training scores outputs 1 onwards only.
+        it is given rather than predicted: training scores outputs 1 onwards only. With
+        `scored`, a boolean mask (batch, seq_len), only those outputs are computed and
+        returned, (mask.sum(), vocab_size): the vocabulary layer is most of the work, and
+        padding and the image step need none of it.
         """
         embeddings = self.dropout(self.embed(captions[:, :-1]))  # (batch, seq_len - 1, embed)
         inputs = torch.cat([features.unsqueeze(1), embeddings], dim=1)  # (batch, seq_len, embed)
         hiddens, _ = self.lstm(inputs)
-        return self.fc(self.dropout(hiddens))  # (batch, seq_len, vocab)
+        if scored is not None:
+            hiddens = hiddens[scored]  # (scored outputs, hidden)
+        return self.fc(self.dropout(hiddens))  # (batch, seq_len, vocab) or (scored, vocab)
 
     def begin(self, features, states=None):
         """The image step: LSTM states after features (batch, embed), and `<start>` ids (batch,)."""
@@ -180,9 +185,12 @@ class ShowAndTell(nn.Module):
         """Image embedding from images (batch, 3, H, W) or cached features (batch, feature_size)."""
         return self.encoder.project(inputs) if inputs.dim() == 2 else self.encoder(inputs)
 
-    def forward(self, inputs, captions, owners=None):
-        """Scores (captions, seq_len, vocab); caption k describes image `owners[k]` (default k)."""
+    def forward(self, inputs, captions, owners=None, scored=None):
+        """Scores (captions, seq_len, vocab); caption k describes image `owners[k]` (default k).
+
+        `scored` (a mask over outputs) as in `DecoderRNN.forward`.
+        """
         features = self.encode(inputs)  # (images, embed)
         if owners is not None:
             features = features[owners]  # (captions, embed)
-        return self.decoder(features, captions)
+        return self.decoder(features, captions, scored)

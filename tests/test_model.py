@@ -125,3 +125,12 @@ def test_forget_gate_bias_initialised():
         total = (ih + hh).detach()  # gates ordered input, forget, cell, output
         assert torch.equal(total[HIDDEN:2 * HIDDEN], torch.full((HIDDEN,), 5.0))
         assert total[:HIDDEN].abs().max() < 1 and total[2 * HIDDEN:].abs().max() < 1
+
+
+def test_decoder_scores_only_the_masked_outputs():
+    torch.manual_seed(0)
+    decoder = DecoderRNN(EMBED, HIDDEN, VOCAB).eval()
+    features, captions = torch.randn(3, EMBED), torch.randint(0, VOCAB, (3, 7))
+    scored = torch.rand(3, 7) > 0.4
+    full = decoder(features, captions)  # (3, 7, VOCAB)
+    assert torch.allclose(decoder(features, captions, scored), full[scored], atol=1e-6)

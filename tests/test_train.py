@@ -46,8 +46,8 @@ def test_caption_loss_does_not_score_the_start_output():
             super().__init__()
             self.scores = scores
 
-        def forward(self, inputs, captions, owners=None):
-            return self.scores
+        def forward(self, inputs, captions, owners=None, scored=None):
+            return self.scores[scored]
 
     captions = torch.tensor([[0, 3, 4, 1], [0, 2, 1, pad]])
     scores = torch.randn(2, 4, vocab)
