@@ -65,8 +65,8 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12):
     with open(data_dir / "annotations" / "captions_test2017.json") as f:
         files = {im["id"]: data_dir / "test2017" / im["file_name"] for im in json.load(f)["images"]}
     shown = list(greedy["predictions"].items())[:grid_size]
-    grid = plot_captioned_images([load_image(files[i]) for i, _ in shown], [c for _, c in shown],
-                                 output_dir / "test_captions.png",
+    grid = plot_captioned_images([load_image(files[i]) for i, _ in shown],
+                                 [f"greedy: {c}" for _, c in shown], output_dir / "test_captions.png",
                                  titles=[f"beam 3: {beam['predictions'][i]}" for i, _ in shown])
     summary["total_seconds"] = time.time() - started
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=1))

@@ -41,18 +41,22 @@ def plot_learning_curves(history, path=None):
 
 
 def plot_captioned_images(images, captions, path=None, columns=4, titles=None):
-    """A grid of images (PIL or HxWx3 arrays) with each caption written under its image."""
+    """A grid of images (PIL or HxWx3 arrays), each caption (then its title, if any) written under it."""
+    texts = [_wrap(caption, 34) + (_wrap(titles[k], 34) if titles else [])
+             for k, caption in enumerate(captions)]
     rows = max(1, math.ceil(len(images) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    # Room under each row for its longest text: tight_layout does not see axes text.
+    lines = max((len(t) for t in texts), default=1)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, (3.1 + 0.17 * lines) * rows),
+                             squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for k, (ax, image, caption) in enumerate(zip(axes.flat, images, captions)):
+    for ax, image, text in zip(axes.flat, images, texts):
         ax.imshow(image)
-        if titles:
-            ax.set_title(titles[k], fontsize=8)
-        ax.text(0.5, -0.04, "\n".join(_wrap(caption, 34)), transform=ax.transAxes, ha="center",
-                va="top", fontsize=9)
+        ax.text(0.5, -0.04, "\n".join(text), transform=ax.transAxes, ha="center", va="top",
+                fontsize=9)
     fig.tight_layout()
+    fig.subplots_adjust(hspace=0.06 * lines + 0.1)
     return _save(fig, path)
 
 
