@@ -141,8 +141,7 @@ class TrainingData:
                 (CaptionDataset(train_split, vocab, train_transform, self.train_features), True,
                  config.captions_per_image),
                 (CaptionDataset(val_split, vocab, transform, self.val_features), False, None)))
-        # Both samplers reshuffle per epoch through set_epoch.
-        self.train_sampler = self.train.sampler if grouped else self.train.batch_sampler
+        self.grouped, self.seed = grouped, config.seed
         n_val = len(val_split.image_ids) if config.val_images is None else min(
             config.val_images, len(val_split.image_ids))
         if self.val_features is not None:
@@ -155,6 +154,15 @@ class TrainingData:
                                                       num_workers=config.num_workers)
         self.val_references = {i: r for i, r in val_split.references().items()
                                if i in set(val_split.image_ids[:n_val])}
+
+    def start_epoch(self, epoch):
+        """Reshuffle (and redraw caption subsets) for `epoch`, the same way on a resume."""
+        if self.grouped:
+            self.train.sampler.set_epoch(epoch)
+            self.train.dataset.set_epoch(epoch)
+        else:
+            self.train.batch_sampler.set_epoch(epoch)
+        self.train.generator.manual_seed(self.seed * 100003 + epoch)
 
 
 def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=None,
@@ -283,10 +291,7 @@ def train(config):
         if config.patience is not None and stale >= config.patience:
             break
         started = time.time()
-        data.train_sampler.set_epoch(epoch)
-        if hasattr(data.train.dataset, "set_epoch"):
-            data.train.dataset.set_epoch(epoch)
-        data.train.generator.manual_seed(config.seed * 100003 + epoch)
+        data.start_epoch(epoch)
         step_losses, train_loss = run_epoch(ddp_model, data.train, vocab, config, device, optimizer,
                                             scheduler, scaler, autocast,
                                             desc=f"epoch {epoch + 1}/{config.epochs}")
