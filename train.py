@@ -152,8 +152,8 @@ class TrainingData:
             images = torch.utils.data.Subset(ImageDataset(val_split, transform), range(n_val))
         self.val_images = torch.utils.data.DataLoader(images, batch_size=config.batch_size,
                                                       num_workers=config.num_workers)
-        self.val_references = {i: r for i, r in val_split.references().items()
-                               if i in set(val_split.image_ids[:n_val])}
+        scored_ids = set(val_split.image_ids[:n_val])
+        self.val_references = {i: r for i, r in val_split.references().items() if i in scored_ids}
 
     def start_epoch(self, epoch):
         """Reshuffle (and redraw caption subsets) for `epoch`, the same way on a resume."""
