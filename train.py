@@ -26,15 +26,13 @@ from evaluate import predict_captions
 from feature_cache import cached_features
 from vocabulary import Vocabulary
 
-def caption_loss(model, batch, pad_id, blind=False):
+def caption_loss(model, batch, pad_id):
     """Teacher-forced cross-entropy per token, padding ignored (train and validation alike).
 
     `batch` is (inputs, captions) or (inputs, captions, owners): images or cached features,
     caption ids (captions, seq_len), and for grouped batches the input row of each caption.
     """
     inputs, captions, owners = (*batch, None)[:3]
-    if blind:
-        inputs = torch.zeros_like(inputs)
     # Output t predicts captions[:, t]. Output 0 would predict `<start>`, which is given:
     # scoring it teaches nothing. Padding is not scored either, nor even computed.
     scored = captions != pad_id  # (captions, seq_len)
@@ -177,7 +175,7 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
             batch = [t.to(device, non_blocking=True) for t in batch]
             captions = batch[1]
             with autocast:
-                loss = caption_loss(model, batch, vocab.pad_id, config.blind)
+                loss = caption_loss(model, batch, vocab.pad_id)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"{desc}: loss became {loss.item()} at step {len(step_losses)} of this epoch; "
