@@ -20,6 +20,8 @@ class TrainConfig:
     trainable_blocks: int = 0            # 0: frozen CNN + feature cache; k: fine-tune last k; -1: all
     image_size: int = 224
     augment: bool = False                # random crop + flip (fine-tuning only)
+    cache_images: bool = False           # unfrozen CNN, no augment: decode and resize each image once
+                                         # (uint8 on disk) instead of every epoch
     feature_norm: str = "batch"          # batch | layer | none: normalisation of the image feature
     embed_size: int = 256
     hidden_size: int = 512

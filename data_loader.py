@@ -50,6 +50,18 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
+def make_pixel_transform(image_size=224):
+    """Resize and centre-crop to uint8 pixels (3, H, W): what the image cache stores."""
+    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
+                               transforms.PILToTensor()])
+
+
+def pixels_to_input(pixels):
+    """Cached uint8 pixels (3, H, W) -> the model's input, bit for bit what `make_transform` gives."""
+    scaled = torch.from_numpy(np.array(pixels)).float().div(255)  # as ToTensor scales
+    return transforms.functional.normalize(scaled, IMAGENET_MEAN, IMAGENET_STD)
+
+
 def make_transform(image_size=224, train=False, normalize=True):
     """Resize/crop (random crop and flip when training) to a tensor, ImageNet-normalised."""
     steps = [transforms.Resize(image_size)]
@@ -64,10 +76,15 @@ def make_transform(image_size=224, train=False, normalize=True):
 
 
 class CaptionDataset(data.Dataset):
-    """One item per caption: (image tensor or cached image feature, caption ids)."""
+    """One item per caption: (image tensor or cached image feature, caption ids).
 
-    def __init__(self, split, vocab, transform=None, features=None, tokens=None):
+    `features` (cached CNN features) or `pixels` (cached decoded images, uint8, one row per
+    image of `split`) replace reading and transforming the image files.
+    """
+
+    def __init__(self, split, vocab, transform=None, features=None, tokens=None, pixels=None):
         self.split, self.vocab, self.transform, self.features = split, vocab, transform, features
+        self.pixels = pixels
         tokens = split.tokenized() if tokens is None else tokens
         if not isinstance(tokens, TokenizedCaptions):
             tokens = TokenizedCaptions.from_lists(tokens)
@@ -84,6 +101,8 @@ class CaptionDataset(data.Dataset):
         """Transformed image (or its cached feature) number `image_index` of the split."""
         if self.features is not None:
             return torch.from_numpy(np.asarray(self.features[image_index], dtype=np.float32))
+        if self.pixels is not None:
+            return pixels_to_input(self.pixels[image_index])
         image = load_image(self.split.image_paths[image_index], self.split.describe_image(image_index))
         return self.transform(image) if self.transform else image
 
@@ -137,15 +156,21 @@ class ImageCaptionsDataset(data.Dataset):
 
 
 class ImageDataset(data.Dataset):
-    """One item per image: (image tensor, image id), or (original, transformed) in test mode."""
+    """One item per image: (image tensor, image id), or (original, transformed) in test mode.
 
-    def __init__(self, split, transform=None, with_original=False):
+    With `pixels` (the image cache of `split`) the tensors come from there, not the files.
+    """
+
+    def __init__(self, split, transform=None, with_original=False, pixels=None):
         self.split, self.transform, self.with_original = split, transform, with_original
+        self.pixels = pixels
 
     def __len__(self):
         return len(self.split.image_ids)
 
     def __getitem__(self, index):
+        if self.pixels is not None and not self.with_original:
+            return pixels_to_input(self.pixels[index]), self.split.image_ids[index]
         image = load_image(self.split.image_paths[index], self.split.describe_image(index))
         tensor = self.transform(image) if self.transform else image
         if self.with_original:

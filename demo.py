@@ -17,13 +17,16 @@ from demo_dataset import DEFAULT_DEMO_ROOT, make_demo_dataset, object_accuracy
 # (at 48 px shapes blur into their neighbours: 61% of captions right, not 68%); 32 images a
 # batch keeps batch norm statistics steady; one of each image's 5 captions per epoch, as the
 # CNN learns slowest and needs image passes more than captions (at 20 epochs one caption does
-# as well as two, 66% vs 67%, at 12 s an epoch, not 14, so 30 epochs fit: 77%); forget-gate
-# bias 5 keeps the image, fed once, alive to the last word (bias 1: 19% objects right, not 54%).
+# as well as two, 66% vs 67%, in less time, so 30 epochs fit: 77%); forget-gate bias 5 keeps
+# the image, fed once, alive to the last word (bias 1: 19% objects right, not 54%). Decoding
+# PNGs each epoch cost 30% of a training pass on two cores: the images are cached decoded, and
+# with nothing left to overlap a loader process only competes with the training threads.
 DEMO_CONFIG = TrainConfig(
     data_dir=str(DEFAULT_DEMO_ROOT), output_dir="outputs/demo/model", vocab_threshold=1,
     backbone="smallcnn", pretrained=False, trainable_blocks=-1, image_size=64,
     embed_size=256, hidden_size=256, dropout=0.0, forget_bias=5.0, batch_size=32,
-    captions_per_image=1, epochs=30, lr=1e-3, val_images=300, patience=None, num_workers=1)
+    captions_per_image=1, epochs=30, lr=1e-3, val_images=300, patience=None, num_workers=0,
+    cache_images=True)
 
 
 def evaluate_demo(checkpoint, data_dir, beam_size=1):

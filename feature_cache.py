@@ -1,4 +1,5 @@
-"""On-disk cache of frozen-CNN image features (float16, memory-mapped), one file per image set."""
+"""On-disk caches of per-image inputs, memory-mapped, one file per image set: frozen-CNN
+features (float16) and decoded, resized images (uint8)."""
 import hashlib
 import json
 import os
@@ -9,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from annotations import default_cache_dir
-from data_loader import ImageDataset
+from data_loader import ImageDataset, make_pixel_transform
 
 
 def encoder_fingerprint(encoder):
@@ -21,11 +22,59 @@ def encoder_fingerprint(encoder):
     return digest.hexdigest()[:16]
 
 
+def file_signatures(split):
+    """(path, size, mtime) of every image: a file rewritten in place never reuses a cache."""
+    signatures = []
+    for path in split.image_paths:
+        try:
+            st = os.stat(path)
+            signatures.append((str(path), st.st_size, st.st_mtime_ns))
+        except OSError:  # reading it will fail with a message that names it
+            signatures.append((str(path), -1, -1))
+    return signatures
+
+
 def cache_key(encoder, split, transform):
-    """Key of one (CNN weights, image list, transform) combination."""
-    text = json.dumps([encoder_fingerprint(encoder), [str(p) for p in split.image_paths],
-                       repr(transform)])
+    """Key of one (CNN weights, image files, transform) combination; `encoder` None for pixels."""
+    text = json.dumps([encoder_fingerprint(encoder) if encoder is not None else "pixels",
+                       file_signatures(split), repr(transform)])
     return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+def image_loader(dataset, batch_size, num_workers):
+    """Images in order, through a loader with its own generator: building a cache must not draw
+    from the global RNG, or a run that builds one would train differently from one that reads it."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                       generator=torch.Generator())
+
+
+def build_cache(path, shape, dtype, batches, desc, progress=True):
+    """Write the rows that `batches` yields to `path` (.npy) under a temporary name, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+    start = 0
+    try:
+        for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+            out[start:start + len(rows)] = rows
+            start += len(rows)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return np.load(path, mmap_mode="r")
+
+
+def open_cache(path, shape, write):
+    """The cache at `path` if it is complete and `shape`d, else None (or an error if not `write`)."""
+    if path.exists():
+        rows = np.load(path, mmap_mode="r")
+        if rows.shape == shape:
+            return rows
+    if not write:
+        raise FileNotFoundError(f"{path}: cache missing (rank 0 writes it first)")
+    return None
 
 
 def cached_features(encoder, split, transform, cache_dir=None, batch_size=64, num_workers=0,
@@ -35,32 +84,36 @@ def cached_features(encoder, split, transform, cache_dir=None, batch_size=64, nu
     With `write=False` (distributed ranks other than 0) the cache must already exist.
     """
     path = Path(cache_dir or default_cache_dir()) / "features" / f"{cache_key(encoder, split, transform)}.npy"
-    if path.exists():
-        features = np.load(path, mmap_mode="r")
-        if features.shape == (len(split.image_ids), encoder.feature_size):
-            return features
-    if not write:
-        raise FileNotFoundError(f"{path}: feature cache missing (rank 0 writes it first)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                    shape=(len(split.image_ids), encoder.feature_size))
-    loader = torch.utils.data.DataLoader(ImageDataset(split, transform), batch_size=batch_size,
-                                         num_workers=num_workers)
+    shape = (len(split.image_ids), encoder.feature_size)
+    features = open_cache(path, shape, write)
+    if features is not None:
+        return features
+    loader = image_loader(ImageDataset(split, transform), batch_size, num_workers)
     was_training = encoder.training
     encoder.eval()
-    start = 0
     try:
         with torch.no_grad():
-            for images, _ in tqdm(loader, desc=f"caching {split.name} features", unit="batch",
-                                  disable=not progress):
-                feats = encoder.extract(images.to(device)).float().cpu().numpy()
-                out[start:start + len(feats)] = feats
-                start += len(feats)
-        out.flush()
-        del out
-        os.replace(tmp, path)
+            batches = (encoder.extract(images.to(device)).float().cpu().numpy() for images, _ in loader)
+            return build_cache(path, shape, np.float16, batches, f"caching {split.name} features",
+                               progress)
     finally:
-        tmp.unlink(missing_ok=True)
         encoder.train(was_training)
-    return np.load(path, mmap_mode="r")
+
+
+def cached_images(split, image_size, cache_dir=None, batch_size=64, num_workers=0, progress=True,
+                  write=True):
+    """(num_images, 3, image_size, image_size) uint8 memmap of `split`'s images, resized and
+    centre-cropped, decoded on first use; `data_loader.pixels_to_input` makes model inputs of it.
+
+    For a CNN trained on images without augmentation: each epoch then reads these rows instead
+    of decoding and resizing every file again. `write` as in `cached_features`.
+    """
+    transform = make_pixel_transform(image_size)
+    path = Path(cache_dir or default_cache_dir()) / "images" / f"{cache_key(None, split, transform)}.npy"
+    shape = (len(split.image_ids), 3, image_size, image_size)
+    pixels = open_cache(path, shape, write)
+    if pixels is not None:
+        return pixels
+    loader = image_loader(ImageDataset(split, transform), batch_size, num_workers)
+    return build_cache(path, shape, np.uint8, (images.numpy() for images, _ in loader),
+                       f"caching {split.name} images", progress)

@@ -23,7 +23,7 @@ from data_loader import (CaptionDataset, ImageCaptionsDataset, ImageDataset,
                          find_unreadable_images, load_or_build_vocab, make_caption_loader,
                          make_image_captions_loader, make_transform, resolve_data_dir)
 from evaluate import predict_captions
-from feature_cache import cached_features
+from feature_cache import cached_features, cached_images
 from vocabulary import Vocabulary
 
 def caption_loss(model, batch, pad_id):
@@ -103,6 +103,16 @@ def check_resumable(old, new, path):
         raise CheckpointError(f"{path}: cannot resume, architecture differs: " + "; ".join(diff))
 
 
+def build_caches(make, splits, rank, world):
+    """`make(split, write)` per split: rank 0 writes the caches, the other ranks wait; all read."""
+    if rank == 0:
+        for split in splits:
+            make(split, True)
+    if world > 1:
+        dist.barrier()
+    return [make(split, False) for split in splits]
+
+
 class TrainingData:
     """The loaders and inputs one run needs: cached features (frozen CNN) or images."""
 
@@ -111,22 +121,26 @@ class TrainingData:
         transform = make_transform(config.image_size, train=False)
         train_transform = make_transform(config.image_size, train=config.augment)
         encoder = model.encoder
+        self.train_features = self.val_features = self.train_pixels = self.val_pixels = None
+        splits = (train_split, val_split)
         if config.blind:
             # Blind runs never look at pixels: zero features, no CNN work at all.
-            self.train_features = np.zeros((len(train_split.image_ids), encoder.feature_size), np.float16)
-            self.val_features = np.zeros((len(val_split.image_ids), encoder.feature_size), np.float16)
-        elif encoder.frozen:
-            if rank == 0:
-                for split in (train_split, val_split):
-                    cached_features(encoder, split, transform, batch_size=config.batch_size,
-                                    num_workers=config.num_workers, device=device,
-                                    progress=config.progress)
-            if world > 1:
-                dist.barrier()
             self.train_features, self.val_features = (
-                cached_features(encoder, s, transform, write=False) for s in (train_split, val_split))
-        else:
-            self.train_features = self.val_features = None
+                np.zeros((len(s.image_ids), encoder.feature_size), np.float16) for s in splits)
+        elif encoder.frozen:
+            self.train_features, self.val_features = build_caches(
+                lambda s, write: cached_features(
+                    encoder, s, transform, batch_size=config.batch_size,
+                    num_workers=config.num_workers, device=device, progress=config.progress,
+                    write=write), splits, rank, world)
+        elif config.cache_images:
+            if config.augment:
+                raise ValueError("cache_images needs augment=False: a cached image is cropped once")
+            self.train_pixels, self.val_pixels = build_caches(
+                lambda s, write: cached_images(
+                    s, config.image_size, batch_size=config.batch_size,
+                    num_workers=config.num_workers, progress=config.progress, write=write),
+                splits, rank, world)
         if config.batch_by not in ("image", "length"):
             raise ValueError(f"batch_by must be 'image' or 'length', not {config.batch_by!r}")
         grouped = config.batch_by == "image"
@@ -136,9 +150,10 @@ class TrainingData:
             make_loader(ImageCaptionsDataset(dataset, per_image, config.seed) if grouped else dataset,
                         config.batch_size, shuffle=shuffle, **common)
             for dataset, shuffle, per_image in (
-                (CaptionDataset(train_split, vocab, train_transform, self.train_features), True,
-                 config.captions_per_image),
-                (CaptionDataset(val_split, vocab, transform, self.val_features), False, None)))
+                (CaptionDataset(train_split, vocab, train_transform, self.train_features,
+                                pixels=self.train_pixels), True, config.captions_per_image),
+                (CaptionDataset(val_split, vocab, transform, self.val_features,
+                                pixels=self.val_pixels), False, None)))
         self.grouped, self.seed = grouped, config.seed
         n_val = len(val_split.image_ids) if config.val_images is None else min(
             config.val_images, len(val_split.image_ids))
@@ -147,7 +162,8 @@ class TrainingData:
                 torch.from_numpy(np.asarray(self.val_features[:n_val], np.float32)),
                 torch.tensor(val_split.image_ids[:n_val]))
         else:
-            images = torch.utils.data.Subset(ImageDataset(val_split, transform), range(n_val))
+            images = torch.utils.data.Subset(ImageDataset(val_split, transform, pixels=self.val_pixels),
+                                             range(n_val))
         self.val_images = torch.utils.data.DataLoader(images, batch_size=config.batch_size,
                                                       num_workers=config.num_workers)
         scored_ids = set(val_split.image_ids[:n_val])

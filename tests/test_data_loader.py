@@ -255,3 +255,16 @@ def test_captions_per_image_draws_a_seeded_subset_per_epoch(demo_root):
             draws.setdefault(index, set()).add(frozenset(picked))
         assert drawn(1, index) == drawn(1, index)  # reproducible (workers, resume)
     assert sum(len(d) > 1 for d in draws.values()) >= 15  # epochs see other captions
+
+
+def test_cached_pixels_give_exactly_the_transformed_image(coco_sample, tmp_path):
+    # Real COCO images of every size (the grayscale one included) are resized and cropped once;
+    # each epoch's input made from the cached bytes must equal the file read through the transform.
+    from data_loader import pixels_to_input
+    from feature_cache import cached_images
+    split = read_split(coco_sample, "val")
+    pixels = cached_images(split, 96, cache_dir=tmp_path, progress=False)
+    assert pixels.shape == (len(split.image_ids), 3, 96, 96) and pixels.dtype == np.uint8
+    transform = make_transform(96)
+    for index, path in enumerate(split.image_paths):
+        assert torch.equal(pixels_to_input(pixels[index]), transform(load_image(path))), path

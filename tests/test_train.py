@@ -1,6 +1,8 @@
-"""Training: resume equals uninterrupted, feature cache, atomic checkpoints, history, DDP, real COCO fit."""
+"""Training: resume equals uninterrupted, feature and image caches, atomic checkpoints, history, DDP,
+real COCO fit."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import data_loader
 import feature_cache
 import train as train_module
 from checkpoint import CheckpointError, load_checkpoint, load_trained, save_checkpoint
@@ -159,6 +162,57 @@ def test_feature_cache_key_changes_with_weights(demo_root):
     assert feature_cache.cache_key(a, split, t) != feature_cache.cache_key(a, split, make_transform(48))
 
 
+def test_image_cache_trains_exactly_as_reading_the_files(demo_root, tmp_path, isolated_cache,
+                                                        monkeypatch):
+    plain = train(tiny_config(demo_root, tmp_path / "files", epochs=2))
+    cached = train(tiny_config(demo_root, tmp_path / "cached", epochs=2, cache_images=True))
+    assert cached["step_loss"] == plain["step_loss"]
+    assert (cached["val_loss"], cached["val_cider"]) == (plain["val_loss"], plain["val_cider"])
+    from annotations import read_split
+    from data_loader import make_pixel_transform
+    for split in ("train", "val"):
+        key = feature_cache.cache_key(None, read_split(demo_root, split), make_pixel_transform(32))
+        assert np.load(isolated_cache / "images" / f"{key}.npy", mmap_mode="r").dtype == np.uint8
+    # Once cached, no image file is decoded again.
+    monkeypatch.setattr(data_loader, "load_image", lambda *a: pytest.fail("image file re-read"))
+    again = train(tiny_config(demo_root, tmp_path / "again", epochs=2, cache_images=True))
+    assert again["step_loss"] == plain["step_loss"]
+
+
+def test_image_cache_refuses_augmentation(demo_root, tmp_path):
+    with pytest.raises(ValueError, match="cache_images needs augment=False"):
+        train(tiny_config(demo_root, tmp_path, epochs=1, cache_images=True, augment=True))
+
+
+def test_image_cache_is_rebuilt_when_an_image_file_changes(demo_root, tmp_path):
+    from annotations import read_split
+    from PIL import Image
+    data = tmp_path / "demo"
+    shutil.copytree(demo_root, data)
+    split = read_split(data, "val")
+    before = feature_cache.cached_images(split, 32, cache_dir=tmp_path / "cache", progress=False)
+    changed = split.image_paths[3]
+    Image.open(changed).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(changed)
+    os.utime(changed, ns=(1, 1))  # a rewrite within the same clock tick must not go unnoticed
+    after = feature_cache.cached_images(split, 32, cache_dir=tmp_path / "cache", progress=False)
+    assert np.array_equal(after[3], before[3][:, ::-1, :]) and not np.array_equal(after[3], before[3])
+    assert np.array_equal(np.delete(after, 3, 0), np.delete(before, 3, 0))
+    assert len(list((tmp_path / "cache" / "images").glob("*.npy"))) == 2
+
+
+def test_image_cache_left_unwritten_when_an_image_is_unreadable(demo_root, tmp_path):
+    from annotations import read_split
+    from data_loader import ImageLoadError
+    data = tmp_path / "demo"
+    shutil.copytree(demo_root, data)
+    split = read_split(data, "val")
+    with open(split.image_paths[-1], "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(ImageLoadError, match=os.path.basename(split.image_paths[-1])):
+        feature_cache.cached_images(split, 32, cache_dir=tmp_path / "cache", progress=False)
+    assert list((tmp_path / "cache" / "images").iterdir()) == []
+
+
 def test_two_process_gloo_ddp_run(demo_root, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -167,7 +221,7 @@ def test_two_process_gloo_ddp_run(demo_root, tmp_path):
            "--backbone", "smallcnn", "--no-pretrained", "--trainable-blocks", "-1",
            "--image-size", "32", "--embed-size", "32", "--hidden-size", "48", "--batch-size", "16",
            "--epochs", "2", "--val-images", "10", "--num-workers", "0", "--no-progress",
-           "--vocab-threshold", "1"]
+           "--vocab-threshold", "1", "--cache-images"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     history = json.loads((out / "history.json").read_text())
