@@ -1,5 +1,7 @@
-"""Decoder training speed on real COCO images: from the feature cache vs the frozen CNN every step."""
+"""Training speed: the decoder from the feature cache vs the frozen CNN every step (real COCO
+images), and the demo's CNN trained from the image cache vs from the image files."""
 import gc
+import itertools
 
 import torch
 
@@ -67,7 +69,8 @@ def train_steps(model, vocab, config, loader, n):
 
 
 def run(workdir, quick):
-    """Yield the training row: captions/s from the cache vs through ResNet-50."""
+    """Yield the training rows: captions/s from the feature cache vs through ResNet-50, then the
+    demo CNN's images/s from the image cache vs the files."""
     warmup, cached_steps, cnn_steps = steps(quick)
     config, vocab, split, model = setup()
     cache, cache_seconds = timed(features, model, split)
@@ -84,3 +87,49 @@ def run(workdir, quick):
               note=f"batch {BATCH_SIZE}, vocab {DECODER_VOCAB:,}, {cached_steps} vs {cnn_steps} steps "
                    f"after {warmup} warm-up; one-time cache of {len(split.image_ids)} images "
                    f"took {cache_seconds:.1f} s")
+    yield from run_demo_cnn(workdir, quick)
+
+
+def demo_epoch_rate(config, vocab, split, state, cache_images, num_workers):
+    """Images/s of one epoch of the demo preset's training steps, after two warm-up steps."""
+    from checkpoint import build_model
+    from data_loader import CaptionDataset, ImageCaptionsDataset, make_image_captions_loader, make_transform
+    from feature_cache import cached_images
+    from train import make_optimizer, make_scheduler, run_epoch
+    pixels = cached_images(split, config.image_size, progress=False) if cache_images else None
+    captions = CaptionDataset(split, vocab, make_transform(config.image_size), pixels=pixels)
+    loader = make_image_captions_loader(ImageCaptionsDataset(captions, config.captions_per_image),
+                                        config.batch_size, num_workers=num_workers)
+    model = build_model(config, vocab)
+    model.load_state_dict(state)
+    optimizer = make_optimizer(config, model)
+    scheduler = make_scheduler(config, optimizer, 10 * len(loader))
+    device = torch.device("cpu")
+    run_epoch(model, itertools.islice(loader, 2), vocab, config, device, optimizer, scheduler)
+    _, seconds = timed(run_epoch, model, loader, vocab, config, device, optimizer, scheduler)
+    return len(split.image_ids) / seconds
+
+
+def run_demo_cnn(workdir, quick):
+    """Yield the demo row: SmallCNN training from the image cache vs decoding the PNG files."""
+    import dataclasses
+    from annotations import read_split
+    from checkpoint import build_model
+    from data_loader import load_or_build_vocab
+    from demo import DEMO_CONFIG
+    from demo_dataset import make_demo_dataset
+    n_images = 320 if quick else 1600
+    root = make_demo_dataset(workdir / "demo", n_train=n_images, n_val=10, n_test=10, progress=False)
+    split = read_split(root, "train")
+    config = dataclasses.replace(DEMO_CONFIG, data_dir=str(root), progress=False)
+    vocab = load_or_build_vocab(vocab_file=None, vocab_threshold=1, vocab_from_file=False,
+                                train_split=split)
+    torch.manual_seed(0)
+    state = build_model(config, vocab).state_dict()
+    cached = demo_epoch_rate(config, vocab, split, state, cache_images=True, num_workers=0)
+    # The files' best case on 2 cores: one loader process decodes while the model trains.
+    files = demo_epoch_rate(config, vocab, split, state, cache_images=False, num_workers=1)
+    yield row("demo CNN training, image cache vs PNG files", cached, files, "images/s",
+              higher_is_better=True,
+              note=f"demo preset (SmallCNN, 64 px, batch {config.batch_size}, one caption per image), "
+                   f"one epoch of {n_images} images; the files read by one loader process")
