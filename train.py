@@ -104,13 +104,12 @@ def check_resumable(old, new, path):
 
 
 def build_caches(make, splits, rank, world):
-    """`make(split, write)` per split: rank 0 writes the caches, the other ranks wait; all read."""
-    if rank == 0:
-        for split in splits:
-            make(split, True)
+    """`make(split, write)` per split: rank 0 writes or opens each cache; the others wait, then open."""
+    caches = [make(split, True) for split in splits] if rank == 0 else None
     if world > 1:
         dist.barrier()
-    return [make(split, False) for split in splits]
+    # Rank 0 keeps what it has: opening again would re-stat every image and re-hash the CNN.
+    return caches if caches is not None else [make(split, False) for split in splits]
 
 
 class TrainingData:
