@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test bench
+.PHONY: venv demo test bench lint
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -22,3 +22,7 @@ test: venv
 
 bench: venv
 	$(PY) -m bench
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .

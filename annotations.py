@@ -3,6 +3,7 @@
 Every layout is read into one `CaptionSplit`: the split's images (ids and paths) and its
 captions (text and the image each belongs to). Tokenisation is cached per annotations file.
 """
+
 import contextlib
 import csv
 import hashlib
@@ -18,8 +19,15 @@ import numpy as np
 KARPATHY_FILES = ("dataset_coco.json", "dataset_flickr8k.json", "dataset_flickr30k.json")
 CSV_FILES = ("captions.txt", "captions.csv")
 CSV_IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "flickr30k_images", ".")
-FLICKR_IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "Flickr8k_Dataset",
-                     "flickr30k_images", "flickr30k-images", ".")
+FLICKR_IMAGE_DIRS = (
+    "Images",
+    "images",
+    "Flicker8k_Dataset",
+    "Flickr8k_Dataset",
+    "flickr30k_images",
+    "flickr30k-images",
+    ".",
+)
 LAYOUTS = ("auto", "coco", "karpathy", "csv")
 TOKENIZER_VERSION = "treebank-lower/2"
 
@@ -31,6 +39,7 @@ class AnnotationError(ValueError):
 @dataclass
 class CaptionSplit:
     """One split of a captioning dataset: images and their captions."""
+
     name: str
     layout: str
     source: Path
@@ -69,11 +78,17 @@ class CaptionSplit:
         new_index[keep] = np.arange(len(keep))
         kept = [k for k, img in enumerate(self.caption_image) if new_index[img] >= 0]
         pick = lambda values: [values[i] for i in keep]  # noqa: E731
-        return CaptionSplit(self.name, self.layout, self.source, pick(self.image_ids),
-                            pick(self.image_paths), [self.captions[k] for k in kept],
-                            new_index[self.caption_image[kept]],
-                            [self.caption_rows[k] for k in kept],
-                            pick(self.image_rows) if self.image_rows else [])
+        return CaptionSplit(
+            self.name,
+            self.layout,
+            self.source,
+            pick(self.image_ids),
+            pick(self.image_paths),
+            [self.captions[k] for k in kept],
+            new_index[self.caption_image[kept]],
+            [self.caption_rows[k] for k in kept],
+            pick(self.image_rows) if self.image_rows else [],
+        )
 
 
 def default_cache_dir():
@@ -95,7 +110,8 @@ def detect_layout(data_dir):
     raise FileNotFoundError(
         f"{data_dir}: no captions found; expected annotations/captions_<split><year>.json (COCO), "
         f"one of {', '.join(KARPATHY_FILES)} (Karpathy splits) or {' / '.join(CSV_FILES)} "
-        "(image,caption CSV)")
+        "(image,caption CSV)"
+    )
 
 
 def read_split(data_dir, split="train", layout="auto"):
@@ -104,8 +120,9 @@ def read_split(data_dir, split="train", layout="auto"):
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
     data_dir = Path(data_dir)
     layout = detect_layout(data_dir) if layout == "auto" else layout
-    return {"coco": _read_coco_split, "karpathy": _read_karpathy_split,
-            "csv": _read_csv_split}[layout](data_dir, split)
+    return {"coco": _read_coco_split, "karpathy": _read_karpathy_split, "csv": _read_csv_split}[
+        layout
+    ](data_dir, split)
 
 
 def read_captions(annotations_file):
@@ -133,6 +150,7 @@ def _check_caption(path, row, caption):
 def read_coco_file(path, image_dir, name, layout="coco"):
     """A COCO captions (or image-info) JSON file through pycocotools."""
     from pycocotools.coco import COCO  # deferred: importing it pulls in matplotlib
+
     data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise AnnotationError(f"{path}: not a COCO annotations file (no 'images' list)")
@@ -144,7 +162,9 @@ def read_coco_file(path, image_dir, name, layout="coco"):
         if missing:
             raise AnnotationError(f"{path}, annotations row {row}: missing key(s) {missing}")
     # pycocotools indexes annotations by 'id'; hand-made caption files often leave it out.
-    data["annotations"] = [a if "id" in a else {**a, "id": row} for row, a in enumerate(annotations)]
+    data["annotations"] = [
+        a if "id" in a else {**a, "id": row} for row, a in enumerate(annotations)
+    ]
     for row, im in enumerate(data["images"]):
         missing = [k for k in ("id", "file_name") if not isinstance(im, dict) or k not in im]
         if missing:
@@ -159,16 +179,26 @@ def read_coco_file(path, image_dir, name, layout="coco"):
     captions, owners, rows = [], [], []
     for row, a in enumerate(data.get("annotations", [])):
         if a["image_id"] not in position:
-            raise AnnotationError(f"{path}, annotations row {row}: image_id {a['image_id']} "
-                                  "is not in the images list")
+            raise AnnotationError(
+                f"{path}, annotations row {row}: image_id {a['image_id']} is not in the images list"
+            )
         captions.append(_check_caption(path, row, a["caption"]))
         owners.append(position[a["image_id"]])
         rows.append(row)
     # Plain strings: building 100k+ Path objects is a visible share of loader start-up.
     folder = str(image_dir)
     paths = [os.path.join(folder, coco.imgs[i]["file_name"]) for i in image_ids]
-    return CaptionSplit(name, layout, Path(path), image_ids, paths, captions,
-                        np.asarray(owners, np.int64), rows, [image_row[i] for i in image_ids])
+    return CaptionSplit(
+        name,
+        layout,
+        Path(path),
+        image_ids,
+        paths,
+        captions,
+        np.asarray(owners, np.int64),
+        rows,
+        [image_row[i] for i in image_ids],
+    )
 
 
 def _read_coco_split(data_dir, split):
@@ -177,8 +207,10 @@ def _read_coco_split(data_dir, split):
         for stem in (f"captions_{split}{year}", f"image_info_{split}{year}"):
             if (ann / f"{stem}.json").exists():
                 return read_coco_file(ann / f"{stem}.json", data_dir / f"{split}{year}", split)
-    raise FileNotFoundError(f"{ann}: no captions_{split}2017.json or captions_{split}2014.json "
-                            f"(nor image_info_{split}<year>.json) for split '{split}'")
+    raise FileNotFoundError(
+        f"{ann}: no captions_{split}2017.json or captions_{split}2014.json "
+        f"(nor image_info_{split}<year>.json) for split '{split}'"
+    )
 
 
 def _find_image_dir(data_dir, names, first_file):
@@ -217,8 +249,17 @@ def _read_karpathy_split(data_dir, split):
             captions.append(_check_caption(path, row, s.get("raw") if isinstance(s, dict) else s))
             owners.append(k)
             rows.append(row)
-    return CaptionSplit(split, "karpathy", path, ids, paths, captions,
-                        np.asarray(owners, np.int64), rows, image_rows)
+    return CaptionSplit(
+        split,
+        "karpathy",
+        path,
+        ids,
+        paths,
+        captions,
+        np.asarray(owners, np.int64),
+        rows,
+        image_rows,
+    )
 
 
 def csv_split_of(image_name):
@@ -235,7 +276,9 @@ def _read_csv_split(data_dir, split):
         reader = csv.reader(f)
         header = [h.strip().lower() for h in next(reader, [])]
         if header[:2] != ["image", "caption"]:
-            raise AnnotationError(f"{path}, row 1: expected the header 'image,caption', got {header}")
+            raise AnnotationError(
+                f"{path}, row 1: expected the header 'image,caption', got {header}"
+            )
         rows = list(enumerate(reader, start=2))
     all_images = sorted({r[0] for _, r in rows if r})
     image_id = {name: k for k, name in enumerate(all_images)}
@@ -256,9 +299,17 @@ def _read_csv_split(data_dir, split):
             captions.append(_check_caption(path, rownum, ",".join(r[1:])))
             owners.append(position[r[0]])
             rownums.append(rownum)
-    return CaptionSplit(split, "csv", path, [image_id[n] for n in names],
-                        [os.path.join(image_dir, n) for n in names], captions,
-                        np.asarray(owners, np.int64), rownums, [first_row[n] for n in names])
+    return CaptionSplit(
+        split,
+        "csv",
+        path,
+        [image_id[n] for n in names],
+        [os.path.join(image_dir, n) for n in names],
+        captions,
+        np.asarray(owners, np.int64),
+        rownums,
+        [first_row[n] for n in names],
+    )
 
 
 class TokenizedCaptions:
@@ -287,7 +338,7 @@ class TokenizedCaptions:
 
     def __getitem__(self, i):
         words = self.words
-        return [words[j] for j in self.ids[self.offsets[i]:self.offsets[i + 1]].tolist()]
+        return [words[j] for j in self.ids[self.offsets[i] : self.offsets[i + 1]].tolist()]
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -306,13 +357,16 @@ class TokenizedCaptions:
 
 def _cache_key(split):
     st = split.source.stat()
-    text = f"{split.source.resolve()}|{split.name}|{st.st_size}|{st.st_mtime_ns}|{TOKENIZER_VERSION}"
+    text = (
+        f"{split.source.resolve()}|{split.name}|{st.st_size}|{st.st_mtime_ns}|{TOKENIZER_VERSION}"
+    )
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
 def tokenize_cached(split, cache_dir=None):
     """`TokenizedCaptions` of a split; tokenised once per annotations file, then cached (.npz)."""
     from vocabulary import tokenize
+
     cache = Path(cache_dir or default_cache_dir()) / "tokens" / f"{_cache_key(split)}.npz"
     if cache.exists():
         # Plain arrays only (allow_pickle=False): a planted file cannot run code.

@@ -1,4 +1,5 @@
 """Checkpoints: state dicts plus config and vocabulary, written atomically, read without pickle."""
+
 import dataclasses
 import os
 import random
@@ -41,7 +42,8 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(
             f"{path}: not a usable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}). "
             "Checkpoints are read with weights_only=True, so files holding code are refused; "
-            "a truncated file means the run was stopped while an older version wrote it.") from None
+            "a truncated file means the run was stopped while an older version wrote it."
+        ) from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no 'config'/'model')")
     return state
@@ -50,8 +52,11 @@ def load_checkpoint(path, map_location="cpu"):
 def rng_state():
     """Python, NumPy and torch RNG states as plain data and tensors (weights_only-safe)."""
     np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -71,25 +76,45 @@ def set_rng_state(state):
 def load_model_state(model, state_dict, path, expected):
     """`model.load_state_dict`, but a mismatch names both sides instead of a shape traceback."""
     own = model.state_dict()
-    problems = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    problems = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and own[k].shape != v.shape
+    ]
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if problems or missing or unexpected:
-        detail = "; ".join(problems[:5] + [f"missing {missing[:5]}"] * bool(missing)
-                           + [f"unexpected {unexpected[:5]}"] * bool(unexpected))
-        raise CheckpointError(f"{path}: checkpoint does not fit the model being built "
-                              f"({expected}): {detail}")
+        detail = "; ".join(
+            problems[:5]
+            + [f"missing {missing[:5]}"] * bool(missing)
+            + [f"unexpected {unexpected[:5]}"] * bool(unexpected)
+        )
+        raise CheckpointError(
+            f"{path}: checkpoint does not fit the model being built ({expected}): {detail}"
+        )
     model.load_state_dict(state_dict)
 
 
 def build_model(config, vocab):
     """Encoder and decoder described by `config`."""
-    encoder = EncoderCNN(config.embed_size, config.backbone, config.pretrained,
-                         config.weights_path, config.trainable_blocks, config.feature_norm)
-    decoder = DecoderRNN(config.embed_size, config.hidden_size, len(vocab), config.num_layers,
-                         config.dropout, end_id=vocab.end_id, start_id=vocab.start_id,
-                         forget_bias=config.forget_bias)
+    encoder = EncoderCNN(
+        config.embed_size,
+        config.backbone,
+        config.pretrained,
+        config.weights_path,
+        config.trainable_blocks,
+        config.feature_norm,
+    )
+    decoder = DecoderRNN(
+        config.embed_size,
+        config.hidden_size,
+        len(vocab),
+        config.num_layers,
+        config.dropout,
+        end_id=vocab.end_id,
+        start_id=vocab.start_id,
+        forget_bias=config.forget_bias,
+    )
     return ShowAndTell(encoder, decoder)
 
 
@@ -97,13 +122,21 @@ def load_trained(path, device="cpu"):
     """(model in eval mode, vocabulary, config) rebuilt from a checkpoint's config and weights."""
     from config import TrainConfig, config_from_dict
     from vocabulary import Vocabulary
+
     state = load_checkpoint(path)
     config = config_from_dict(TrainConfig, state["config"])
     vocab = Vocabulary.from_dict(state["vocab"])
     # The checkpoint holds every weight: build without downloading ImageNet weights.
     shell = dataclasses.replace(config, pretrained=False, weights_path=None)
     model = build_model(shell, vocab)
-    load_model_state(model, state["model"], path, f"vocabulary of {len(vocab)} words, "
-                     + ", ".join(f"{k}={getattr(config, k)}" for k in ("backbone", "embed_size",
-                                                                      "hidden_size", "num_layers")))
+    load_model_state(
+        model,
+        state["model"],
+        path,
+        f"vocabulary of {len(vocab)} words, "
+        + ", ".join(
+            f"{k}={getattr(config, k)}"
+            for k in ("backbone", "embed_size", "hidden_size", "num_layers")
+        ),
+    )
     return model.to(device).eval(), vocab, config

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import uuid
 import warnings
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -20,7 +20,9 @@ _PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-
 _ASCII_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "inc", "co", "mt", "ft"}
 _DOTTED_ACRONYM = re.compile(r"(?:[a-z]\.)+[a-z]")
-_SGML_TAG = re.compile(r"(<[^<>\s]+>)")  # PTB keeps "<unk>" whole; Treebank would split off "<", ">"
+_SGML_TAG = re.compile(
+    r"(<[^<>\s]+>)"
+)  # PTB keeps "<unk>" whole; Treebank would split off "<", ">"
 _warned_reasons: set[str] = set()
 
 
@@ -31,11 +33,13 @@ def _warn_once(reason: str) -> None:
         warnings.warn(reason, RuntimeWarning, stacklevel=3)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _java_runs(java_path: str) -> bool:
     """Return True when the given java executable starts (macOS ships a stub that does not)."""
     try:
-        return subprocess.run([java_path, "-version"], capture_output=True, timeout=60).returncode == 0
+        return (
+            subprocess.run([java_path, "-version"], capture_output=True, timeout=60).returncode == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -50,14 +54,19 @@ def _spice_unavailable_reason() -> str | None:
     """Return why SPICE cannot run here, or None when its jars are in place."""
     from pycocoevalcap.spice import get_stanford_models as models
 
-    missing = [name for name in (f"{models.JAR}.jar", f"{models.JAR}-models.jar")
-               if not Path(models.SPICEDIR, models.SPICELIB, name).is_file()]
+    missing = [
+        name
+        for name in (f"{models.JAR}.jar", f"{models.JAR}-models.jar")
+        if not Path(models.SPICEDIR, models.SPICELIB, name).is_file()
+    ]
     if not missing:
         return None
     # Spice() would try to download ~400 MB from nlp.stanford.edu; never do that implicitly.
-    return (f"SPICE skipped: Stanford CoreNLP jars {missing} are missing from "
-            f"{Path(models.SPICEDIR, models.SPICELIB)}; fetch them once while online with "
-            "`python -m pycocoevalcap.spice.get_stanford_models`.")
+    return (
+        f"SPICE skipped: Stanford CoreNLP jars {missing} are missing from "
+        f"{Path(models.SPICEDIR, models.SPICELIB)}; fetch them once while online with "
+        "`python -m pycocoevalcap.spice.get_stanford_models`."
+    )
 
 
 @lru_cache(maxsize=1)
@@ -89,13 +98,18 @@ def _tokenize_like_ptb(caption: str) -> str:
 
 def _tokenize_in_python(captions_for_image: dict) -> dict[int, list[str]]:
     """Tokenize COCOEvalCap-style {image_id: [{"caption": ...}]} like PTBTokenizer.tokenize does."""
-    return {image_id: [_tokenize_like_ptb(entry["caption"].replace("\n", " ")) for entry in entries]
-            for image_id, entries in captions_for_image.items()}
+    return {
+        image_id: [_tokenize_like_ptb(entry["caption"].replace("\n", " ")) for entry in entries]
+        for image_id, entries in captions_for_image.items()
+    }
 
 
-def score_captions(predictions: dict[int, str], references: dict[int, list[str]],
-                   use_java: bool | None = None,
-                   spice: bool = False) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+def score_captions(
+    predictions: dict[int, str],
+    references: dict[int, list[str]],
+    use_java: bool | None = None,
+    spice: bool = False,
+) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
     """Return (corpus metrics, per-image metrics) for one predicted caption per image id."""
     if not predictions:
         raise ValueError("predictions is empty: nothing to score")
@@ -113,22 +127,31 @@ def score_captions(predictions: dict[int, str], references: dict[int, list[str]]
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     # Same dict shapes and order as COCOEvalCap.evaluate: float sums depend on the order.
-    gts = {image_id: [{"caption": caption} for caption in references[image_id]] for image_id in predictions}
+    gts = {
+        image_id: [{"caption": caption} for caption in references[image_id]]
+        for image_id in predictions
+    }
     res = {image_id: [{"caption": caption}] for image_id, caption in predictions.items()}
     if java:
         tokenizer = PTBTokenizer()
         gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
     else:
-        _warn_once(f"{'use_java=False' if use_java is False else 'Java not found on PATH'}: METEOR skipped "
-                   "and captions tokenized in Python, approximating PTBTokenizer (BLEU/ROUGE-L/CIDEr may "
-                   "differ slightly from official COCO numbers).")
+        _warn_once(
+            f"{'use_java=False' if use_java is False else 'Java not found on PATH'}: METEOR skipped "
+            "and captions tokenized in Python, approximating PTBTokenizer (BLEU/ROUGE-L/CIDEr may "
+            "differ slightly from official COCO numbers)."
+        )
         gts, res = _tokenize_in_python(gts), _tokenize_in_python(res)
 
     scorers = [(Bleu(4), list(METRIC_NAMES[:4]))]
     if java:
         scorers.append((Meteor(), ["METEOR"]))
     scorers += [(Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]
-    spice_reason = ("SPICE skipped: it needs Java." if not java else _spice_unavailable_reason()) if spice else None
+    spice_reason = (
+        ("SPICE skipped: it needs Java." if not java else _spice_unavailable_reason())
+        if spice
+        else None
+    )
     if spice_reason:
         _warn_once(spice_reason)
 
@@ -157,7 +180,10 @@ def score_captions(predictions: dict[int, str], references: dict[int, list[str]]
 def write_results(predictions: dict[int, str], path) -> Path:
     """Atomically write predictions as an official COCO results file and return its path."""
     path = Path(path)
-    records = [{"image_id": int(image_id), "caption": str(caption)} for image_id, caption in predictions.items()]
+    records = [
+        {"image_id": int(image_id), "caption": str(caption)}
+        for image_id, caption in predictions.items()
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -183,7 +209,9 @@ def _load_coco(annotations_file):
             coco = COCO(str(path))
         if "images" not in coco.dataset or "annotations" not in coco.dataset:
             raise ValueError("it needs 'images' and 'annotations' lists")
-        if not all(isinstance(annotation.get("caption"), str) for annotation in coco.dataset["annotations"]):
+        if not all(
+            isinstance(annotation.get("caption"), str) for annotation in coco.dataset["annotations"]
+        ):
             raise ValueError("an annotation has no 'caption' string")
     except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError) as error:
         raise ValueError(f"malformed COCO captions annotations file {path}: {error!r}") from error
@@ -194,21 +222,31 @@ def references_from_coco(annotations_file, image_ids=None) -> dict[int, list[str
     """Return reference captions per image id from a COCO captions annotations file."""
     coco = _load_coco(annotations_file)
     if image_ids is None:
-        return {image_id: [annotation["caption"] for annotation in coco.imgToAnns[image_id]]
-                for image_id in coco.getImgIds() if image_id in coco.imgToAnns}
+        return {
+            image_id: [annotation["caption"] for annotation in coco.imgToAnns[image_id]]
+            for image_id in coco.getImgIds()
+            if image_id in coco.imgToAnns
+        }
     unknown = [image_id for image_id in image_ids if image_id not in coco.imgToAnns]
     if unknown:
         raise ValueError(f"image id(s) {unknown[:20]} have no captions in {annotations_file}")
-    return {image_id: [annotation["caption"] for annotation in coco.imgToAnns[image_id]] for image_id in image_ids}
+    return {
+        image_id: [annotation["caption"] for annotation in coco.imgToAnns[image_id]]
+        for image_id in image_ids
+    }
 
 
-def score_results_file(results_file, annotations_file, use_java: bool | None = None,
-                       spice: bool = False) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+def score_results_file(
+    results_file, annotations_file, use_java: bool | None = None, spice: bool = False
+) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
     """Score a COCO results file against an annotations file, like COCOEvalCap on the results' images."""
     coco = _load_coco(annotations_file)
     try:
         results = json.loads(Path(results_file).read_text(encoding="utf-8"))
-        if not all(isinstance(result, dict) and isinstance(result.get("caption"), str) for result in results):
+        if not all(
+            isinstance(result, dict) and isinstance(result.get("caption"), str)
+            for result in results
+        ):
             raise ValueError("each result needs an 'image_id' and a 'caption' string")
         result_ids = [result["image_id"] for result in results]
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -217,16 +255,27 @@ def score_results_file(results_file, annotations_file, use_java: bool | None = N
         raise ValueError(f"COCO results file {results_file} is empty")
     unknown = sorted(set(result_ids) - set(coco.getImgIds()))
     if unknown:
-        raise ValueError(f"image id(s) {unknown[:20]} in {results_file} are not in {annotations_file}")
+        raise ValueError(
+            f"image id(s) {unknown[:20]} in {results_file} are not in {annotations_file}"
+        )
     with contextlib.redirect_stdout(io.StringIO()):
         coco_results = coco.loadRes(str(results_file))
-    duplicated = [image_id for image_id in coco_results.getImgIds() if len(coco_results.imgToAnns[image_id]) > 1]
+    duplicated = [
+        image_id
+        for image_id in coco_results.getImgIds()
+        if len(coco_results.imgToAnns[image_id]) > 1
+    ]
     if duplicated:
         raise ValueError(f"image id(s) {duplicated[:20]} have several captions in {results_file}")
     # cocoRes.getImgIds() order (annotation-file order), as in COCOEvalCap's documented usage.
-    predictions = {image_id: coco_results.imgToAnns[image_id][0]["caption"] for image_id in coco_results.getImgIds()}
-    references = {image_id: [annotation["caption"] for annotation in coco.imgToAnns[image_id]]
-                  for image_id in predictions}
+    predictions = {
+        image_id: coco_results.imgToAnns[image_id][0]["caption"]
+        for image_id in coco_results.getImgIds()
+    }
+    references = {
+        image_id: [annotation["caption"] for annotation in coco.imgToAnns[image_id]]
+        for image_id in predictions
+    }
     return score_captions(predictions, references, use_java=use_java, spice=spice)
 
 

@@ -1,4 +1,5 @@
 """Datasets and `get_loader` for captioning data (the CVND call, on any layout `annotations` reads)."""
+
 import functools
 import warnings
 from pathlib import Path
@@ -32,8 +33,14 @@ def load_image(path, source=None):
                 return to_rgb(im)
     except FileNotFoundError:
         raise ImageLoadError(f"{path}: image file not found{named_by}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
         raise ImageLoadError(f"{path}: cannot read image{named_by}: {e}") from None
 
 
@@ -52,8 +59,9 @@ def to_rgb(im):
 
 def make_pixel_transform(image_size=224):
     """Resize and centre-crop to uint8 pixels (3, H, W): what the image cache stores."""
-    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
-                               transforms.PILToTensor()])
+    return transforms.Compose(
+        [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()]
+    )
 
 
 def pixels_to_input(pixels):
@@ -103,12 +111,14 @@ class CaptionDataset(data.Dataset):
             return torch.from_numpy(np.asarray(self.features[image_index], dtype=np.float32))
         if self.pixels is not None:
             return pixels_to_input(self.pixels[image_index])
-        image = load_image(self.split.image_paths[image_index], self.split.describe_image(image_index))
+        image = load_image(
+            self.split.image_paths[image_index], self.split.describe_image(image_index)
+        )
         return self.transform(image) if self.transform else image
 
     def caption_ids(self, index):
         """Caption `index` as a tensor of ids, `<start>` ... `<end>`."""
-        words = self.token_ids[self.offsets[index]:self.offsets[index + 1]]
+        words = self.token_ids[self.offsets[index] : self.offsets[index + 1]]
         return torch.from_numpy(np.concatenate(([self.vocab.start_id], words, [self.vocab.end_id])))
 
     def __getitem__(self, index):
@@ -151,8 +161,10 @@ class ImageCaptionsDataset(data.Dataset):
             # Seeded by (seed, epoch, image): the same subset in every worker and after a resume.
             rng = np.random.default_rng((self.seed, self.epoch, index))
             group = np.sort(rng.choice(group, self.captions_per_image, replace=False))
-        return (self.captions.image_input(self.images[index]),
-                [self.captions.caption_ids(i) for i in group])
+        return (
+            self.captions.image_input(self.images[index]),
+            [self.captions.caption_ids(i) for i in group],
+        )
 
 
 class ImageDataset(data.Dataset):
@@ -196,11 +208,14 @@ class _ImageCheck(data.Dataset):
 def find_unreadable_images(split, num_workers=0, progress=True):
     """{image index: error message} for every image of `split` that cannot be loaded."""
     from tqdm.auto import tqdm
-    loader = data.DataLoader(_ImageCheck(split), batch_size=64, num_workers=num_workers,
-                             collate_fn=list)
+
+    loader = data.DataLoader(
+        _ImageCheck(split), batch_size=64, num_workers=num_workers, collate_fn=list
+    )
     errors, start = {}, 0
-    for messages in tqdm(loader, desc=f"checking {split.name} images", unit="batch",
-                         disable=not progress):
+    for messages in tqdm(
+        loader, desc=f"checking {split.name} images", unit="batch", disable=not progress
+    ):
         errors.update((start + k, m) for k, m in enumerate(messages) if m)
         start += len(messages)
     return errors
@@ -218,38 +233,66 @@ def image_captions_collate(batch, pad_id=3):
     images, groups = zip(*batch)
     sizes = torch.tensor([len(g) for g in groups])
     owners = torch.repeat_interleave(torch.arange(len(groups)), sizes)  # (captions,)
-    captions = torch.nn.utils.rnn.pad_sequence([c for g in groups for c in g], batch_first=True,
-                                               padding_value=pad_id)  # (captions, max_len)
+    captions = torch.nn.utils.rnn.pad_sequence(
+        [c for g in groups for c in g], batch_first=True, padding_value=pad_id
+    )  # (captions, max_len)
     return torch.stack(images), captions, owners
 
 
-def make_image_captions_loader(dataset, batch_size, shuffle=True, seed=0, num_workers=0,
-                               num_replicas=1, rank=0):
+def make_image_captions_loader(
+    dataset, batch_size, shuffle=True, seed=0, num_workers=0, num_replicas=1, rank=0
+):
     """DataLoader of `batch_size` images with all their captions over an `ImageCaptionsDataset`."""
     # DistributedSampler also serves one process: a seeded shuffle per epoch (set_epoch).
     sampler = data.DistributedSampler(dataset, num_replicas, rank, shuffle=shuffle, seed=seed)
-    return data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                           num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                           collate_fn=functools.partial(image_captions_collate,
-                                                        pad_id=dataset.vocab.pad_id),
-                           generator=torch.Generator().manual_seed(seed))
+    return data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=functools.partial(image_captions_collate, pad_id=dataset.vocab.pad_id),
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
-def make_caption_loader(dataset, batch_size, shuffle=True, seed=0, num_workers=0,
-                        num_replicas=1, rank=0, drop_last=False):
+def make_caption_loader(
+    dataset,
+    batch_size,
+    shuffle=True,
+    seed=0,
+    num_workers=0,
+    num_replicas=1,
+    rank=0,
+    drop_last=False,
+):
     """DataLoader of equal-length caption batches over a `CaptionDataset`."""
-    dataset.sampler = LengthBucketSampler(dataset.caption_lengths, batch_size, shuffle, seed,
-                                          drop_last, num_replicas, rank)
+    dataset.sampler = LengthBucketSampler(
+        dataset.caption_lengths, batch_size, shuffle, seed, drop_last, num_replicas, rank
+    )
     # Its own generator: making an iterator must not draw from the global RNG (resumability).
-    return data.DataLoader(dataset, batch_sampler=dataset.sampler, num_workers=num_workers,
-                           collate_fn=functools.partial(pad_collate, pad_id=dataset.vocab.pad_id),
-                           pin_memory=torch.cuda.is_available(),
-                           generator=torch.Generator().manual_seed(seed))
+    return data.DataLoader(
+        dataset,
+        batch_sampler=dataset.sampler,
+        num_workers=num_workers,
+        collate_fn=functools.partial(pad_collate, pad_id=dataset.vocab.pad_id),
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
-def load_or_build_vocab(data_dir=None, vocab_file="./vocab.json", vocab_threshold=None,
-                        vocab_from_file=True, start_word="<start>", end_word="<end>",
-                        unk_word="<unk>", layout="auto", train_split=None, tokens=None):
+def load_or_build_vocab(
+    data_dir=None,
+    vocab_file="./vocab.json",
+    vocab_threshold=None,
+    vocab_from_file=True,
+    start_word="<start>",
+    end_word="<end>",
+    unk_word="<unk>",
+    layout="auto",
+    train_split=None,
+    tokens=None,
+):
     """The vocabulary in `vocab_file`, or one built from the training captions and saved there."""
     if vocab_from_file and vocab_file and Path(vocab_file).exists():
         return Vocabulary.load(vocab_file)
@@ -265,14 +308,32 @@ def resolve_data_dir(data_dir):
     if data_dir is not None:
         return Path(data_dir)
     from demo_dataset import DEFAULT_DEMO_ROOT, make_demo_dataset
+
     return make_demo_dataset(DEFAULT_DEMO_ROOT)
 
 
-def get_loader(transform, mode="train", batch_size=1, vocab_threshold=None,
-               vocab_file="./vocab.json", start_word="<start>", end_word="<end>",
-               unk_word="<unk>", vocab_from_file=True, num_workers=0, cocoapi_loc=None,
-               data_dir=None, split=None, layout="auto", shuffle=True, seed=0,
-               features=None, num_replicas=1, rank=0, drop_last=False):
+def get_loader(
+    transform,
+    mode="train",
+    batch_size=1,
+    vocab_threshold=None,
+    vocab_file="./vocab.json",
+    start_word="<start>",
+    end_word="<end>",
+    unk_word="<unk>",
+    vocab_from_file=True,
+    num_workers=0,
+    cocoapi_loc=None,
+    data_dir=None,
+    split=None,
+    layout="auto",
+    shuffle=True,
+    seed=0,
+    features=None,
+    num_replicas=1,
+    rank=0,
+    drop_last=False,
+):
     """DataLoader over `data_dir` (default: the demo dataset), called as in the CVND project.
 
     mode='train': batches of (images, captions) whose captions share one length, every
@@ -287,16 +348,31 @@ def get_loader(transform, mode="train", batch_size=1, vocab_threshold=None,
     if mode == "train":
         tokens = split_data.tokenized()
         train_split = split_data if split_data.name == "train" else None
-        vocab = load_or_build_vocab(data_dir, vocab_file, vocab_threshold,
-                                    vocab_from_file or split_data.name != "train",
-                                    start_word, end_word, unk_word, layout, train_split,
-                                    tokens if train_split else None)
+        vocab = load_or_build_vocab(
+            data_dir,
+            vocab_file,
+            vocab_threshold,
+            vocab_from_file or split_data.name != "train",
+            start_word,
+            end_word,
+            unk_word,
+            layout,
+            train_split,
+            tokens if train_split else None,
+        )
         dataset = CaptionDataset(split_data, vocab, transform, features, tokens)
-        return make_caption_loader(dataset, batch_size, shuffle, seed, num_workers,
-                                   num_replicas, rank, drop_last)
-    vocab = load_or_build_vocab(data_dir, vocab_file, vocab_threshold, True, start_word,
-                                end_word, unk_word, layout)
+        return make_caption_loader(
+            dataset, batch_size, shuffle, seed, num_workers, num_replicas, rank, drop_last
+        )
+    vocab = load_or_build_vocab(
+        data_dir, vocab_file, vocab_threshold, True, start_word, end_word, unk_word, layout
+    )
     dataset = ImageDataset(split_data, transform, with_original=(mode == "test"))
     dataset.vocab = vocab
-    return data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                           num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    return data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -4,7 +4,6 @@ The decoder should be in eval mode (the caller's job: these functions never chan
 Sequences follow `DecoderRNN.sample`: the image feature is the first LSTM input, every
 sequence begins with the given `<start>` id, and ends with (and includes) `end_id`.
 """
-from typing import List, Tuple
 
 import torch
 
@@ -96,7 +95,7 @@ def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=1.0, 
         inputs = decoder.embed(word).unsqueeze(1)  # (batch * beam, 1, embed)
     else:
         # Ran out of steps: unfinished beams of images still searching are candidates too.
-        norm = cum / max_len ** length_penalty  # (batch, beam)
+        norm = cum / max_len**length_penalty  # (batch, beam)
         live_best, pos = norm.max(dim=1)  # (batch,)
         better = (live_best > best_score) & ~done  # (batch,)
         beams = tokens.view(batch, k, max_len)  # (batch, beam, max_len)
@@ -105,7 +104,7 @@ def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=1.0, 
 
     # Drop the columns that are padding in every row, as greedy_decode never makes them.
     lengths = _lengths(best_seq, end_id)  # (batch,)
-    return best_seq[:, :int(lengths.max())]  # (batch, steps)
+    return best_seq[:, : int(lengths.max())]  # (batch, steps)
 
 
 def _lengths(ids, end_id):
@@ -116,14 +115,21 @@ def _lengths(ids, end_id):
 
 
 @torch.no_grad()
-def decode_captions(decoder, features, vocab, beam_size=1, max_len=20,
-                    length_penalty=1.0) -> Tuple[List[List[int]], List[str]]:
+def decode_captions(
+    decoder, features, vocab, beam_size=1, max_len=20, length_penalty=1.0
+) -> tuple[list[list[int]], list[str]]:
     """Per-image id lists (through `end_id`, no padding) and their sentences via `vocab.decode`."""
     if beam_size == 1:
         ids = greedy_decode(decoder, features, max_len=max_len, pad_id=vocab.pad_id)
     else:
-        ids = beam_search(decoder, features, beam_size=beam_size, max_len=max_len,
-                          length_penalty=length_penalty, pad_id=vocab.pad_id)
+        ids = beam_search(
+            decoder,
+            features,
+            beam_size=beam_size,
+            max_len=max_len,
+            length_penalty=length_penalty,
+            pad_id=vocab.pad_id,
+        )
     lengths = _lengths(ids, decoder.end_id).tolist()
     id_lists = [row[:n] for row, n in zip(ids.tolist(), lengths)]
     return id_lists, [vocab.decode(row) for row in id_lists]

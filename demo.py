@@ -4,6 +4,7 @@
 decoder blind (image features zeroed) for comparison, evaluates both on the held-out test
 split, and writes metrics.json, learning curves and a captioned image grid.
 """
+
 import argparse
 import dataclasses
 import json
@@ -22,28 +23,52 @@ from demo_dataset import DEFAULT_DEMO_ROOT, make_demo_dataset, object_accuracy
 # PNGs each epoch cost 30% of a training pass on two cores: the images are cached decoded, and
 # with nothing left to overlap a loader process only competes with the training threads.
 DEMO_CONFIG = TrainConfig(
-    data_dir=str(DEFAULT_DEMO_ROOT), output_dir="outputs/demo/model", vocab_threshold=1,
-    backbone="smallcnn", pretrained=False, trainable_blocks=-1, image_size=64,
-    embed_size=256, hidden_size=256, dropout=0.0, forget_bias=5.0, batch_size=32,
-    captions_per_image=1, epochs=30, lr=1e-3, val_images=300, patience=None, num_workers=0,
-    cache_images=True)
+    data_dir=str(DEFAULT_DEMO_ROOT),
+    output_dir="outputs/demo/model",
+    vocab_threshold=1,
+    backbone="smallcnn",
+    pretrained=False,
+    trainable_blocks=-1,
+    image_size=64,
+    embed_size=256,
+    hidden_size=256,
+    dropout=0.0,
+    forget_bias=5.0,
+    batch_size=32,
+    captions_per_image=1,
+    epochs=30,
+    lr=1e-3,
+    val_images=300,
+    patience=None,
+    num_workers=0,
+    cache_images=True,
+)
 
 
 def evaluate_demo(checkpoint, data_dir, beam_size=1):
     """Test-split COCO metrics plus the demo's object accuracy for one checkpoint."""
     from evaluate import evaluate
-    result = evaluate(checkpoint, "test", data_dir=data_dir, beam_size=beam_size,
-                      output_dir=Path(checkpoint).parent, progress=False)
-    result["objects"] = object_accuracy(result["predictions"],
-                                        Path(data_dir) / "annotations" / "captions_test2017.json")
+
+    result = evaluate(
+        checkpoint,
+        "test",
+        data_dir=data_dir,
+        beam_size=beam_size,
+        output_dir=Path(checkpoint).parent,
+        progress=False,
+    )
+    result["objects"] = object_accuracy(
+        result["predictions"], Path(data_dir) / "annotations" / "captions_test2017.json"
+    )
     return result
 
 
 def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12):
     """Run the whole demo and return the summary written to metrics.json."""
-    from plots import plot_captioned_images
     from data_loader import load_image
+    from plots import plot_captioned_images
     from train import train
+
     started = time.time()
     output_dir = Path(output_dir)
     data_dir = make_demo_dataset(Path(config.data_dir))
@@ -64,15 +89,20 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12):
         "beam3": {**beam["metrics"], **beam["objects"]},
         "blind_greedy": {**blind["metrics"], **blind["objects"]},
         "cider_ratio_to_blind": greedy["metrics"]["CIDEr"] / max(blind["metrics"]["CIDEr"], 1e-9),
-        "train_seconds": train_seconds, "blind_train_seconds": blind_seconds,
-        "epochs": len(history["epoch"]), "config": dataclasses.asdict(model_cfg),
+        "train_seconds": train_seconds,
+        "blind_train_seconds": blind_seconds,
+        "epochs": len(history["epoch"]),
+        "config": dataclasses.asdict(model_cfg),
     }
     with open(data_dir / "annotations" / "captions_test2017.json") as f:
         files = {im["id"]: data_dir / "test2017" / im["file_name"] for im in json.load(f)["images"]}
     shown = list(greedy["predictions"].items())[:grid_size]
-    grid = plot_captioned_images([load_image(files[i]) for i, _ in shown],
-                                 [f"greedy: {c}" for _, c in shown], output_dir / "test_captions.png",
-                                 titles=[f"beam 3: {beam['predictions'][i]}" for i, _ in shown])
+    grid = plot_captioned_images(
+        [load_image(files[i]) for i, _ in shown],
+        [f"greedy: {c}" for _, c in shown],
+        output_dir / "test_captions.png",
+        titles=[f"beam 3: {beam['predictions'][i]}" for i, _ in shown],
+    )
     summary["total_seconds"] = time.time() - started
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
     report(summary, output_dir, grid)
@@ -81,16 +111,23 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12):
 
 def report(summary, output_dir, grid):
     """Print the headline numbers and where the files are."""
-    rows = [("greedy", summary["greedy"]), ("beam 3", summary["beam3"]),
-            ("blind", summary["blind_greedy"])]
+    rows = [
+        ("greedy", summary["greedy"]),
+        ("beam 3", summary["beam3"]),
+        ("blind", summary["blind_greedy"]),
+    ]
     print(f"\n{'':8} {'CIDEr':>7} {'BLEU-4':>7} {'objects':>8} {'1 shape':>8} {'2':>6} {'3':>6}")
     for name, m in rows:
         by = m["by_count"]
-        print(f"{name:8} {m['CIDEr']:7.3f} {m['Bleu_4']:7.3f} {m['accuracy']:8.1%} "
-              f"{by.get(1, 0):8.1%} {by.get(2, 0):6.1%} {by.get(3, 0):6.1%}")
-    print(f"CIDEr vs blind: {summary['cider_ratio_to_blind']:.1f}x; training "
-          f"{summary['train_seconds']:.0f} s (blind {summary['blind_train_seconds']:.0f} s); "
-          f"total {summary['total_seconds']:.0f} s")
+        print(
+            f"{name:8} {m['CIDEr']:7.3f} {m['Bleu_4']:7.3f} {m['accuracy']:8.1%} "
+            f"{by.get(1, 0):8.1%} {by.get(2, 0):6.1%} {by.get(3, 0):6.1%}"
+        )
+    print(
+        f"CIDEr vs blind: {summary['cider_ratio_to_blind']:.1f}x; training "
+        f"{summary['train_seconds']:.0f} s (blind {summary['blind_train_seconds']:.0f} s); "
+        f"total {summary['total_seconds']:.0f} s"
+    )
     print(f"\nmetrics:          {output_dir / 'metrics.json'}")
     print(f"learning curves:  {output_dir / 'model' / 'learning_curves.png'}")
     print(f"captioned images: {grid}")

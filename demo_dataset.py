@@ -1,4 +1,5 @@
 """Synthetic coloured-shapes captioning dataset in the COCO 2017 layout, plus a caption checker."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,14 +21,27 @@ MARKER_NAME = "demo_params.json"
 FORMAT_VERSION = 1  # bump whenever drawing or captions change, so stale datasets get regenerated
 IDS_PER_SPLIT = 1_000_000  # image ids are unique across splits, as in real COCO
 
-COLOUR_RGB = {"red": (210, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215),
-              "yellow": (235, 200, 20), "purple": (140, 50, 175)}
+COLOUR_RGB = {
+    "red": (210, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 215),
+    "yellow": (235, 200, 20),
+    "purple": (140, 50, 175),
+}
 SIZE_FRACTIONS = {"small": 0.11, "large": 0.19}  # half-extent of a shape relative to image side
-SHAPE_WORDS = {"circle": ("circle", "disc"), "square": ("square", "box"),
-               "triangle": ("triangle",), "star": ("star",)}
+SHAPE_WORDS = {
+    "circle": ("circle", "disc"),
+    "square": ("square", "box"),
+    "triangle": ("triangle",),
+    "star": ("star",),
+}
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
-RELATION_WORDS = {"left": ("to the left of", "left of"), "right": ("to the right of", "right of"),
-                  "above": ("above", "over"), "below": ("below", "under", "beneath")}
+RELATION_WORDS = {
+    "left": ("to the left of", "left of"),
+    "right": ("to the right of", "right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under", "beneath"),
+}
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 CANONICAL_SHAPES = {word: shape for shape, words in SHAPE_WORDS.items() for word in words}
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downscaled so their edges are anti-aliased
@@ -48,8 +62,13 @@ def sample_objects(n_objects, image_size, rng):
             low = int(np.ceil(SIZE_FRACTIONS[size] * image_size))
             for _ in range(50):
                 x, y = (int(v) for v in rng.integers(low, image_size - low, size=2))
-                new = {"shape": SHAPES[pair % len(SHAPES)], "color": COLOURS[pair // len(SHAPES)],
-                       "size": size, "x": x, "y": y}
+                new = {
+                    "shape": SHAPES[pair % len(SHAPES)],
+                    "color": COLOURS[pair // len(SHAPES)],
+                    "size": size,
+                    "x": x,
+                    "y": y,
+                }
                 if not any(overlaps(new, old, image_size) for old in objects):
                     objects.append(new)
                     break
@@ -71,8 +90,14 @@ def draw_shape(draw, shape, cx, cy, radius, fill):
         half = 0.85 * radius  # a slightly smaller square looks as big as the circle
         draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=fill)
     elif shape == "triangle":
-        draw.polygon([(cx, cy - radius), (cx - 0.95 * radius, cy + 0.75 * radius),
-                      (cx + 0.95 * radius, cy + 0.75 * radius)], fill=fill)
+        draw.polygon(
+            [
+                (cx, cy - radius),
+                (cx - 0.95 * radius, cy + 0.75 * radius),
+                (cx + 0.95 * radius, cy + 0.75 * radius),
+            ],
+            fill=fill,
+        )
     else:  # five-pointed star
         angles = np.pi / 2 + np.arange(10) * np.pi / 5
         radii = np.where(np.arange(10) % 2 == 0, radius, 0.45 * radius)
@@ -86,11 +111,19 @@ def draw_image(objects, image_size, rng):
     draw = ImageDraw.Draw(canvas)
     for obj in objects:
         fill = np.clip(np.array(COLOUR_RGB[obj["color"]]) + rng.integers(-15, 16, size=3), 0, 255)
-        draw_shape(draw, obj["shape"], (obj["x"] + 0.5) * SUPERSAMPLE, (obj["y"] + 0.5) * SUPERSAMPLE,
-                   SIZE_FRACTIONS[obj["size"]] * image_size * SUPERSAMPLE, tuple(int(v) for v in fill))
+        draw_shape(
+            draw,
+            obj["shape"],
+            (obj["x"] + 0.5) * SUPERSAMPLE,
+            (obj["y"] + 0.5) * SUPERSAMPLE,
+            SIZE_FRACTIONS[obj["size"]] * image_size * SUPERSAMPLE,
+            tuple(int(v) for v in fill),
+        )
     pixels = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float32)
     ramp = np.linspace(-1.0, 1.0, image_size, dtype=np.float32)
-    gradient = rng.uniform(-10, 10) * ramp[None, :, None] + rng.uniform(-10, 10) * ramp[:, None, None]
+    gradient = (
+        rng.uniform(-10, 10) * ramp[None, :, None] + rng.uniform(-10, 10) * ramp[:, None, None]
+    )
     noise = rng.normal(0.0, 4.0, size=pixels.shape)
     return Image.fromarray(np.clip(pixels + gradient + noise, 0, 255).round().astype(np.uint8))
 
@@ -137,8 +170,13 @@ def write_captions(objects, image_size, rng, n_captions=5):
 
     def chain():
         first, second, *rest = shuffled()
-        text = " ".join([describe_object(first, rng), describe_relation(first, second, rng),
-                         describe_object(second, rng)])
+        text = " ".join(
+            [
+                describe_object(first, rng),
+                describe_relation(first, second, rng),
+                describe_object(second, rng),
+            ]
+        )
         for obj in rest:
             text += f" which is {describe_relation(second, obj, rng)} {describe_object(obj, rng)}"
         return text
@@ -151,22 +189,26 @@ def write_captions(objects, image_size, rng, n_captions=5):
 
     if len(objects) == 1:
         obj = objects[0]
-        templates = [lambda: describe_object(obj, rng),
-                     lambda: f"a picture of {describe_object(obj, rng)}",
-                     lambda: f"there is {describe_object(obj, rng)} in the image",
-                     lambda: f"{describe_object(obj, rng)} {describe_region(obj, image_size)}",
-                     lambda: f"one shape: {describe_object(obj, rng)}",
-                     lambda: f"an image showing a single {describe_object(obj, rng, article='')}",
-                     lambda: f"{describe_object(obj, rng)} on its own"]
+        templates = [
+            lambda: describe_object(obj, rng),
+            lambda: f"a picture of {describe_object(obj, rng)}",
+            lambda: f"there is {describe_object(obj, rng)} in the image",
+            lambda: f"{describe_object(obj, rng)} {describe_region(obj, image_size)}",
+            lambda: f"one shape: {describe_object(obj, rng)}",
+            lambda: f"an image showing a single {describe_object(obj, rng, article='')}",
+            lambda: f"{describe_object(obj, rng)} on its own",
+        ]
     else:
-        templates = [listing,
-                     lambda: f"{count} shapes: {listing()}",
-                     lambda: f"a picture of {listing()}",
-                     lambda: f"there are {count} shapes, {listing()}",
-                     scan,
-                     chain,
-                     lambda: f"there is {chain()}",
-                     lambda: f"an image with {listing()}"]
+        templates = [
+            listing,
+            lambda: f"{count} shapes: {listing()}",
+            lambda: f"a picture of {listing()}",
+            lambda: f"there are {count} shapes, {listing()}",
+            scan,
+            chain,
+            lambda: f"there is {chain()}",
+            lambda: f"an image with {listing()}",
+        ]
     # every template has its own fixed wording, so captions from different templates never coincide
     return [templates[i]() for i in rng.permutation(len(templates))[:n_captions]]
 
@@ -183,15 +225,26 @@ def write_split(folder, split, n_images, image_size, seed, max_shapes, progress_
         image_id, file_name = first_id + index, f"{first_id + index:012d}.png"
         objects = sample_objects(int(n_objects), image_size, rng)
         draw_image(objects, image_size, rng).save(folder / split / file_name)
-        images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size,
-                       "objects": objects})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": file_name,
+                "width": image_size,
+                "height": image_size,
+                "objects": objects,
+            }
+        )
         for k, caption in enumerate(write_captions(objects, image_size, rng)):
             annotations.append({"id": image_id * 10 + k, "image_id": image_id, "caption": caption})
         progress_bar.update(1)
-    info = {"description": f"synthetic shapes captioning demo, {split}, seed {seed}",
-            "version": str(FORMAT_VERSION)}
+    info = {
+        "description": f"synthetic shapes captioning demo, {split}, seed {seed}",
+        "version": str(FORMAT_VERSION),
+    }
     coco = {"info": info, "licenses": [], "images": images, "annotations": annotations}
-    (folder / "annotations" / f"captions_{split}.json").write_text(json.dumps(coco, separators=(",", ":")))
+    (folder / "annotations" / f"captions_{split}.json").write_text(
+        json.dumps(coco, separators=(",", ":"))
+    )
 
 
 def read_marker(root):
@@ -202,17 +255,36 @@ def read_marker(root):
         return None
 
 
-def make_demo_dataset(root=DEFAULT_DEMO_ROOT, n_train=4000, n_val=500, n_test=500, image_size=64, seed=0,
-                      max_shapes=3, progress=True) -> Path:
+def make_demo_dataset(
+    root=DEFAULT_DEMO_ROOT,
+    n_train=4000,
+    n_val=500,
+    n_test=500,
+    image_size=64,
+    seed=0,
+    max_shapes=3,
+    progress=True,
+) -> Path:
     """Write the demo dataset under root unless an identical one is already there; return root."""
     root = Path(root)
-    params = {"format_version": FORMAT_VERSION, "n_train": n_train, "n_val": n_val, "n_test": n_test,
-              "image_size": image_size, "seed": seed, "max_shapes": max_shapes}
+    params = {
+        "format_version": FORMAT_VERSION,
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "image_size": image_size,
+        "seed": seed,
+        "max_shapes": max_shapes,
+    }
     if read_marker(root) == params:
         return root
     sizes = (n_train, n_val, n_test)
-    if not (1 <= max_shapes <= 3 and image_size >= 16 and all(0 <= n < IDS_PER_SPLIT for n in sizes)):
-        raise ValueError(f"unsupported demo parameters {params}: need max_shapes 1 to 3 and image_size >= 16")
+    if not (
+        1 <= max_shapes <= 3 and image_size >= 16 and all(0 <= n < IDS_PER_SPLIT for n in sizes)
+    ):
+        raise ValueError(
+            f"unsupported demo parameters {params}: need max_shapes 1 to 3 and image_size >= 16"
+        )
     if root.exists() and not looks_like_demo_dataset(root):
         raise FileExistsError(f"{root} exists and is not a demo dataset; refusing to replace it")
     temporary = root.parent / f"{root.name}.tmp-{os.getpid()}"
@@ -222,7 +294,9 @@ def make_demo_dataset(root=DEFAULT_DEMO_ROOT, n_train=4000, n_val=500, n_test=50
         with tqdm(total=sum(sizes), desc="demo dataset", unit="img", disable=not progress) as bar:
             for split, n_images in zip(SPLITS, sizes):
                 write_split(temporary, split, n_images, image_size, seed, max_shapes, bar)
-        (temporary / MARKER_NAME).write_text(json.dumps(params, indent=1))  # last: marks the dataset complete
+        (temporary / MARKER_NAME).write_text(
+            json.dumps(params, indent=1)
+        )  # last: marks the dataset complete
         if read_marker(root) == params:  # another process finished the same dataset meanwhile
             shutil.rmtree(temporary)
         elif root.exists():
@@ -239,14 +313,21 @@ def make_demo_dataset(root=DEFAULT_DEMO_ROOT, n_train=4000, n_val=500, n_test=50
 
 def looks_like_demo_dataset(folder):
     """Tell whether folder holds nothing but what make_demo_dataset writes, so replacing it loses nothing."""
-    return folder.is_dir() and {p.name for p in folder.iterdir()} <= {*SPLITS, "annotations", MARKER_NAME}
+    return folder.is_dir() and {p.name for p in folder.iterdir()} <= {
+        *SPLITS,
+        "annotations",
+        MARKER_NAME,
+    }
 
 
 def parse_objects(caption: str) -> list[tuple[str, str]]:
     """Return the (colour, shape) pairs a caption names, in order, as canonical names."""
     words = re.findall(r"[a-z]+", caption.lower())
-    return [(previous, CANONICAL_SHAPES[word]) for previous, word in zip([""] + words, words)
-            if word in CANONICAL_SHAPES and previous in COLOURS]
+    return [
+        (previous, CANONICAL_SHAPES[word])
+        for previous, word in zip([""] + words, words)
+        if word in CANONICAL_SHAPES and previous in COLOURS
+    ]
 
 
 def names_objects_correctly(caption: str, objects: list[dict]) -> bool:
@@ -260,23 +341,33 @@ def object_accuracy(predictions: dict[int, str], annotations_file) -> dict:
     truth = {image["id"]: image["objects"] for image in json.loads(path.read_text())["images"]}
     unknown = sorted(int(i) for i in predictions if int(i) not in truth)
     if unknown or not predictions:
-        raise ValueError(f"{path} has no image ids {unknown[:5]}" if unknown else "no predictions to score")
+        raise ValueError(
+            f"{path} has no image ids {unknown[:5]}" if unknown else "no predictions to score"
+        )
     hits_by_count: dict[int, list[bool]] = {}
     for image_id, caption in predictions.items():
         objects = truth[int(image_id)]
         hits_by_count.setdefault(len(objects), []).append(names_objects_correctly(caption, objects))
     hits = [hit for count_hits in hits_by_count.values() for hit in count_hits]
-    return {"accuracy": sum(hits) / len(hits),
-            "by_count": {count: sum(h) / len(h) for count, h in sorted(hits_by_count.items())},
-            "n": len(hits)}
+    return {
+        "accuracy": sum(hits) / len(hits),
+        "by_count": {count: sum(h) / len(h) for count, h in sorted(hits_by_count.items())},
+        "n": len(hits),
+    }
 
 
 def main(argv=None):
     """Generate the demo dataset from the command line."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", type=Path, default=DEFAULT_DEMO_ROOT)
-    for name, default in (("seed", 0), ("n-train", 4000), ("n-val", 500), ("n-test", 500), ("image-size", 64),
-                          ("max-shapes", 3)):
+    for name, default in (
+        ("seed", 0),
+        ("n-train", 4000),
+        ("n-val", 500),
+        ("n-test", 500),
+        ("image-size", 64),
+        ("max-shapes", 3),
+    ):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = vars(parser.parse_args(argv))

@@ -1,4 +1,5 @@
 """Evaluate a checkpoint on a split: captions in COCO results format, official COCO metrics."""
+
 import argparse
 import json
 import os
@@ -11,8 +12,17 @@ from decoding import decode_captions
 
 
 @torch.no_grad()
-def predict_captions(model, vocab, loader, device="cpu", beam_size=1, max_len=20,
-                     length_penalty=1.0, blind=False, progress=False):
+def predict_captions(
+    model,
+    vocab,
+    loader,
+    device="cpu",
+    beam_size=1,
+    max_len=20,
+    length_penalty=1.0,
+    blind=False,
+    progress=False,
+):
     """{image id: caption} for a loader of (images or cached features, image ids)."""
     model.eval()
     predictions = {}
@@ -21,8 +31,9 @@ def predict_captions(model, vocab, loader, device="cpu", beam_size=1, max_len=20
         if blind:
             inputs = torch.zeros_like(inputs)
         features = model.encode(inputs)  # (batch, embed)
-        _, captions = decode_captions(model.decoder, features, vocab, beam_size, max_len,
-                                      length_penalty)
+        _, captions = decode_captions(
+            model.decoder, features, vocab, beam_size, max_len, length_penalty
+        )
         predictions.update(zip((int(i) for i in image_ids), captions))
     return predictions
 
@@ -37,9 +48,23 @@ def write_json(data, path):
     return path
 
 
-def evaluate(checkpoint, split="test", data_dir=None, layout=None, beam_size=1, max_len=None,
-             length_penalty=1.0, batch_size=64, num_workers=2, limit=None, output_dir=None,
-             use_java=None, spice=False, device=None, progress=True):
+def evaluate(
+    checkpoint,
+    split="test",
+    data_dir=None,
+    layout=None,
+    beam_size=1,
+    max_len=None,
+    length_penalty=1.0,
+    batch_size=64,
+    num_workers=2,
+    limit=None,
+    output_dir=None,
+    use_java=None,
+    spice=False,
+    device=None,
+    progress=True,
+):
     """Caption `split` with a checkpoint and score it; returns metrics, per-image scores, captions.
 
     With `output_dir`, writes results_<split>.json (COCO results format), metrics and per-image
@@ -49,6 +74,7 @@ def evaluate(checkpoint, split="test", data_dir=None, layout=None, beam_size=1, 
     from checkpoint import load_trained
     from coco_metrics import score_captions, write_results
     from data_loader import ImageDataset, make_transform, resolve_data_dir
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, vocab, config = load_trained(checkpoint, device)
     data = read_split(resolve_data_dir(data_dir or config.data_dir), split, layout or config.layout)
@@ -56,25 +82,39 @@ def evaluate(checkpoint, split="test", data_dir=None, layout=None, beam_size=1, 
     if limit:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    predictions = predict_captions(model, vocab, loader, device, beam_size,
-                                   max_len or config.max_caption_len, length_penalty,
-                                   config.blind, progress)
+    predictions = predict_captions(
+        model,
+        vocab,
+        loader,
+        device,
+        beam_size,
+        max_len or config.max_caption_len,
+        length_penalty,
+        config.blind,
+        progress,
+    )
     references = data.references()
     metrics, per_image = score_captions(predictions, references, use_java=use_java, spice=spice)
-    result = {"metrics": metrics, "per_image": per_image, "predictions": predictions,
-              "references": {i: references[i] for i in predictions}}
+    result = {
+        "metrics": metrics,
+        "per_image": per_image,
+        "predictions": predictions,
+        "references": {i: references[i] for i in predictions},
+    }
     if output_dir:
         tag = f"{split}" + (f"_beam{beam_size}" if beam_size > 1 else "")
         write_results(predictions, Path(output_dir) / f"results_{tag}.json")
         write_json(metrics, Path(output_dir) / f"metrics_{tag}.json")
-        write_json({str(k): v for k, v in per_image.items()},
-                   Path(output_dir) / f"per_image_{tag}.json")
+        write_json(
+            {str(k): v for k, v in per_image.items()}, Path(output_dir) / f"per_image_{tag}.json"
+        )
     return result
 
 
 def main(argv=None):
     """Command line: python evaluate.py CHECKPOINT [--split test] [--beam 3] ..."""
     from coco_metrics import format_metrics
+
     parser = argparse.ArgumentParser(description=evaluate.__doc__)
     parser.add_argument("checkpoint")
     parser.add_argument("--split", default="test")
@@ -85,8 +125,16 @@ def main(argv=None):
     parser.add_argument("--output-dir", help="where results and metrics JSON go")
     parser.add_argument("--spice", action="store_true", help="also SPICE (needs its CoreNLP jars)")
     args = parser.parse_args(argv)
-    result = evaluate(args.checkpoint, args.split, args.data_dir, args.layout, args.beam,
-                      limit=args.limit, output_dir=args.output_dir, spice=args.spice)
+    result = evaluate(
+        args.checkpoint,
+        args.split,
+        args.data_dir,
+        args.layout,
+        args.beam,
+        limit=args.limit,
+        output_dir=args.output_dir,
+        spice=args.spice,
+    )
     print(format_metrics(result["metrics"]))
     return result
 

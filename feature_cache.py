@@ -1,5 +1,6 @@
 """On-disk caches of per-image inputs, memory-mapped, one file per image set: frozen-CNN
 features (float16) and decoded, resized images (uint8)."""
+
 import hashlib
 import json
 import os
@@ -36,16 +37,22 @@ def file_signatures(split):
 
 def cache_key(encoder, split, transform):
     """Key of one (CNN weights, image files, transform) combination; `encoder` None for pixels."""
-    text = json.dumps([encoder_fingerprint(encoder) if encoder is not None else "pixels",
-                       file_signatures(split), repr(transform)])
+    text = json.dumps(
+        [
+            encoder_fingerprint(encoder) if encoder is not None else "pixels",
+            file_signatures(split),
+            repr(transform),
+        ]
+    )
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
 def image_loader(dataset, batch_size, num_workers):
     """Images in order, through a loader with its own generator: building a cache must not draw
     from the global RNG, or a run that builds one would train differently from one that reads it."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                       generator=torch.Generator())
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator()
+    )
 
 
 def build_cache(path, shape, dtype, batches, desc, progress=True):
@@ -56,7 +63,7 @@ def build_cache(path, shape, dtype, batches, desc, progress=True):
     start = 0
     try:
         for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-            out[start:start + len(rows)] = rows
+            out[start : start + len(rows)] = rows
             start += len(rows)
         out.flush()
         del out
@@ -77,13 +84,26 @@ def open_cache(path, shape, write):
     return None
 
 
-def cached_features(encoder, split, transform, cache_dir=None, batch_size=64, num_workers=0,
-                    device="cpu", progress=True, write=True):
+def cached_features(
+    encoder,
+    split,
+    transform,
+    cache_dir=None,
+    batch_size=64,
+    num_workers=0,
+    device="cpu",
+    progress=True,
+    write=True,
+):
     """(num_images, feature_size) float16 memmap of `split`'s images, computed on first use.
 
     With `write=False` (distributed ranks other than 0) the cache must already exist.
     """
-    path = Path(cache_dir or default_cache_dir()) / "features" / f"{cache_key(encoder, split, transform)}.npy"
+    path = (
+        Path(cache_dir or default_cache_dir())
+        / "features"
+        / f"{cache_key(encoder, split, transform)}.npy"
+    )
     shape = (len(split.image_ids), encoder.feature_size)
     features = open_cache(path, shape, write)
     if features is not None:
@@ -93,15 +113,19 @@ def cached_features(encoder, split, transform, cache_dir=None, batch_size=64, nu
     encoder.eval()
     try:
         with torch.no_grad():
-            batches = (encoder.extract(images.to(device)).float().cpu().numpy() for images, _ in loader)
-            return build_cache(path, shape, np.float16, batches, f"caching {split.name} features",
-                               progress)
+            batches = (
+                encoder.extract(images.to(device)).float().cpu().numpy() for images, _ in loader
+            )
+            return build_cache(
+                path, shape, np.float16, batches, f"caching {split.name} features", progress
+            )
     finally:
         encoder.train(was_training)
 
 
-def cached_images(split, image_size, cache_dir=None, batch_size=64, num_workers=0, progress=True,
-                  write=True):
+def cached_images(
+    split, image_size, cache_dir=None, batch_size=64, num_workers=0, progress=True, write=True
+):
     """(num_images, 3, image_size, image_size) uint8 memmap of `split`'s images, resized and
     centre-cropped, decoded on first use; `data_loader.pixels_to_input` makes model inputs of it.
 
@@ -109,11 +133,21 @@ def cached_images(split, image_size, cache_dir=None, batch_size=64, num_workers=
     of decoding and resizing every file again. `write` as in `cached_features`.
     """
     transform = make_pixel_transform(image_size)
-    path = Path(cache_dir or default_cache_dir()) / "images" / f"{cache_key(None, split, transform)}.npy"
+    path = (
+        Path(cache_dir or default_cache_dir())
+        / "images"
+        / f"{cache_key(None, split, transform)}.npy"
+    )
     shape = (len(split.image_ids), 3, image_size, image_size)
     pixels = open_cache(path, shape, write)
     if pixels is not None:
         return pixels
     loader = image_loader(ImageDataset(split, transform), batch_size, num_workers)
-    return build_cache(path, shape, np.uint8, (images.numpy() for images, _ in loader),
-                       f"caching {split.name} images", progress)
+    return build_cache(
+        path,
+        shape,
+        np.uint8,
+        (images.numpy() for images, _ in loader),
+        f"caching {split.name} images",
+        progress,
+    )

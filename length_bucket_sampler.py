@@ -1,4 +1,5 @@
 """Batch sampler whose batches hold captions of one length, each caption once per epoch."""
+
 import math
 
 import numpy as np
@@ -14,8 +15,9 @@ class LengthBucketSampler(torch.utils.data.Sampler):
     batches (a few are repeated to even out the shards).
     """
 
-    def __init__(self, lengths, batch_size, shuffle=True, seed=0, drop_last=False,
-                 num_replicas=1, rank=0):
+    def __init__(
+        self, lengths, batch_size, shuffle=True, seed=0, drop_last=False, num_replicas=1, rank=0
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < num_replicas:
@@ -40,7 +42,7 @@ class LengthBucketSampler(torch.utils.data.Sampler):
             if self.shuffle:
                 idx = rng.permutation(idx)
             stop = len(idx) - len(idx) % self.batch_size if self.drop_last else len(idx)
-            batches.extend(idx[i:i + self.batch_size] for i in range(0, stop, self.batch_size))
+            batches.extend(idx[i : i + self.batch_size] for i in range(0, stop, self.batch_size))
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
@@ -50,13 +52,16 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         per_rank = math.ceil(len(batches) / self.num_replicas) if batches else 0
         short = per_rank * self.num_replicas - len(batches)
         batches += [batches[i % len(batches)] for i in range(short)]
-        for batch in batches[self.rank::self.num_replicas]:
+        for batch in batches[self.rank :: self.num_replicas]:
             yield batch.tolist()
 
     def __len__(self):
         sizes = [len(b) for b in self.buckets.values()]
-        full = (sum(n // self.batch_size for n in sizes) if self.drop_last
-                else sum(math.ceil(n / self.batch_size) for n in sizes))
+        full = (
+            sum(n // self.batch_size for n in sizes)
+            if self.drop_last
+            else sum(math.ceil(n / self.batch_size) for n in sizes)
+        )
         return math.ceil(full / self.num_replicas)
 
     def sample_batch(self, rng=None):

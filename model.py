@@ -1,4 +1,5 @@
 """Show-and-Tell captioning model: a CNN encoder and an LSTM decoder (needs only torch, torchvision)."""
+
 import urllib.error
 
 import torch
@@ -20,21 +21,27 @@ class SmallCNN(nn.Module):
         # would let one shape's colour pair with another's outline (3x3 there: 63% of demo
         # captions right, not 68%).
         for k, kernel in enumerate((3, 3, 3, 1)):
-            out = width * 2 ** k
-            layers += [nn.Conv2d(channels, out, kernel, padding=kernel // 2, bias=False),
-                       nn.BatchNorm2d(out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            out = width * 2**k
+            layers += [
+                nn.Conv2d(channels, out, kernel, padding=kernel // 2, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
             channels = out
         # Global max pooling: each channel says whether its pattern is anywhere in the image,
         # the presence signal a caption needs and a clean gradient path to where it was seen.
         layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten()]
         self.net = nn.Sequential(*layers)
         self.out_features = channels
-        self.blocks = [self.net[4 * k:4 * k + 4] for k in range(4)]
+        self.blocks = [self.net[4 * k : 4 * k + 4] for k in range(4)]
         # Channels-last convolutions and pooling run about a third faster on CPU (oneDNN).
         self.to(memory_format=torch.channels_last)
 
     def forward(self, images):
-        return self.net(images.contiguous(memory_format=torch.channels_last))  # (batch, out_features)
+        return self.net(
+            images.contiguous(memory_format=torch.channels_last)
+        )  # (batch, out_features)
 
 
 def build_resnet(name, pretrained=True, weights_path=None):
@@ -55,7 +62,8 @@ def build_resnet(name, pretrained=True, weights_path=None):
                 f"Could not download the ImageNet weights for {name} from {weights.url} ({e}). "
                 f"Connect to the internet, or put that file in {torch.hub.get_dir()}/checkpoints/, "
                 "or pass weights_path=<local .pth file>, or pretrained=False for random "
-                "weights.") from None
+                "weights."
+            ) from None
     else:
         net = make(weights=None)
     features = net.fc.in_features
@@ -67,8 +75,15 @@ def build_resnet(name, pretrained=True, weights_path=None):
 class EncoderCNN(nn.Module):
     """CNN backbone (frozen by default) then a linear projection: images -> (batch, embed_size)."""
 
-    def __init__(self, embed_size, backbone="resnet50", pretrained=True, weights_path=None,
-                 trainable_blocks=0, feature_norm="batch"):
+    def __init__(
+        self,
+        embed_size,
+        backbone="resnet50",
+        pretrained=True,
+        weights_path=None,
+        trainable_blocks=0,
+        feature_norm="batch",
+    ):
         super().__init__()
         if backbone == "smallcnn":
             self.backbone = SmallCNN()
@@ -84,8 +99,11 @@ class EncoderCNN(nn.Module):
         self.embed = nn.Linear(feature_size, embed_size)
         # Batch norm on the image feature is what lets the LSTM use it: without centring, the
         # feature is nearly the same for every image and the decoder learns a caption prior.
-        norms = {"batch": lambda: nn.BatchNorm1d(embed_size, momentum=0.01),
-                 "layer": lambda: nn.LayerNorm(embed_size), "none": nn.Identity}
+        norms = {
+            "batch": lambda: nn.BatchNorm1d(embed_size, momentum=0.01),
+            "layer": lambda: nn.LayerNorm(embed_size),
+            "none": nn.Identity,
+        }
         if feature_norm not in norms:
             raise ValueError(f"feature_norm must be one of {list(norms)}, not {feature_norm!r}")
         self.norm = norms[feature_norm]()
@@ -108,10 +126,18 @@ class EncoderCNN(nn.Module):
     def project(self, features):
         """Backbone features -> (batch, embed_size)."""
         embedded = self.embed(features)
-        if (self.training and embedded.shape[0] == 1 and type(self.norm) is nn.BatchNorm1d):
+        if self.training and embedded.shape[0] == 1 and type(self.norm) is nn.BatchNorm1d:
             # Batch statistics of one sample are undefined: a lone caption uses the running ones.
-            return nn.functional.batch_norm(embedded, self.norm.running_mean, self.norm.running_var,
-                                            self.norm.weight, self.norm.bias, False, 0.0, self.norm.eps)
+            return nn.functional.batch_norm(
+                embedded,
+                self.norm.running_mean,
+                self.norm.running_var,
+                self.norm.weight,
+                self.norm.bias,
+                False,
+                0.0,
+                self.norm.eps,
+            )
         return self.norm(embedded)
 
     def forward(self, images):
@@ -121,13 +147,27 @@ class EncoderCNN(nn.Module):
 class DecoderRNN(nn.Module):
     """LSTM decoder: the image feature is the first input, then the embedded caption tokens."""
 
-    def __init__(self, embed_size, hidden_size, vocab_size, num_layers=1, dropout=0.0, end_id=1,
-                 start_id=0, forget_bias=1.0):
+    def __init__(
+        self,
+        embed_size,
+        hidden_size,
+        vocab_size,
+        num_layers=1,
+        dropout=0.0,
+        end_id=1,
+        start_id=0,
+        forget_bias=1.0,
+    ):
         super().__init__()
         self.start_id, self.end_id = start_id, end_id
         self.embed = nn.Embedding(vocab_size, embed_size)
-        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True,
-                            dropout=dropout if num_layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            embed_size,
+            hidden_size,
+            num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(hidden_size, vocab_size)
         # A positive forget-gate bias (Jozefowicz et al., 2015) keeps the image, seen once at
@@ -135,7 +175,9 @@ class DecoderRNN(nn.Module):
         with torch.no_grad():
             for name, bias in self.lstm.named_parameters():
                 if name.startswith("bias_"):  # gates are ordered input, forget, cell, output
-                    bias[hidden_size:2 * hidden_size] = forget_bias if name.startswith("bias_ih") else 0.0
+                    bias[hidden_size : 2 * hidden_size] = (
+                        forget_bias if name.startswith("bias_ih") else 0.0
+                    )
 
     def forward(self, features, captions, scored=None):
         """Scores (batch, captions.shape[1], vocab_size); output t predicts captions[:, t].
@@ -156,8 +198,9 @@ class DecoderRNN(nn.Module):
     def begin(self, features, states=None):
         """The image step: LSTM states after features (batch, embed), and `<start>` ids (batch,)."""
         _, states = self.lstm(features.unsqueeze(1), states)  # (batch, 1, embed) in
-        start = torch.full((features.size(0),), self.start_id, dtype=torch.long,
-                           device=features.device)
+        start = torch.full(
+            (features.size(0),), self.start_id, dtype=torch.long, device=features.device
+        )
         return states, start
 
     def step(self, inputs, states=None):

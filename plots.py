@@ -1,10 +1,13 @@
 """Figures people look at: learning curves and images with their captions (matplotlib)."""
+
 import math
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(("module://", "nbagg")) else None
+matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(
+    ("module://", "nbagg")
+) else None
 import matplotlib.pyplot as plt  # noqa: E402
 
 
@@ -25,8 +28,12 @@ def plot_learning_curves(history, path=None):
     epochs = history["epoch"]
     # Fixed margins, not tight_layout: training redraws this every epoch, and the layout
     # passes cost more than the drawing (0.5 s a plot on a CPU core).
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), gridspec_kw=dict(
-        left=0.05, right=0.99, bottom=0.15, top=0.91, wspace=0.22))
+    fig, axes = plt.subplots(
+        1,
+        3,
+        figsize=(13, 3.6),
+        gridspec_kw=dict(left=0.05, right=0.99, bottom=0.15, top=0.91, wspace=0.22),
+    )
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
         axes[0].plot(epochs, history[key], marker="o", label=label)
     for key, label in (("train_perplexity", "train"), ("val_perplexity", "val")):
@@ -44,19 +51,23 @@ def plot_learning_curves(history, path=None):
 
 def plot_captioned_images(images, captions, path=None, columns=4, titles=None):
     """A grid of images (PIL or HxWx3 arrays), each caption (then its title, if any) written under it."""
-    texts = [_wrap(caption, 34) + (_wrap(titles[k], 34) if titles else [])
-             for k, caption in enumerate(captions)]
+    texts = [
+        _wrap(caption, 34) + (_wrap(titles[k], 34) if titles else [])
+        for k, caption in enumerate(captions)
+    ]
     rows = max(1, math.ceil(len(images) / columns))
     # Room under each row for its longest text: tight_layout does not see axes text.
     lines = max((len(t) for t in texts), default=1)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, (3.1 + 0.17 * lines) * rows),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(3.2 * columns, (3.1 + 0.17 * lines) * rows), squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, text in zip(axes.flat, images, texts):
         ax.imshow(image)
-        ax.text(0.5, -0.04, "\n".join(text), transform=ax.transAxes, ha="center", va="top",
-                fontsize=9)
+        ax.text(
+            0.5, -0.04, "\n".join(text), transform=ax.transAxes, ha="center", va="top", fontsize=9
+        )
     fig.tight_layout()
     fig.subplots_adjust(hspace=0.06 * lines + 0.1)
     return _save(fig, path)

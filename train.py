@@ -1,4 +1,5 @@
 """Training: `train(config) -> history`, resumable, single- or multi-process (torchrun), CLI on top."""
+
 import contextlib
 import csv
 import json
@@ -15,16 +16,32 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from annotations import read_split
+from checkpoint import (
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from coco_metrics import cider_score
-from checkpoint import (CheckpointError, build_model, load_checkpoint, load_model_state,
-                        rng_state, save_checkpoint, set_rng_state)
 from config import ARCHITECTURE_FIELDS, TrainConfig, parse_config
-from data_loader import (CaptionDataset, ImageCaptionsDataset, ImageDataset,
-                         find_unreadable_images, load_or_build_vocab, make_caption_loader,
-                         make_image_captions_loader, make_transform, resolve_data_dir)
+from data_loader import (
+    CaptionDataset,
+    ImageCaptionsDataset,
+    ImageDataset,
+    find_unreadable_images,
+    load_or_build_vocab,
+    make_caption_loader,
+    make_image_captions_loader,
+    make_transform,
+    resolve_data_dir,
+)
 from evaluate import predict_captions
 from feature_cache import cached_features, cached_images
 from vocabulary import Vocabulary
+
 
 def caption_loss(model, batch, pad_id):
     """Teacher-forced cross-entropy per token, padding ignored (train and validation alike).
@@ -45,10 +62,15 @@ def autocast_for(config, device):
     """Mixed-precision context for CUDA (bf16 where supported), else a no-op."""
     if device.type != "cuda" or config.amp == "off":
         return contextlib.nullcontext(), None
-    dtype = (torch.bfloat16 if config.amp == "bf16" or (config.amp == "auto" and
-             torch.cuda.is_bf16_supported()) else torch.float16)
-    return (torch.autocast("cuda", dtype=dtype),
-            torch.amp.GradScaler("cuda") if dtype == torch.float16 else None)
+    dtype = (
+        torch.bfloat16
+        if config.amp == "bf16" or (config.amp == "auto" and torch.cuda.is_bf16_supported())
+        else torch.float16
+    )
+    return (
+        torch.autocast("cuda", dtype=dtype),
+        torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
+    )
 
 
 def make_optimizer(config, model):
@@ -58,18 +80,22 @@ def make_optimizer(config, model):
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     groups = [{"params": rest, "lr": config.lr}]
     if backbone:
-        groups.append({"params": backbone,
-                       "lr": config.backbone_lr if config.pretrained else config.lr})
+        groups.append(
+            {"params": backbone, "lr": config.backbone_lr if config.pretrained else config.lr}
+        )
     if config.optimizer not in ("adam", "adamw"):
         raise ValueError(f"optimizer must be 'adam' or 'adamw', not {config.optimizer!r}")
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     # One fused kernel per step instead of a dozen passes over every weight (CPU and CUDA).
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
+    fused = all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters()
+    )
     return cls(groups, weight_decay=config.weight_decay, fused=fused or None)
 
 
 def make_scheduler(config, optimizer, total_steps):
     """Linear warm-up then cosine decay (or constant) per step."""
+
     def factor(step):
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
@@ -77,6 +103,7 @@ def make_scheduler(config, optimizer, total_steps):
             return 1.0
         progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -97,8 +124,11 @@ def init_distributed(config):
 
 def check_resumable(old, new, path):
     """Refuse to resume a checkpoint whose architecture differs from the config's."""
-    diff = [f"{k}: checkpoint {old.get(k)!r} vs config {getattr(new, k)!r}"
-            for k in ARCHITECTURE_FIELDS if old.get(k) != getattr(new, k)]
+    diff = [
+        f"{k}: checkpoint {old.get(k)!r} vs config {getattr(new, k)!r}"
+        for k in ARCHITECTURE_FIELDS
+        if old.get(k) != getattr(new, k)
+    ]
     if diff:
         raise CheckpointError(f"{path}: cannot resume, architecture differs: " + "; ".join(diff))
 
@@ -125,46 +155,93 @@ class TrainingData:
         if config.blind:
             # Blind runs never look at pixels: zero features, no CNN work at all.
             self.train_features, self.val_features = (
-                np.zeros((len(s.image_ids), encoder.feature_size), np.float16) for s in splits)
+                np.zeros((len(s.image_ids), encoder.feature_size), np.float16) for s in splits
+            )
         elif encoder.frozen:
             self.train_features, self.val_features = build_caches(
                 lambda s, write: cached_features(
-                    encoder, s, transform, batch_size=config.batch_size,
-                    num_workers=config.num_workers, device=device, progress=config.progress,
-                    write=write), splits, rank, world)
+                    encoder,
+                    s,
+                    transform,
+                    batch_size=config.batch_size,
+                    num_workers=config.num_workers,
+                    device=device,
+                    progress=config.progress,
+                    write=write,
+                ),
+                splits,
+                rank,
+                world,
+            )
         elif config.cache_images:
             if config.augment:
                 raise ValueError("cache_images needs augment=False: a cached image is cropped once")
             self.train_pixels, self.val_pixels = build_caches(
                 lambda s, write: cached_images(
-                    s, config.image_size, batch_size=config.batch_size,
-                    num_workers=config.num_workers, progress=config.progress, write=write),
-                splits, rank, world)
+                    s,
+                    config.image_size,
+                    batch_size=config.batch_size,
+                    num_workers=config.num_workers,
+                    progress=config.progress,
+                    write=write,
+                ),
+                splits,
+                rank,
+                world,
+            )
         if config.batch_by not in ("image", "length"):
             raise ValueError(f"batch_by must be 'image' or 'length', not {config.batch_by!r}")
         grouped = config.batch_by == "image"
         make_loader = make_image_captions_loader if grouped else make_caption_loader
-        common = dict(seed=config.seed, num_workers=config.num_workers, num_replicas=world, rank=rank)
+        common = dict(
+            seed=config.seed, num_workers=config.num_workers, num_replicas=world, rank=rank
+        )
         self.train, self.val = (
-            make_loader(ImageCaptionsDataset(dataset, per_image, config.seed) if grouped else dataset,
-                        config.batch_size, shuffle=shuffle, **common)
+            make_loader(
+                ImageCaptionsDataset(dataset, per_image, config.seed) if grouped else dataset,
+                config.batch_size,
+                shuffle=shuffle,
+                **common,
+            )
             for dataset, shuffle, per_image in (
-                (CaptionDataset(train_split, vocab, train_transform, self.train_features,
-                                pixels=self.train_pixels), True, config.captions_per_image),
-                (CaptionDataset(val_split, vocab, transform, self.val_features,
-                                pixels=self.val_pixels), False, None)))
+                (
+                    CaptionDataset(
+                        train_split,
+                        vocab,
+                        train_transform,
+                        self.train_features,
+                        pixels=self.train_pixels,
+                    ),
+                    True,
+                    config.captions_per_image,
+                ),
+                (
+                    CaptionDataset(
+                        val_split, vocab, transform, self.val_features, pixels=self.val_pixels
+                    ),
+                    False,
+                    None,
+                ),
+            )
+        )
         self.grouped, self.seed = grouped, config.seed
-        n_val = len(val_split.image_ids) if config.val_images is None else min(
-            config.val_images, len(val_split.image_ids))
+        n_val = (
+            len(val_split.image_ids)
+            if config.val_images is None
+            else min(config.val_images, len(val_split.image_ids))
+        )
         if self.val_features is not None:
             images = torch.utils.data.TensorDataset(
                 torch.from_numpy(np.asarray(self.val_features[:n_val], np.float32)),
-                torch.tensor(val_split.image_ids[:n_val]))
+                torch.tensor(val_split.image_ids[:n_val]),
+            )
         else:
-            images = torch.utils.data.Subset(ImageDataset(val_split, transform, pixels=self.val_pixels),
-                                             range(n_val))
-        self.val_images = torch.utils.data.DataLoader(images, batch_size=config.batch_size,
-                                                      num_workers=config.num_workers)
+            images = torch.utils.data.Subset(
+                ImageDataset(val_split, transform, pixels=self.val_pixels), range(n_val)
+            )
+        self.val_images = torch.utils.data.DataLoader(
+            images, batch_size=config.batch_size, num_workers=config.num_workers
+        )
         scored_ids = set(val_split.image_ids[:n_val])
         self.val_references = {i: r for i, r in val_split.references().items() if i in scored_ids}
 
@@ -178,8 +255,18 @@ class TrainingData:
         self.train.generator.manual_seed(self.seed * 100003 + epoch)
 
 
-def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=None,
-              scaler=None, autocast=contextlib.nullcontext(), desc=""):
+def run_epoch(
+    model,
+    loader,
+    vocab,
+    config,
+    device,
+    optimizer=None,
+    scheduler=None,
+    scaler=None,
+    autocast=None,
+    desc="",
+):
     """One pass over `loader`: trains when an optimizer is given, else evaluates. Returns losses."""
     training = optimizer is not None
     model.train(training)
@@ -189,12 +276,13 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
         for batch in bar:
             batch = [t.to(device, non_blocking=True) for t in batch]
             captions = batch[1]
-            with autocast:
+            with autocast or contextlib.nullcontext():
                 loss = caption_loss(model, batch, vocab.pad_id)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"{desc}: loss became {loss.item()} at step {len(step_losses)} of this epoch; "
-                    "lower the learning rate or check the data. The last checkpoint is intact.")
+                    "lower the learning rate or check the data. The last checkpoint is intact."
+                )
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 (scaler.scale(loss) if scaler else loss).backward()
@@ -222,6 +310,7 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
 def write_history(history, output_dir):
     """history.json, history.csv and learning_curves.png in `output_dir`."""
     from plots import plot_learning_curves
+
     output_dir = Path(output_dir)
     tmp = output_dir / ".history.json.tmp"
     tmp.write_text(json.dumps(history, indent=1))
@@ -238,8 +327,10 @@ def drop_unreadable_images(split, config):
     """`split` without the images that cannot be read, and how many were dropped."""
     bad = find_unreadable_images(split, config.num_workers, config.progress)
     if bad:
-        tqdm.write(f"skipping {len(bad)} unreadable {split.name} image(s); first: "
-                   f"{next(iter(bad.values()))}")
+        tqdm.write(
+            f"skipping {len(bad)} unreadable {split.name} image(s); first: "
+            f"{next(iter(bad.values()))}"
+        )
     return split.without_images(bad), len(bad)
 
 
@@ -250,8 +341,17 @@ def remove_stale_temporaries(output_dir):
 
 
 def new_history():
-    return {"epoch": [], "train_loss": [], "train_perplexity": [], "val_loss": [],
-            "val_perplexity": [], "val_cider": [], "lr": [], "epoch_seconds": [], "step_loss": []}
+    return {
+        "epoch": [],
+        "train_loss": [],
+        "train_perplexity": [],
+        "val_loss": [],
+        "val_perplexity": [],
+        "val_cider": [],
+        "lr": [],
+        "epoch_seconds": [],
+        "step_loss": [],
+    }
 
 
 def train(config):
@@ -271,8 +371,12 @@ def train(config):
         check_resumable(resume_state["config"], config, last_path)
         vocab = Vocabulary.from_dict(resume_state["vocab"])
     else:
-        vocab = load_or_build_vocab(vocab_file=None, vocab_threshold=config.vocab_threshold,
-                                    vocab_from_file=False, train_split=train_split)
+        vocab = load_or_build_vocab(
+            vocab_file=None,
+            vocab_threshold=config.vocab_threshold,
+            vocab_from_file=False,
+            train_split=train_split,
+        )
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     model = build_model(config, vocab).to(device)
@@ -282,18 +386,30 @@ def train(config):
     autocast, scaler = autocast_for(config, device)
     history, start_epoch, best_cider, stale = new_history(), 0, -1.0, 0
     if resume_state:
-        load_model_state(model, resume_state["model"], last_path, "config " + str(
-            {k: getattr(config, k) for k in ARCHITECTURE_FIELDS}))
+        load_model_state(
+            model,
+            resume_state["model"],
+            last_path,
+            "config " + str({k: getattr(config, k) for k in ARCHITECTURE_FIELDS}),
+        )
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         if scaler and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
         set_rng_state(resume_state["rng"])
         history = resume_state["history"]
-        start_epoch, best_cider, stale = (resume_state["epoch"] + 1, resume_state["best_cider"],
-                                          resume_state["stale_epochs"])
-    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-                 if world > 1 else model)
+        start_epoch, best_cider, stale = (
+            resume_state["epoch"] + 1,
+            resume_state["best_cider"],
+            resume_state["stale_epochs"],
+        )
+    ddp_model = (
+        torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+        if world > 1
+        else model
+    )
     history["skipped_images"] = skipped
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -305,42 +421,79 @@ def train(config):
             break
         started = time.time()
         data.start_epoch(epoch)
-        step_losses, train_loss = run_epoch(ddp_model, data.train, vocab, config, device, optimizer,
-                                            scheduler, scaler, autocast,
-                                            desc=f"epoch {epoch + 1}/{config.epochs}")
-        _, val_loss = run_epoch(model, data.val, vocab, config, device, autocast=autocast,
-                                desc="val loss")
+        step_losses, train_loss = run_epoch(
+            ddp_model,
+            data.train,
+            vocab,
+            config,
+            device,
+            optimizer,
+            scheduler,
+            scaler,
+            autocast,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+        )
+        _, val_loss = run_epoch(
+            model, data.val, vocab, config, device, autocast=autocast, desc="val loss"
+        )
         cider = 0.0
         if rank == 0:
-            predictions = predict_captions(model, vocab, data.val_images, device,
-                                           max_len=config.max_caption_len, blind=config.blind)
+            predictions = predict_captions(
+                model,
+                vocab,
+                data.val_images,
+                device,
+                max_len=config.max_caption_len,
+                blind=config.blind,
+            )
             cider = cider_score(predictions, data.val_references)
         if world > 1:
             shared = torch.tensor([cider], device=device)
             dist.broadcast(shared, 0)
             cider = float(shared.item())
-        for key, value in (("epoch", epoch + 1), ("train_loss", train_loss),
-                           ("train_perplexity", math.exp(train_loss)), ("val_loss", val_loss),
-                           ("val_perplexity", math.exp(val_loss)), ("val_cider", cider),
-                           ("lr", scheduler.get_last_lr()[0]),
-                           ("epoch_seconds", time.time() - started)):
+        for key, value in (
+            ("epoch", epoch + 1),
+            ("train_loss", train_loss),
+            ("train_perplexity", math.exp(train_loss)),
+            ("val_loss", val_loss),
+            ("val_perplexity", math.exp(val_loss)),
+            ("val_cider", cider),
+            ("lr", scheduler.get_last_lr()[0]),
+            ("epoch_seconds", time.time() - started),
+        ):
             history[key].append(value)
         history["step_loss"].extend(step_losses)
         improved = cider > best_cider
         best_cider, stale = (cider, 0) if improved else (best_cider, stale + 1)
         if rank == 0:
-            state = {"config": asdict(config), "vocab": vocab.to_dict(), "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
-                     "epoch": epoch, "step": len(history["step_loss"]), "history": history,
-                     "best_cider": best_cider, "stale_epochs": stale}
+            state = {
+                "config": asdict(config),
+                "vocab": vocab.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None,
+                "rng": rng_state(),
+                "epoch": epoch,
+                "step": len(history["step_loss"]),
+                "history": history,
+                "best_cider": best_cider,
+                "stale_epochs": stale,
+            }
             save_checkpoint(state, last_path)
             if improved:
-                save_checkpoint({k: state[k] for k in ("config", "vocab", "model", "epoch", "history",
-                                                       "best_cider")}, best_path)
+                save_checkpoint(
+                    {
+                        k: state[k]
+                        for k in ("config", "vocab", "model", "epoch", "history", "best_cider")
+                    },
+                    best_path,
+                )
             write_history(history, output_dir)
-            tqdm.write(f"epoch {epoch + 1}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
-                       f"val CIDEr {cider:.3f}{' (best)' if improved else ''}", )
+            tqdm.write(
+                f"epoch {epoch + 1}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
+                f"val CIDEr {cider:.3f}{' (best)' if improved else ''}",
+            )
     if world > 1:
         dist.barrier()
     return history

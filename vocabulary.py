@@ -1,4 +1,5 @@
 """Word vocabulary for captions: offline tokenisation, word <-> id maps, JSON storage."""
+
 import json
 import os
 from collections import Counter
@@ -18,9 +19,17 @@ def tokenize(caption):
 class Vocabulary:
     """Maps caption words to ids and back; `<start>`=0, `<end>`=1, `<unk>`=2, `<pad>`=3 as in CVND."""
 
-    def __init__(self, vocab_threshold=5, vocab_file="./vocab.json", start_word="<start>",
-                 end_word="<end>", unk_word="<unk>", annotations_file=None,
-                 vocab_from_file=False, captions=None):
+    def __init__(
+        self,
+        vocab_threshold=5,
+        vocab_file="./vocab.json",
+        start_word="<start>",
+        end_word="<end>",
+        unk_word="<unk>",
+        annotations_file=None,
+        vocab_from_file=False,
+        captions=None,
+    ):
         """Load `vocab_file`, or build from `captions` (strings or token lists, else those of
         `annotations_file`) and save it there."""
         self.vocab_threshold = vocab_threshold
@@ -32,12 +41,15 @@ class Vocabulary:
             self._load(vocab_file)
             return
         if vocab_from_file:
-            raise FileNotFoundError(f"{vocab_file}: vocabulary file not found "
-                                    "(build it first with vocab_from_file=False)")
+            raise FileNotFoundError(
+                f"{vocab_file}: vocabulary file not found "
+                "(build it first with vocab_from_file=False)"
+            )
         if captions is None:
             if annotations_file is None:
                 raise ValueError("Vocabulary needs captions or annotations_file to build from")
             from annotations import read_captions  # deferred: only a build needs the readers
+
             captions = [c for _, c in read_captions(annotations_file)]
         if not hasattr(captions, "counts"):
             captions = (tokenize(c) if isinstance(c, str) else c for c in captions)
@@ -54,8 +66,10 @@ class Vocabulary:
             for tokens in tokenized_captions:
                 counts.update(tokens)
         specials = [self.start_word, self.end_word, self.unk_word, self.pad_word]
-        kept = sorted((w for w, n in counts.items() if n >= self.vocab_threshold and w not in specials),
-                      key=lambda w: (-counts[w], w))
+        kept = sorted(
+            (w for w, n in counts.items() if n >= self.vocab_threshold and w not in specials),
+            key=lambda w: (-counts[w], w),
+        )
         self.idx2word = dict(enumerate(specials + kept))
         self.word2idx = {w: i for i, w in self.idx2word.items()}
 
@@ -105,10 +119,15 @@ class Vocabulary:
 
     def to_dict(self):
         """JSON-ready form: settings and words in id order."""
-        return {"format": "captioning-vocabulary/1", "vocab_threshold": self.vocab_threshold,
-                "start_word": self.start_word, "end_word": self.end_word,
-                "unk_word": self.unk_word, "pad_word": self.pad_word,
-                "words": [self.idx2word[i] for i in range(len(self.idx2word))]}
+        return {
+            "format": "captioning-vocabulary/1",
+            "vocab_threshold": self.vocab_threshold,
+            "start_word": self.start_word,
+            "end_word": self.end_word,
+            "unk_word": self.unk_word,
+            "pad_word": self.pad_word,
+            "words": [self.idx2word[i] for i in range(len(self.idx2word))],
+        }
 
     def save(self, path):
         """Write the vocabulary as JSON (atomically: temp file, then rename)."""
@@ -122,8 +141,10 @@ class Vocabulary:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a JSON vocabulary file ({e}); vocabularies are never "
-                             "read from pickles, rebuild it with vocab_from_file=False") from None
+            raise ValueError(
+                f"{path}: not a JSON vocabulary file ({e}); vocabularies are never "
+                "read from pickles, rebuild it with vocab_from_file=False"
+            ) from None
         self._set_from_dict(data, source=path)
 
     def _set_from_dict(self, data, source="<dict>"):
@@ -137,8 +158,11 @@ class Vocabulary:
             raise ValueError(f"{source}: vocabulary has repeated words")
         self.idx2word = dict(enumerate(words))
         self.word2idx = {w: i for i, w in self.idx2word.items()}
-        missing = [w for w in (self.start_word, self.end_word, self.unk_word, self.pad_word)
-                   if w not in self.word2idx]
+        missing = [
+            w
+            for w in (self.start_word, self.end_word, self.unk_word, self.pad_word)
+            if w not in self.word2idx
+        ]
         if missing:
             raise ValueError(f"{source}: vocabulary lacks special tokens {missing}")
 
@@ -149,7 +173,11 @@ class Vocabulary:
         vocab.vocab_file, vocab.annotations_file = None, None
         vocab.vocab_threshold = data.get("vocab_threshold")
         vocab.start_word, vocab.end_word, vocab.unk_word, vocab.pad_word = (
-            "<start>", "<end>", "<unk>", PAD_WORD)
+            "<start>",
+            "<end>",
+            "<unk>",
+            PAD_WORD,
+        )
         vocab._set_from_dict(data)
         return vocab
 
@@ -160,6 +188,10 @@ class Vocabulary:
         vocab.vocab_file, vocab.annotations_file = str(path), None
         vocab.vocab_threshold = None
         vocab.start_word, vocab.end_word, vocab.unk_word, vocab.pad_word = (
-            "<start>", "<end>", "<unk>", PAD_WORD)
+            "<start>",
+            "<end>",
+            "<unk>",
+            PAD_WORD,
+        )
         vocab._load(path)
         return vocab

@@ -1,4 +1,5 @@
 """Shared helpers: result rows, timing, machine info, and the data every benchmark runs on."""
+
 import contextlib
 import json
 import math
@@ -18,8 +19,16 @@ DECODER_VOCAB = 10_000  # output size of the benchmark decoders (COCO train's vo
 def row(name, project, naive, unit, target=None, higher_is_better=False, note=""):
     """One result: both figures, their ratio (how many times better the project is) and target."""
     ratio = project / naive if higher_is_better else naive / project
-    return {"name": name, "project": project, "naive": naive, "unit": unit, "ratio": ratio,
-            "target": target, "met": None if target is None else ratio >= target, "note": note}
+    return {
+        "name": name,
+        "project": project,
+        "naive": naive,
+        "unit": unit,
+        "ratio": ratio,
+        "target": target,
+        "met": None if target is None else ratio >= target,
+        "note": note,
+    }
 
 
 def number(value):
@@ -34,8 +43,10 @@ def describe(r):
     """`name: project 1.9 s, naive 41.2 s, ratio 21.7x (target >= 10x)`."""
     target = f"target >= {r['target']:g}x" if r["target"] is not None else "no target"
     note = f"; {r['note']}" if r["note"] else ""
-    return (f"{r['name']}: project {number(r['project'])} {r['unit']}, naive "
-            f"{number(r['naive'])} {r['unit']}, ratio {number(r['ratio'])}x ({target}){note}")
+    return (
+        f"{r['name']}: project {number(r['project'])} {r['unit']}, naive "
+        f"{number(r['naive'])} {r['unit']}, ratio {number(r['ratio'])}x ({target}){note}"
+    )
 
 
 def timed(fn, *args, **kwargs):
@@ -62,13 +73,22 @@ def fresh_cache(workdir):
 def machine_info():
     """CPU model, cores, load and library versions, for the results file."""
     import torch
+
     cpu = platform.processor()
     with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+        )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def coco_scale_dir(workdir, copies):
@@ -84,12 +104,15 @@ def coco_scale_dir(workdir, copies):
             new_id = im["id"] + c * 1_000_000
             images.append({**im, "id": new_id, "file_name": f"{new_id:012d}.jpg"})
         for a in src["annotations"]:
-            annotations.append({**a, "id": a["id"] + c * 1_000_000,
-                                "image_id": a["image_id"] + c * 1_000_000})
+            annotations.append(
+                {**a, "id": a["id"] + c * 1_000_000, "image_id": a["image_id"] + c * 1_000_000}
+            )
     (root / "train2017").mkdir(parents=True, exist_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**src, "images": images, "annotations": annotations}), encoding="utf-8")
+    tmp.write_text(
+        json.dumps({**src, "images": images, "annotations": annotations}), encoding="utf-8"
+    )
     os.replace(tmp, path)
     return root
 
@@ -98,6 +121,8 @@ def coco_vocab():
     """Vocabulary of the 25,014 real val2017 captions, every word kept (7,380 entries)."""
     from annotations import read_coco_file
     from data_loader import load_or_build_vocab
+
     split = read_coco_file(VAL_CAPTIONS, VAL_CAPTIONS.parent, "val")
-    return load_or_build_vocab(vocab_file=None, vocab_threshold=1, vocab_from_file=False,
-                               train_split=split)
+    return load_or_build_vocab(
+        vocab_file=None, vocab_threshold=1, vocab_from_file=False, train_split=split
+    )

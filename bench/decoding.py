@@ -1,4 +1,5 @@
 """Caption decoding speed: batched greedy and beam search vs one image at a time."""
+
 import torch
 
 from bench.common import DECODER_VOCAB, row, timed
@@ -19,6 +20,7 @@ def make_decoder():
     Suppressing `<end>` makes every caption run all MAX_LEN steps, so both ways do equal work.
     """
     from model import DecoderRNN
+
     torch.manual_seed(0)
     decoder = DecoderRNN(256, 512, DECODER_VOCAB).eval()
     with torch.no_grad():
@@ -28,30 +30,49 @@ def make_decoder():
 
 def batched(decode, decoder, feats, **kwargs):
     """Rows of `decode` run on batches of BATCH_SIZE images."""
-    return [r for i in range(0, len(feats), BATCH_SIZE)
-            for r in decode(decoder, feats[i:i + BATCH_SIZE], max_len=MAX_LEN, **kwargs).tolist()]
+    return [
+        r
+        for i in range(0, len(feats), BATCH_SIZE)
+        for r in decode(decoder, feats[i : i + BATCH_SIZE], max_len=MAX_LEN, **kwargs).tolist()
+    ]
 
 
 def run(workdir, quick):
     """Yield the greedy and beam-search rows (captions per second)."""
     from decoding import beam_search, greedy_decode
+
     decoder = make_decoder()
     (n_greedy, m_greedy), (n_beam, m_beam) = sizes(quick)
     feats = torch.randn(max(n_greedy, n_beam), 256)  # stand-ins for projected image features
     batched(greedy_decode, decoder, feats[:BATCH_SIZE])  # warm-up
     fast, fast_s = timed(batched, greedy_decode, decoder, feats[:n_greedy])
-    slow, slow_s = timed(lambda: [decoder.sample(f.view(1, 1, -1), max_len=MAX_LEN)
-                                  for f in feats[:m_greedy]])
+    slow, slow_s = timed(
+        lambda: [decoder.sample(f.view(1, 1, -1), max_len=MAX_LEN) for f in feats[:m_greedy]]
+    )
     same = sum(a == b for a, b in zip(fast, slow))
-    yield row("greedy decoding, batch 64 vs DecoderRNN.sample", n_greedy / fast_s, m_greedy / slow_s,
-              "captions/s", target=10, higher_is_better=True,
-              note=f"{n_greedy} vs {m_greedy} images, {MAX_LEN} steps each (<end> suppressed); "
-                   f"same ids {same}/{m_greedy}")
+    yield row(
+        "greedy decoding, batch 64 vs DecoderRNN.sample",
+        n_greedy / fast_s,
+        m_greedy / slow_s,
+        "captions/s",
+        target=10,
+        higher_is_better=True,
+        note=f"{n_greedy} vs {m_greedy} images, {MAX_LEN} steps each (<end> suppressed); "
+        f"same ids {same}/{m_greedy}",
+    )
     fast, fast_s = timed(batched, beam_search, decoder, feats[:n_beam], beam_size=BEAM)
-    slow, slow_s = timed(lambda: [beam_search(decoder, f.view(1, -1), BEAM, MAX_LEN)[0].tolist()
-                                  for f in feats[:m_beam]])
+    slow, slow_s = timed(
+        lambda: [
+            beam_search(decoder, f.view(1, -1), BEAM, MAX_LEN)[0].tolist() for f in feats[:m_beam]
+        ]
+    )
     same = sum(a == b for a, b in zip(fast, slow))
-    yield row(f"beam search k={BEAM}, batch 64 vs one image", n_beam / fast_s, m_beam / slow_s,
-              "captions/s", higher_is_better=True,
-              note=f"{n_beam} vs {m_beam} images, {MAX_LEN} steps each (<end> suppressed); "
-                   f"same ids {same}/{m_beam}")
+    yield row(
+        f"beam search k={BEAM}, batch 64 vs one image",
+        n_beam / fast_s,
+        m_beam / slow_s,
+        "captions/s",
+        higher_is_better=True,
+        note=f"{n_beam} vs {m_beam} images, {MAX_LEN} steps each (<end> suppressed); "
+        f"same ids {same}/{m_beam}",
+    )

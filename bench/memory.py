@@ -1,4 +1,5 @@
 """Peak resident memory of loader start-up and of training, each measured in a fresh process."""
+
 import json
 import subprocess
 import sys
@@ -17,9 +18,11 @@ def peak_mib():
 
 def probe(name, workdir, quick):
     """Run one workload in this (fresh) process; (MiB after imports, peak MiB)."""
-    import data_loader, model, train  # noqa: F401  the same imports before either way
-    import nltk.tokenize, pycocotools.coco  # noqa: F401
+    import pycocotools.coco  # noqa: F401
+
+    import train  # noqa: F401  the same imports before either way
     from bench import loader, training
+
     baseline = peak_mib()
     if name.startswith("loader-"):
         start = loader.project_start if name == "loader-project" else loader.naive_start
@@ -27,7 +30,9 @@ def probe(name, workdir, quick):
     else:
         config, vocab, split, net = training.setup()
         cache = training.features(net, split) if name == "train-cache" else None
-        training.train_steps(net, vocab, config, training.make_loader(split, vocab, cache), TRAIN_STEPS)
+        training.train_steps(
+            net, vocab, config, training.make_loader(split, vocab, cache), TRAIN_STEPS
+        )
     return baseline, peak_mib()
 
 
@@ -43,17 +48,28 @@ def measure(name, workdir, quick):
 def run(workdir, quick):
     """Yield the memory rows (peak MiB; the ratio is naive peak / project peak)."""
     from bench import loader, training
+
     loader.project_start(coco_scale_dir(workdir, loader.copies(quick)))  # a warm token cache
     _, _, split, net = training.setup()
     training.features(net, split)  # the feature cache exists before probing
     for label, project, naive, what in (
-            ("loader start-up", "loader-project", "loader-naive", "warm token cache vs CVND start"),
-            ("training", "train-cache", "train-cnn", f"{TRAIN_STEPS} steps from the cache vs "
-                                                     "through ResNet-50")):
+        ("loader start-up", "loader-project", "loader-naive", "warm token cache vs CVND start"),
+        (
+            "training",
+            "train-cache",
+            "train-cnn",
+            f"{TRAIN_STEPS} steps from the cache vs through ResNet-50",
+        ),
+    ):
         (base, p), (_, n) = measure(project, workdir, quick), measure(naive, workdir, quick)
-        yield row(f"peak memory, {label}", p, n, "MiB",
-                  note=f"{what}; above the {base:,.0f} MiB after imports: project "
-                       f"+{p - base:,.0f}, naive +{n - base:,.0f}")
+        yield row(
+            f"peak memory, {label}",
+            p,
+            n,
+            "MiB",
+            note=f"{what}; above the {base:,.0f} MiB after imports: project "
+            f"+{p - base:,.0f}, naive +{n - base:,.0f}",
+        )
 
 
 if __name__ == "__main__":

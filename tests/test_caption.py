@@ -1,4 +1,5 @@
 """The caption command: own image files and folders, greedy and beam, JSON and drawn output."""
+
 import json
 import os
 import subprocess
@@ -20,10 +21,25 @@ GRAYSCALE = "000000431848.jpg"  # a grayscale image in COCO val2017
 @pytest.fixture(scope="module")
 def checkpoint(demo_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("caption_model")
-    train(TrainConfig(data_dir=str(demo_root), output_dir=str(out), vocab_threshold=1,
-                      backbone="smallcnn", pretrained=False, trainable_blocks=-1, image_size=32,
-                      embed_size=32, hidden_size=48, batch_size=16, epochs=1, val_images=10,
-                      patience=None, num_workers=0, progress=False))
+    train(
+        TrainConfig(
+            data_dir=str(demo_root),
+            output_dir=str(out),
+            vocab_threshold=1,
+            backbone="smallcnn",
+            pretrained=False,
+            trainable_blocks=-1,
+            image_size=32,
+            embed_size=32,
+            hidden_size=48,
+            batch_size=16,
+            epochs=1,
+            val_images=10,
+            patience=None,
+            num_workers=0,
+            progress=False,
+        )
+    )
     return out / "best.pt"
 
 
@@ -32,12 +48,21 @@ def expected_captions(checkpoint, paths, beam_size):
     model, vocab, config = load_trained(checkpoint)
     transform = make_transform(config.image_size)
     with torch.no_grad():
-        return [decode_captions(model.decoder, model.encode(transform(load_image(p))[None]), vocab,
-                                beam_size, config.max_caption_len)[1][0] for p in paths]
+        return [
+            decode_captions(
+                model.decoder,
+                model.encode(transform(load_image(p))[None]),
+                vocab,
+                beam_size,
+                config.max_caption_len,
+            )[1][0]
+            for p in paths
+        ]
 
 
-def test_caption_command_on_grayscale_coco_image_and_a_folder(checkpoint, coco_sample, demo_root,
-                                                              tmp_path):
+def test_caption_command_on_grayscale_coco_image_and_a_folder(
+    checkpoint, coco_sample, demo_root, tmp_path
+):
     grayscale = coco_sample / "val2017" / GRAYSCALE
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -46,9 +71,24 @@ def test_caption_command_on_grayscale_coco_image_and_a_folder(checkpoint, coco_s
         os.symlink(image, folder / image.name)
     (folder / "notes.txt").write_text("not an image: ignored")
     out = tmp_path / "captions.json"
-    run = subprocess.run([sys.executable, str(ROOT / "caption.py"), str(checkpoint), str(grayscale),
-                          str(folder), "--beam", "3", "--json", str(out), "--draw",
-                          str(tmp_path / "drawn")], capture_output=True, text=True, cwd=tmp_path)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "caption.py"),
+            str(checkpoint),
+            str(grayscale),
+            str(folder),
+            "--beam",
+            "3",
+            "--json",
+            str(out),
+            "--draw",
+            str(tmp_path / "drawn"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     captions = json.loads(out.read_text())
     paths = [grayscale] + [folder / image.name for image in demo_images]
@@ -56,11 +96,13 @@ def test_caption_command_on_grayscale_coco_image_and_a_folder(checkpoint, coco_s
     assert list(captions.values()) == expected_captions(checkpoint, paths, beam_size=3)
     assert all(captions.values()) and f"{grayscale}: {captions[str(grayscale)]}" in run.stdout
     assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == sorted(
-        f"{p.stem}.png" for p in paths)
+        f"{p.stem}.png" for p in paths
+    )
 
 
 def test_caption_greedy_default_and_missing_file(checkpoint, coco_sample, tmp_path, monkeypatch):
     import caption
+
     monkeypatch.chdir(tmp_path)
     grayscale = coco_sample / "val2017" / GRAYSCALE
     captions = caption.main([str(checkpoint), str(grayscale)])

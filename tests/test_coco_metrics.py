@@ -18,7 +18,9 @@ EVALUATED_IMAGES = 20
 ANNOTATED_IMAGES = 25  # more than evaluated: CIDEr's IDF must come from the evaluated images only
 TRICKY_CAPTION = "A Man's hat (red), \u201cblue\u201d shoes..."
 
-needs_java = pytest.mark.skipif(not coco_metrics.java_available(), reason="needs a working `java` on PATH")
+needs_java = pytest.mark.skipif(
+    not coco_metrics.java_available(), reason="needs a working `java` on PATH"
+)
 
 
 class SpiceStub:
@@ -42,7 +44,9 @@ def coco_files(tmp_path_factory):
     rng = random.Random(0)
     images = rng.sample([image for image in dataset["images"]], ANNOTATED_IMAGES)
     image_ids = {image["id"] for image in images}
-    annotations = [annotation for annotation in dataset["annotations"] if annotation["image_id"] in image_ids]
+    annotations = [
+        annotation for annotation in dataset["annotations"] if annotation["image_id"] in image_ids
+    ]
     folder = tmp_path_factory.mktemp("coco")
     annotations_file = folder / "captions.json"
     annotations_file.write_text(json.dumps({"images": images, "annotations": annotations}))
@@ -52,7 +56,9 @@ def coco_files(tmp_path_factory):
     # Even positions get one of their own references (right), odd ones the next image's (wrong).
     predictions = {}
     for position, image_id in enumerate(evaluated_ids):
-        source_id = image_id if position % 2 == 0 else evaluated_ids[(position + 1) % len(evaluated_ids)]
+        source_id = (
+            image_id if position % 2 == 0 else evaluated_ids[(position + 1) % len(evaluated_ids)]
+        )
         predictions[image_id] = rng.choice(references[source_id])
     results_file = coco_metrics.write_results(predictions, folder / "results.json")
     return annotations_file, results_file, predictions, references
@@ -114,7 +120,9 @@ def test_own_reference_scores_higher_than_other_images_caption(coco_files, java_
 def test_perfect_prediction_beats_wrong_one(coco_files):
     _, _, predictions, references = coco_files
     perfect = {image_id: references[image_id][0] for image_id in predictions}
-    wrong = {image_id: "a bowl of soup next to a spoon on a wooden table" for image_id in predictions}
+    wrong = {
+        image_id: "a bowl of soup next to a spoon on a wooden table" for image_id in predictions
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         perfect_metrics, _ = coco_metrics.score_captions(perfect, references, use_java=False)
@@ -143,7 +151,9 @@ def test_python_tokenizer_numbers_close_to_java(coco_files, java_scores):
     annotations_file, results_file, _, _ = coco_files
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        python_metrics, _ = coco_metrics.score_results_file(results_file, annotations_file, use_java=False)
+        python_metrics, _ = coco_metrics.score_results_file(
+            results_file, annotations_file, use_java=False
+        )
     java_metrics, _ = java_scores
     for name, score in python_metrics.items():
         assert score == pytest.approx(java_metrics[name], abs=1e-3), name
@@ -155,12 +165,18 @@ def test_python_tokenizer_matches_ptb_tokenizer_on_sample_captions():
 
     if not VAL_CAPTIONS.is_file():
         pytest.skip(f"COCO sample captions not found at {VAL_CAPTIONS}")
-    captions = [annotation["caption"] for annotation in json.loads(VAL_CAPTIONS.read_text())["annotations"]]
+    captions = [
+        annotation["caption"] for annotation in json.loads(VAL_CAPTIONS.read_text())["annotations"]
+    ]
     captions += [TRICKY_CAPTION, "a dog on the table.. <unk> <end>", ""]
-    official = PTBTokenizer().tokenize({index: [{"caption": caption}] for index, caption in enumerate(captions)})
-    mismatches = [(caption, official[index][0], coco_metrics._tokenize_like_ptb(caption))
-                  for index, caption in enumerate(captions)
-                  if official[index][0] != coco_metrics._tokenize_like_ptb(caption)]
+    official = PTBTokenizer().tokenize(
+        {index: [{"caption": caption}] for index, caption in enumerate(captions)}
+    )
+    mismatches = [
+        (caption, official[index][0], coco_metrics._tokenize_like_ptb(caption))
+        for index, caption in enumerate(captions)
+        if official[index][0] != coco_metrics._tokenize_like_ptb(caption)
+    ]
     assert mismatches == []
 
 
@@ -181,14 +197,19 @@ def test_python_tokenizer_follows_ptb_conventions():
 def test_spice_without_models_warns_and_is_skipped(monkeypatch, tmp_path):
     from pycocoevalcap.spice import get_stanford_models
 
-    monkeypatch.setattr(get_stanford_models, "SPICEDIR", str(tmp_path))  # jars absent whatever is installed
+    monkeypatch.setattr(
+        get_stanford_models, "SPICEDIR", str(tmp_path)
+    )  # jars absent whatever is installed
     monkeypatch.setattr(get_stanford_models, "urlretrieve", pytest.fail)  # must never download
     monkeypatch.setattr(coco_metrics, "_warned_reasons", set())
     use_java = coco_metrics.java_available()
     with pytest.warns(RuntimeWarning, match="SPICE skipped") as recorded:
         metrics, per_image = coco_metrics.score_captions(
-            {1: "a dog on a couch", 2: "a cat"}, {1: ["a dog on a sofa"], 2: ["a cat in a box"]},
-            use_java=use_java, spice=True)
+            {1: "a dog on a couch", 2: "a cat"},
+            {1: ["a dog on a sofa"], 2: ["a cat in a box"]},
+            use_java=use_java,
+            spice=True,
+        )
     if use_java:
         assert any("stanford-corenlp" in str(warning.message) for warning in recorded)
     assert "SPICE" not in metrics and "CIDEr" in metrics
@@ -199,7 +220,9 @@ def test_write_results_round_trip_is_official_format(tmp_path):
     predictions = {np.int64(139): "a woman in a kitchen", 285: "a big brown bear"}
     path = coco_metrics.write_results(predictions, tmp_path / "out" / "results.json")
     assert json.loads(path.read_text()) == [
-        {"image_id": 139, "caption": "a woman in a kitchen"}, {"image_id": 285, "caption": "a big brown bear"}]
+        {"image_id": 139, "caption": "a woman in a kitchen"},
+        {"image_id": 285, "caption": "a big brown bear"},
+    ]
     assert [entry.name for entry in path.parent.iterdir()] == ["results.json"]
 
 
@@ -234,7 +257,9 @@ def test_empty_predictions_rejected():
         coco_metrics.score_captions({}, {1: ["a dog"]})
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"images": [], "annotations": [{"id": 1}]}'])
+@pytest.mark.parametrize(
+    "content", ["{not json", "[1, 2]", '{"images": [], "annotations": [{"id": 1}]}']
+)
 def test_malformed_annotations_file_is_named(tmp_path, content):
     annotations_file = tmp_path / "broken_captions.json"
     annotations_file.write_text(content)

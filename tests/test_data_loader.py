@@ -1,4 +1,5 @@
 """Loader: equal-length batches, one epoch = every caption once, val/test modes, layouts, errors."""
+
 import json
 import os
 from collections import Counter
@@ -7,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import annotations
 from annotations import AnnotationError, read_split
 from data_loader import ImageLoadError, get_loader, load_image, make_transform
 from length_bucket_sampler import LengthBucketSampler
@@ -15,10 +15,15 @@ from length_bucket_sampler import LengthBucketSampler
 
 def loader(root, tmp_path, mode="train", **kw):
     kw.setdefault("batch_size", 8)
-    return get_loader(make_transform(64 if "demo" in str(root) else 96), mode=mode,
-                      vocab_threshold=kw.pop("vocab_threshold", 2),
-                      vocab_file=str(tmp_path / "vocab.json"), vocab_from_file=False,
-                      data_dir=root, **kw)
+    return get_loader(
+        make_transform(64 if "demo" in str(root) else 96),
+        mode=mode,
+        vocab_threshold=kw.pop("vocab_threshold", 2),
+        vocab_file=str(tmp_path / "vocab.json"),
+        vocab_from_file=False,
+        data_dir=root,
+        **kw,
+    )
 
 
 def check_train_epoch(dl):
@@ -57,8 +62,13 @@ def test_cvnd_get_train_indices(demo_root, tmp_path):
 
 def test_val_mode_yields_images_with_ids(coco_sample, tmp_path):
     loader(coco_sample, tmp_path)  # builds the vocabulary the val loader reads
-    dl = get_loader(make_transform(96), mode="val", batch_size=16, data_dir=coco_sample,
-                    vocab_file=str(tmp_path / "vocab.json"))
+    dl = get_loader(
+        make_transform(96),
+        mode="val",
+        batch_size=16,
+        data_dir=coco_sample,
+        vocab_file=str(tmp_path / "vocab.json"),
+    )
     ids = []
     for images, image_ids in dl:
         assert images.shape[1:] == (3, 96, 96)
@@ -69,8 +79,9 @@ def test_val_mode_yields_images_with_ids(coco_sample, tmp_path):
 
 def test_test_mode_yields_original_and_transformed(demo_root, tmp_path):
     loader(demo_root, tmp_path)
-    dl = get_loader(make_transform(64), mode="test", data_dir=demo_root,
-                    vocab_file=str(tmp_path / "vocab.json"))
+    dl = get_loader(
+        make_transform(64), mode="test", data_dir=demo_root, vocab_file=str(tmp_path / "vocab.json")
+    )
     original, image = next(iter(dl))
     assert original.shape[0] == 1 and original.shape[-1] == 3 and original.dtype == torch.uint8
     assert image.shape == (1, 3, 64, 64)
@@ -80,6 +91,7 @@ def test_test_mode_yields_original_and_transformed(demo_root, tmp_path):
 def test_grayscale_coco_image_becomes_rgb(coco_sample):
     path = coco_sample / "val2017" / "000000431848.jpg"
     from PIL import Image
+
     assert Image.open(path).mode == "L"
     image = load_image(path)
     assert image.mode == "RGB"
@@ -88,6 +100,7 @@ def test_grayscale_coco_image_becomes_rgb(coco_sample):
 
 def test_rgba_png_composited_on_white(tmp_path):
     from PIL import Image
+
     path = tmp_path / "a.png"
     Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(path)
     assert load_image(path).getpixel((0, 0)) == (255, 255, 255)
@@ -97,7 +110,9 @@ def test_missing_image_error_names_file(demo_root, tmp_path):
     dl = loader(demo_root, tmp_path)
     dl.dataset.split.image_paths[0] = str(demo_root / "train2017" / "gone.png")
     first_caption = int(np.flatnonzero(dl.dataset.split.caption_image == 0)[0])
-    with pytest.raises(ImageLoadError, match=r"gone\.png: image file not found .*captions_train2017"):
+    with pytest.raises(
+        ImageLoadError, match=r"gone\.png: image file not found .*captions_train2017"
+    ):
         dl.dataset[first_caption]
 
 
@@ -121,10 +136,18 @@ def test_malformed_annotations_file_named(tmp_path):
 
 
 def test_annotation_row_missing_key_named(tmp_path):
-    write_coco(tmp_path, json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
-                                     "annotations": [{"image_id": 1, "caption": "ok"},
-                                                     {"image_id": 1}]}))
-    with pytest.raises(AnnotationError, match=r"captions_train2017.json, annotations row 1: missing key"):
+    write_coco(
+        tmp_path,
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.jpg"}],
+                "annotations": [{"image_id": 1, "caption": "ok"}, {"image_id": 1}],
+            }
+        ),
+    )
+    with pytest.raises(
+        AnnotationError, match=r"captions_train2017.json, annotations row 1: missing key"
+    ):
         read_split(tmp_path, "train")
 
 
@@ -136,6 +159,7 @@ def test_no_dataset_found_says_what_is_expected(tmp_path):
 def test_tokenisation_is_cached_per_file(coco_sample, monkeypatch):
     first = read_split(coco_sample, "val").tokenized()
     import vocabulary
+
     monkeypatch.setattr(vocabulary, "tokenize", lambda c: pytest.fail("tokenised again"))
     assert read_split(coco_sample, "val").tokenized() == first
 
@@ -147,10 +171,19 @@ def test_karpathy_split_file(coco_sample, tmp_path):
     caps = Counter()
     images = []
     for k, im in enumerate(coco["images"][:30]):
-        sentences = [{"raw": a["caption"]} for a in coco["annotations"] if a["image_id"] == im["id"]]
+        sentences = [
+            {"raw": a["caption"]} for a in coco["annotations"] if a["image_id"] == im["id"]
+        ]
         caps[["train", "restval", "val", "test"][k % 4]] += len(sentences)
-        images.append({"filepath": "val2017", "filename": im["file_name"], "cocoid": im["id"],
-                       "split": ["train", "restval", "val", "test"][k % 4], "sentences": sentences})
+        images.append(
+            {
+                "filepath": "val2017",
+                "filename": im["file_name"],
+                "cocoid": im["id"],
+                "split": ["train", "restval", "val", "test"][k % 4],
+                "sentences": sentences,
+            }
+        )
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
     train = read_split(tmp_path, "train")
     assert train.layout == "karpathy"
@@ -164,8 +197,9 @@ def test_karpathy_split_file(coco_sample, tmp_path):
 def test_csv_layout(coco_sample, tmp_path):
     os.symlink(coco_sample / "val2017", tmp_path / "Images")
     names = sorted(p.name for p in (coco_sample / "val2017").glob("*.jpg"))
-    rows = ["image,caption"] + [f'{n},"a photo, number {k}"' for k, n in enumerate(names)
-                                for _ in range(2)]
+    rows = ["image,caption"] + [
+        f'{n},"a photo, number {k}"' for k, n in enumerate(names) for _ in range(2)
+    ]
     (tmp_path / "captions.txt").write_text("\n".join(rows) + "\n")
     splits = {s: read_split(tmp_path, s) for s in ("train", "val", "test")}
     assert sum(len(s.image_ids) for s in splits.values()) == len(names)
@@ -193,8 +227,9 @@ def test_sampler_reshuffles_per_epoch():
 
 
 def test_image_grouped_batches_cover_every_caption_with_its_own_image(demo_root, tmp_path):
-    from data_loader import (CaptionDataset, ImageCaptionsDataset, make_image_captions_loader)
+    from data_loader import CaptionDataset, ImageCaptionsDataset, make_image_captions_loader
     from vocabulary import Vocabulary
+
     split = read_split(demo_root, "train")
     vocab = Vocabulary(1, None, captions=split.tokenized())
     captions = CaptionDataset(split, vocab, make_transform(32))
@@ -209,8 +244,12 @@ def test_image_grouped_batches_cover_every_caption_with_its_own_image(demo_root,
         for k in range(len(ids)):
             # Each caption row sits beside the very image it describes.
             text = vocab.decode(ids[k].tolist())
-            matches = [i for i in range(len(captions)) if vocab.decode(captions.caption_ids(i)) == text
-                       and torch.equal(captions[i][0], images[owners[k]])]
+            matches = [
+                i
+                for i in range(len(captions))
+                if vocab.decode(captions.caption_ids(i)) == text
+                and torch.equal(captions[i][0], images[owners[k]])
+            ]
             assert matches, text
             seen[matches[0]] += 1
     assert sum(seen.values()) == len(captions) and max(seen.values()) == 1  # each caption once
@@ -220,9 +259,15 @@ def test_image_grouped_batches_cover_every_caption_with_its_own_image(demo_root,
 def test_image_grouped_loader_shards_images_across_ranks(demo_root):
     from data_loader import CaptionDataset, ImageCaptionsDataset, make_image_captions_loader
     from vocabulary import Vocabulary
+
     split = read_split(demo_root, "val")
-    grouped = ImageCaptionsDataset(CaptionDataset(split, Vocabulary(1, None, captions=split.tokenized()),
-                                                  features=np.arange(len(split.image_ids))[:, None]))
+    grouped = ImageCaptionsDataset(
+        CaptionDataset(
+            split,
+            Vocabulary(1, None, captions=split.tokenized()),
+            features=np.arange(len(split.image_ids))[:, None],
+        )
+    )
     shards = []
     for rank in (0, 1):
         dl = make_image_captions_loader(grouped, batch_size=3, seed=2, num_replicas=2, rank=rank)
@@ -235,9 +280,13 @@ def test_image_grouped_loader_shards_images_across_ranks(demo_root):
 def test_captions_per_image_draws_a_seeded_subset_per_epoch(demo_root):
     from data_loader import CaptionDataset, ImageCaptionsDataset
     from vocabulary import Vocabulary
+
     split = read_split(demo_root, "val")
-    captions = CaptionDataset(split, Vocabulary(1, None, captions=split.tokenized()),
-                              features=np.zeros((len(split.image_ids), 1)))
+    captions = CaptionDataset(
+        split,
+        Vocabulary(1, None, captions=split.tokenized()),
+        features=np.zeros((len(split.image_ids), 1)),
+    )
     everything = ImageCaptionsDataset(captions)
     subset = ImageCaptionsDataset(captions, captions_per_image=2, seed=3)
 
@@ -262,6 +311,7 @@ def test_cached_pixels_give_exactly_the_transformed_image(coco_sample, tmp_path)
     # each epoch's input made from the cached bytes must equal the file read through the transform.
     from data_loader import pixels_to_input
     from feature_cache import cached_images
+
     split = read_split(coco_sample, "val")
     pixels = cached_images(split, 96, cache_dir=tmp_path, progress=False)
     assert pixels.shape == (len(split.image_ids), 3, 96, 96) and pixels.dtype == np.uint8

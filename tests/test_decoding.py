@@ -1,4 +1,5 @@
 """Batched greedy and beam-search decoding (decoding.py) against DecoderRNN.sample and by hand."""
+
 import pytest
 import torch
 
@@ -64,8 +65,8 @@ def test_greedy_matches_sample_per_image(num_layers):
     for i in range(12):
         expected = decoder.sample(features[i].view(1, 1, -1), max_len=20)
         row = ids[i].tolist()
-        assert row[:len(expected)] == expected
-        assert all(t == PAD for t in row[len(expected):])
+        assert row[: len(expected)] == expected
+        assert all(t == PAD for t in row[len(expected) :])
     assert len(set(lengths(ids))) >= 2  # some rows end early, at different steps
     check_padding(ids)
 
@@ -96,8 +97,9 @@ def test_beam_one_is_greedy(num_layers, seed, batch):
     features = torch.randn(batch, EMBED)
     greedy = greedy_decode(decoder, features, max_len=15)
     for penalty in (0.0, 1.0):
-        assert torch.equal(beam_search(decoder, features, beam_size=1, max_len=15,
-                                       length_penalty=penalty), greedy)
+        assert torch.equal(
+            beam_search(decoder, features, beam_size=1, max_len=15, length_penalty=penalty), greedy
+        )
 
 
 def bigram_decoder(after_start):
@@ -126,7 +128,7 @@ def bigram_decoder(after_start):
         lstm.weight_hh_l0.zero_()
         lstm.bias_hh_l0.zero_()
         lstm.weight_ih_l0.zero_()
-        lstm.weight_ih_l0[2 * size:3 * size] = 10 * eye  # cell input: the token's one-hot
+        lstm.weight_ih_l0[2 * size : 3 * size] = 10 * eye  # cell input: the token's one-hot
         lstm.bias_ih_l0.copy_(torch.cat([torch.full((size,), v) for v in (20.0, -20.0, 0.0, 20.0)]))
         scale = torch.tanh(torch.tanh(torch.tensor(10.0)))  # hidden value of the active token
         decoder.fc.weight.copy_(logits.t() / scale)
@@ -145,10 +147,12 @@ def test_beam_beats_greedy_where_greedy_is_suboptimal(beam_size, penalty):
     beam = beam_search(decoder, features, beam_size=beam_size, length_penalty=penalty)
     assert beam.tolist() == [[0, 5, END]] * 3
     for i, feature in enumerate(features):
-        g_ids = greedy[i, :lengths(greedy[i:i + 1])[0]].tolist()
-        b_ids = beam[i, :lengths(beam[i:i + 1])[0]].tolist()
-        assert sequence_logprob(decoder, feature, b_ids) > \
-            sequence_logprob(decoder, feature, g_ids) + 1.0
+        g_ids = greedy[i, : lengths(greedy[i : i + 1])[0]].tolist()
+        b_ids = beam[i, : lengths(beam[i : i + 1])[0]].tolist()
+        assert (
+            sequence_logprob(decoder, feature, b_ids)
+            > sequence_logprob(decoder, feature, g_ids) + 1.0
+        )
 
 
 def test_length_penalty_favours_the_longer_caption():
@@ -173,8 +177,8 @@ def test_beam_scores_at_least_greedy_on_random_weights(num_layers, seed):
     beam = beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=0.0)
     better_or_equal, differ, gain = 0, 0, 0.0
     for i, feature in enumerate(features):
-        g_ids = greedy[i, :lengths(greedy[i:i + 1])[0]].tolist()
-        b_ids = beam[i, :lengths(beam[i:i + 1])[0]].tolist()
+        g_ids = greedy[i, : lengths(greedy[i : i + 1])[0]].tolist()
+        b_ids = beam[i, : lengths(beam[i : i + 1])[0]].tolist()
         g, b = sequence_logprob(decoder, feature, g_ids), sequence_logprob(decoder, feature, b_ids)
         better_or_equal += b >= g - 1e-4
         differ += b_ids != g_ids
@@ -188,11 +192,13 @@ def test_beam_is_batch_invariant(num_layers, beam_size, penalty):
     decoder = random_decoder(6, num_layers)
     torch.manual_seed(7)
     features = torch.randn(6, EMBED)
-    batched = beam_search(decoder, features, beam_size=beam_size, max_len=12,
-                          length_penalty=penalty)
+    batched = beam_search(
+        decoder, features, beam_size=beam_size, max_len=12, length_penalty=penalty
+    )
     for i in range(6):
-        alone = beam_search(decoder, features[i:i + 1], beam_size=beam_size, max_len=12,
-                            length_penalty=penalty)
+        alone = beam_search(
+            decoder, features[i : i + 1], beam_size=beam_size, max_len=12, length_penalty=penalty
+        )
         n = alone.shape[1]
         assert batched[i, :n].tolist() == alone[0].tolist()
         assert (batched[i, n:] == PAD).all()
@@ -229,10 +235,13 @@ def test_decode_captions(tmp_path):
     for beam_size in (1, 3):
         ids, sentences = decode_captions(decoder, features, vocab, beam_size=beam_size, max_len=8)
         assert len(ids) == len(sentences) == 4
-        expected = (greedy_decode(decoder, features, max_len=8) if beam_size == 1 else
-                    beam_search(decoder, features, beam_size=3, max_len=8))
+        expected = (
+            greedy_decode(decoder, features, max_len=8)
+            if beam_size == 1
+            else beam_search(decoder, features, beam_size=3, max_len=8)
+        )
         for row, full, sentence in zip(ids, expected.tolist(), sentences):
-            assert row == full[:len(row)] and all(t == vocab.pad_id for t in full[len(row):])
+            assert row == full[: len(row)] and all(t == vocab.pad_id for t in full[len(row) :])
             assert vocab.end_id not in row[:-1]
             assert sentence == vocab.decode(row)
             assert all(word in vocab for word in sentence.split())

@@ -1,4 +1,5 @@
 """Tests for the synthetic shapes captioning dataset."""
+
 import json
 import time
 from collections import Counter
@@ -9,8 +10,17 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import demo_dataset
-from demo_dataset import (COLOURS, MARKER_NAME, SHAPES, SPLITS, main, make_demo_dataset,
-                          names_objects_correctly, object_accuracy, parse_objects)
+from demo_dataset import (
+    COLOURS,
+    MARKER_NAME,
+    SHAPES,
+    SPLITS,
+    main,
+    make_demo_dataset,
+    names_objects_correctly,
+    object_accuracy,
+    parse_objects,
+)
 
 SMALL = {"n_train": 30, "n_val": 10, "n_test": 10, "image_size": 64, "progress": False}
 
@@ -28,7 +38,9 @@ def load_split(root, split):
 
 def file_bytes(root):
     """Return every file under root by relative path, as bytes."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_layout_loads_with_pycocotools(demo_root):
@@ -73,7 +85,9 @@ def test_objects_are_valid_and_all_counts_present(demo_root):
         counts[len(objects)] += 1
         assert len({(o["color"], o["shape"]) for o in objects}) == len(objects)
         for o in objects:
-            assert o["shape"] in SHAPES and o["color"] in COLOURS and o["size"] in ("small", "large")
+            assert (
+                o["shape"] in SHAPES and o["color"] in COLOURS and o["size"] in ("small", "large")
+            )
             assert 0 <= o["x"] < 64 and 0 <= o["y"] < 64
     assert counts == {1: 10, 2: 10, 3: 10}
 
@@ -93,7 +107,9 @@ def test_same_seed_is_identical_and_other_seed_differs(tmp_path):
     other = file_bytes(make_demo_dataset(tmp_path / "c", seed=4, **SMALL))
     assert first == second
     assert first.keys() == other.keys()
-    assert first["annotations/captions_train2017.json"] != other["annotations/captions_train2017.json"]
+    assert (
+        first["annotations/captions_train2017.json"] != other["annotations/captions_train2017.json"]
+    )
     assert sum(first[name] != other[name] for name in first if name.endswith(".png")) > 40
 
 
@@ -104,8 +120,11 @@ def test_splits_differ(demo_root):
 
 def test_second_call_returns_at_once_without_rewriting(tmp_path):
     root = make_demo_dataset(tmp_path / "demo", seed=0, **SMALL)
-    watched = [root / MARKER_NAME, root / "annotations" / "captions_train2017.json",
-               root / "train2017" / "000000000001.png"]
+    watched = [
+        root / MARKER_NAME,
+        root / "annotations" / "captions_train2017.json",
+        root / "train2017" / "000000000001.png",
+    ]
     before = [path.stat().st_mtime_ns for path in watched]
     started = time.perf_counter()
     assert make_demo_dataset(tmp_path / "demo", seed=0, **SMALL) == root
@@ -132,6 +151,7 @@ def test_stale_root_without_marker_is_replaced(tmp_path):
 def test_failure_leaves_no_half_written_dataset(tmp_path, monkeypatch):
     def fail(*args):
         raise RuntimeError("disk full")
+
     monkeypatch.setattr(demo_dataset, "draw_image", fail)
     with pytest.raises(RuntimeError):
         make_demo_dataset(tmp_path / "demo", seed=0, **SMALL)
@@ -147,15 +167,19 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path):
 
 
 def test_parse_objects_maps_synonyms_and_ignores_other_words():
-    caption = "there is a big red box to the left of a tiny blue disc which is above a green triangle."
+    caption = (
+        "there is a big red box to the left of a tiny blue disc which is above a green triangle."
+    )
     assert parse_objects(caption) == [("red", "square"), ("blue", "circle"), ("green", "triangle")]
     assert parse_objects("a circle near a purple star <end>") == [("purple", "star")]
     assert parse_objects("a red and blue picture") == []
 
 
 def test_names_objects_correctly_rejects_wrong_missing_and_extra_objects():
-    objects = [{"shape": "circle", "color": "red", "size": "small", "x": 10, "y": 10},
-               {"shape": "square", "color": "blue", "size": "large", "x": 40, "y": 40}]
+    objects = [
+        {"shape": "circle", "color": "red", "size": "small", "x": 10, "y": 10},
+        {"shape": "square", "color": "blue", "size": "large", "x": 40, "y": 40},
+    ]
     assert names_objects_correctly("a small red circle above a big blue box", objects)
     assert names_objects_correctly("a blue square and a red circle", objects)
     assert not names_objects_correctly("a small green circle above a big blue box", objects)
@@ -170,11 +194,19 @@ def test_object_accuracy_counts_fractions_by_number_of_objects(demo_root):
     truth = {image["id"]: image["objects"] for image in images}
     by_count = {n: [i for i in truth if len(truth[i]) == n] for n in (1, 2, 3)}
     right = {i: " and ".join(f"a {o['color']} {o['shape']}" for o in truth[i]) for i in truth}
-    predictions = {by_count[1][0]: right[by_count[1][0]], by_count[1][1]: "a purple cross",
-                   by_count[2][0]: right[by_count[2][0]], by_count[2][1]: right[by_count[2][1]],
-                   by_count[3][0]: right[by_count[3][0]].rsplit(" and ", 1)[0]}
+    predictions = {
+        by_count[1][0]: right[by_count[1][0]],
+        by_count[1][1]: "a purple cross",
+        by_count[2][0]: right[by_count[2][0]],
+        by_count[2][1]: right[by_count[2][1]],
+        by_count[3][0]: right[by_count[3][0]].rsplit(" and ", 1)[0],
+    }
     result = object_accuracy(predictions, annotations_file)
-    assert result == {"accuracy": pytest.approx(3 / 5), "by_count": {1: 0.5, 2: 1.0, 3: 0.0}, "n": 5}
+    assert result == {
+        "accuracy": pytest.approx(3 / 5),
+        "by_count": {1: 0.5, 2: 1.0, 3: 0.0},
+        "n": 5,
+    }
 
 
 def test_object_accuracy_rejects_unknown_ids(demo_root):
@@ -184,7 +216,20 @@ def test_object_accuracy_rejects_unknown_ids(demo_root):
 
 
 def test_command_line_writes_dataset(tmp_path, capsys):
-    main(["--root", str(tmp_path / "cli"), "--n-train", "3", "--n-val", "3", "--n-test", "3",
-          "--image-size", "32", "--quiet"])
+    main(
+        [
+            "--root",
+            str(tmp_path / "cli"),
+            "--n-train",
+            "3",
+            "--n-val",
+            "3",
+            "--n-test",
+            "3",
+            "--image-size",
+            "32",
+            "--quiet",
+        ]
+    )
     assert str(tmp_path / "cli") in capsys.readouterr().out
     assert len(load_split(tmp_path / "cli", "test2017")["images"]) == 3

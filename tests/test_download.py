@@ -1,4 +1,5 @@
 """Tests for download.py against a local HTTP server that can cut, corrupt or ignore Range."""
+
 import hashlib
 import http.server
 import json
@@ -56,7 +57,9 @@ class RangeFileHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if behaviour.cut_after is not None:
-            body = body[:behaviour.cut_after]  # Content-Length promised more: the client sees a cut
+            body = body[
+                : behaviour.cut_after
+            ]  # Content-Length promised more: the client sees a cut
             self.close_connection = True
         behaviour.requests.append((self.path, range_header, len(body)))
         self.wfile.write(body)
@@ -73,7 +76,9 @@ def server(tmp_path):
     served.mkdir()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeFileHandler)
     httpd.behaviour = ServerBehaviour(served)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd.behaviour
     httpd.shutdown()
@@ -82,9 +87,12 @@ def server(tmp_path):
 
 
 ARCHIVE_MEMBERS = {
-    "train2014/COCO_train2014_000000000009.jpg": bytes(range(256)) * 200,  # 51 KB, so cuts land mid-file
+    "train2014/COCO_train2014_000000000009.jpg": bytes(range(256))
+    * 200,  # 51 KB, so cuts land mid-file
     "train2014/nested/deeper.jpg": b"\xff\xd8nested jpeg\xff\xd9",
-    "annotations/captions_train2014.json": json.dumps({"annotations": [{"caption": "a cat"}]}).encode(),
+    "annotations/captions_train2014.json": json.dumps(
+        {"annotations": [{"caption": "a cat"}]}
+    ).encode(),
 }
 
 
@@ -113,7 +121,9 @@ def archive(server):
 
 def test_complete_download_verifies_and_extracts_layout(archive, tmp_path):
     url, source, md5, sha256 = archive
-    dest = download_file(url, tmp_path / "dl" / "sample.zip", md5=md5, sha256=sha256, progress=False)
+    dest = download_file(
+        url, tmp_path / "dl" / "sample.zip", md5=md5, sha256=sha256, progress=False
+    )
     assert dest.read_bytes() == source.read_bytes()
     assert not dest.with_name("sample.zip.part").exists()
 
@@ -122,7 +132,11 @@ def test_complete_download_verifies_and_extracts_layout(archive, tmp_path):
     for name, data in ARCHIVE_MEMBERS.items():
         assert (root / name).read_bytes() == data
     assert (root / ".sample.zip.extracted").exists()
-    assert sorted(p.name for p in root.iterdir()) == [".sample.zip.extracted", "annotations", "train2014"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".sample.zip.extracted",
+        "annotations",
+        "train2014",
+    ]
 
 
 def test_interrupted_download_keeps_part_then_resumes_with_range(archive, server, tmp_path):
@@ -147,7 +161,9 @@ def test_interrupted_download_keeps_part_then_resumes_with_range(archive, server
     assert not part.exists()
 
 
-def test_corrupted_download_raises_deletes_part_and_extracts_nothing(archive, server, tmp_path, monkeypatch):
+def test_corrupted_download_raises_deletes_part_and_extracts_nothing(
+    archive, server, tmp_path, monkeypatch
+):
     url, _, md5, _ = archive
     base_url, behaviour = server
     behaviour.corrupt = True
@@ -169,8 +185,12 @@ def test_corrupted_download_raises_deletes_part_and_extracts_nothing(archive, se
 
 def test_size_mismatch_is_reported_before_hashing(archive, tmp_path):
     url, source, md5, _ = archive
-    with pytest.raises(DownloadError, match=f"size expected {source.stat().st_size + 1} bytes, got "):
-        download_file(url, tmp_path / "sample.zip", md5=md5, size=source.stat().st_size + 1, progress=False)
+    with pytest.raises(
+        DownloadError, match=f"size expected {source.stat().st_size + 1} bytes, got "
+    ):
+        download_file(
+            url, tmp_path / "sample.zip", md5=md5, size=source.stat().st_size + 1, progress=False
+        )
     assert not (tmp_path / "sample.zip.part").exists()
 
 
@@ -217,7 +237,9 @@ def test_extract_is_idempotent_via_marker(archive, tmp_path):
     assert not [p for p in root.iterdir() if "staging" in p.name]
 
 
-@pytest.mark.parametrize("unsafe_name", ["../evil.txt", "train2014/../../evil.txt", "/abs/evil.txt"])
+@pytest.mark.parametrize(
+    "unsafe_name", ["../evil.txt", "train2014/../../evil.txt", "/abs/evil.txt"]
+)
 def test_extract_refuses_zip_slip(tmp_path, unsafe_name):
     zip_path = tmp_path / "slip.zip"
     with zipfile.ZipFile(zip_path, "w") as zipped:
@@ -242,7 +264,7 @@ def test_extract_reports_damaged_member_and_leaves_nothing(tmp_path):
     zip_path = write_zip(tmp_path / "damaged.zip", ARCHIVE_MEMBERS)
     data = bytearray(zip_path.read_bytes())
     offset = data.index(bytes(range(256)))  # inside the stored jpeg body: the CRC check catches it
-    data[offset:offset + 8] = b"XXXXXXXX"
+    data[offset : offset + 8] = b"XXXXXXXX"
     zip_path.write_bytes(bytes(data))
     root = tmp_path / "coco"
     with pytest.raises(DownloadError, match="damaged.zip is not a valid zip archive"):
@@ -259,12 +281,17 @@ def test_download_coco_builds_official_layout(server, tmp_path, monkeypatch):
             "annotations/captions_train2014.json": b'{"annotations": []}',
             "annotations/captions_val2014.json": b'{"annotations": []}',
         },
-        "caption_datasets.zip": {"dataset_coco.json": b'{"images": []}', "dataset_flickr8k.json": b"{}"},
+        "caption_datasets.zip": {
+            "dataset_coco.json": b'{"images": []}',
+            "dataset_flickr8k.json": b"{}",
+        },
     }
     table = {}
     for name, members in fake_archives.items():
         md5, _ = digests(write_zip(behaviour.folder / name, members))
-        table[name] = RemoteFile(f"{base_url}/{name}", md5, (behaviour.folder / name).stat().st_size)
+        table[name] = RemoteFile(
+            f"{base_url}/{name}", md5, (behaviour.folder / name).stat().st_size
+        )
     monkeypatch.setattr(download, "COCO_FILES", table)
 
     root = tmp_path / "data" / "coco"
@@ -306,15 +333,21 @@ def test_cli_downloads_into_root(server, tmp_path, monkeypatch, capsys):
         table[name] = RemoteFile(f"{base_url}/{name}", md5, None)
     monkeypatch.setattr(download, "COCO_FILES", table)
     root = tmp_path / "coco"
-    download.main(["--root", str(root), "--year", "2014", "--splits", "val", "--no-karpathy", "--no-progress"])
+    download.main(
+        ["--root", str(root), "--year", "2014", "--splits", "val", "--no-karpathy", "--no-progress"]
+    )
     assert (root / "val2014" / "a.jpg").is_file()
     assert str(root) in capsys.readouterr().out
 
 
 def test_cli_reports_unreachable_server_as_error(tmp_path, monkeypatch, capsys):
-    table = {"val2014.zip": RemoteFile("http://127.0.0.1:9/val2014.zip", None, None)}  # port 9: discard
+    table = {
+        "val2014.zip": RemoteFile("http://127.0.0.1:9/val2014.zip", None, None)
+    }  # port 9: discard
     monkeypatch.setattr(download, "COCO_FILES", table)
     with pytest.raises(SystemExit) as exited:
-        download.main(["--root", str(tmp_path), "--splits", "val", "--no-karpathy", "--no-progress"])
+        download.main(
+            ["--root", str(tmp_path), "--splits", "val", "--no-karpathy", "--no-progress"]
+        )
     assert exited.value.code == 1
     assert "cannot connect" in capsys.readouterr().err

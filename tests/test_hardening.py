@@ -1,4 +1,5 @@
 """Hardening: untrusted files, bad images and annotations, mismatched checkpoints, kill -9, determinism."""
+
 import json
 import os
 import pickle
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from annotations import AnnotationError, read_split
@@ -66,18 +66,31 @@ def make_images(folder):
     """One file per kind of awkward input; returns {kind: path}."""
     folder.mkdir(parents=True, exist_ok=True)
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8))
-    paths = {k: folder / f"{k}.{ext}" for k, ext in [
-        ("zero_byte", "jpg"), ("truncated", "jpg"), ("not_image", "jpg"), ("grayscale", "jpg"),
-        ("cmyk", "jpg"), ("rgba", "png"), ("png16", "png"), ("bomb", "png"), ("palette", "png")]}
+    paths = {
+        k: folder / f"{k}.{ext}"
+        for k, ext in [
+            ("zero_byte", "jpg"),
+            ("truncated", "jpg"),
+            ("not_image", "jpg"),
+            ("grayscale", "jpg"),
+            ("cmyk", "jpg"),
+            ("rgba", "png"),
+            ("png16", "png"),
+            ("bomb", "png"),
+            ("palette", "png"),
+        ]
+    }
     paths["zero_byte"].write_bytes(b"")
     rgb.save(folder / "full.jpg", quality=95)
     data = (folder / "full.jpg").read_bytes()
-    paths["truncated"].write_bytes(data[:len(data) // 2])
+    paths["truncated"].write_bytes(data[: len(data) // 2])
     paths["not_image"].write_text("this is a caption, not a picture")
     rgb.convert("L").save(paths["grayscale"])
     rgb.convert("CMYK").save(paths["cmyk"])
     rgb.convert("RGBA").save(paths["rgba"])
-    Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(paths["png16"])
+    Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(
+        paths["png16"]
+    )
     Image.new("1", (20000, 20000)).save(paths["bomb"])  # tiny file, 400 megapixels
     rgb.convert("P").save(paths["palette"])
     return paths
@@ -93,7 +106,9 @@ def test_every_kind_of_image_is_rgb_or_a_named_error(tmp_path):
     for kind in ("zero_byte", "truncated", "not_image", "bomb"):
         with pytest.raises(ImageLoadError, match=rf"{kind}\.(jpg|png): cannot read image"):
             load_image(paths[kind])
-    with pytest.raises(ImageLoadError, match=r"missing\.jpg: image file not found \(named by ann\.json"):
+    with pytest.raises(
+        ImageLoadError, match=r"missing\.jpg: image file not found \(named by ann\.json"
+    ):
         load_image(tmp_path / "missing.jpg", "ann.json")
 
 
@@ -117,8 +132,11 @@ def test_training_stops_naming_a_bad_image_or_skips_it(demo_root, tmp_path):
 
 def test_absent_image_named_with_annotation_row(demo_root, tmp_path):
     root, bad = broken_copy(demo_root, tmp_path, lambda p: p.unlink())
-    with pytest.raises(ImageLoadError, match=rf"{bad.name}: image file not found \(named by "
-                                             r".*captions_train2017.json, images row 0\)"):
+    with pytest.raises(
+        ImageLoadError,
+        match=rf"{bad.name}: image file not found \(named by "
+        r".*captions_train2017.json, images row 0\)",
+    ):
         train(tiny_config(root, tmp_path / "run", epochs=1))
 
 
@@ -132,8 +150,11 @@ def write_annotations(root, images, annotations):
 
 @pytest.mark.parametrize("caption", ["", "   ", None, 7])
 def test_empty_or_non_text_caption_names_file_and_row(tmp_path, caption):
-    write_annotations(tmp_path, [{"id": 1, "file_name": "a.jpg"}],
-                      [{"image_id": 1, "caption": "fine"}, {"image_id": 1, "caption": caption}])
+    write_annotations(
+        tmp_path,
+        [{"id": 1, "file_name": "a.jpg"}],
+        [{"image_id": 1, "caption": "fine"}, {"image_id": 1, "caption": caption}],
+    )
     with pytest.raises(AnnotationError, match=r"captions_train2017.json, row 1: caption is empty"):
         read_split(tmp_path, "train")
 
@@ -142,7 +163,9 @@ def test_missing_image_keys_and_unknown_image_id(tmp_path):
     write_annotations(tmp_path, [{"id": 1}], [])
     with pytest.raises(AnnotationError, match=r"images row 0: missing key\(s\) \['file_name'\]"):
         read_split(tmp_path, "train")
-    write_annotations(tmp_path, [{"id": 1, "file_name": "a.jpg"}], [{"image_id": 2, "caption": "x"}])
+    write_annotations(
+        tmp_path, [{"id": 1, "file_name": "a.jpg"}], [{"image_id": 2, "caption": "x"}]
+    )
     with pytest.raises(AnnotationError, match="annotations row 0: image_id 2 is not in the images"):
         read_split(tmp_path, "train")
 
@@ -151,8 +174,15 @@ def test_non_ascii_and_very_long_captions_train(tmp_path):
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "a.png")
     long_caption = " ".join(["a very long caption"] * 150)
     images = [{"id": 1, "file_name": "a.png"}]
-    captions = [{"image_id": 1, "caption": c} for c in
-                ("un café rouge près de la fenêtre", "一只红色的猫", "naïve façade — “quoted”", long_caption)]
+    captions = [
+        {"image_id": 1, "caption": c}
+        for c in (
+            "un café rouge près de la fenêtre",
+            "一只红色的猫",
+            "naïve façade — “quoted”",
+            long_caption,
+        )
+    ]
     write_annotations(tmp_path, images, captions)
     os.replace(tmp_path / "a.png", tmp_path / "train2017" / "a.png")
     split = read_split(tmp_path, "train")
@@ -166,11 +196,16 @@ def test_checkpoint_with_other_vocabulary_names_both_sides(demo_root, tmp_path):
     train(tiny_config(demo_root, tmp_path, epochs=1))
     state = load_checkpoint(tmp_path / "best.pt")
     _, vocab, config = load_trained(tmp_path / "best.pt")
-    bigger = Vocabulary.from_dict({**vocab.to_dict(), "words": vocab.to_dict()["words"] + ["extra"]})
+    bigger = Vocabulary.from_dict(
+        {**vocab.to_dict(), "words": vocab.to_dict()["words"] + ["extra"]}
+    )
     model = build_model(config, bigger)
-    with pytest.raises(CheckpointError, match=rf"best\.pt: checkpoint does not fit .*"
-                                              rf"decoder\.embed\.weight: checkpoint \({len(vocab)}, 32\) "
-                                              rf"vs model \({len(vocab) + 1}, 32\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"best\.pt: checkpoint does not fit .*"
+        rf"decoder\.embed\.weight: checkpoint \({len(vocab)}, 32\) "
+        rf"vs model \({len(vocab) + 1}, 32\)",
+    ):
         load_model_state(model, state["model"], tmp_path / "best.pt", f"{len(bigger)} words")
 
 
@@ -211,8 +246,13 @@ def test_kill_9_then_resume_from_last_complete_checkpoint(demo_root, tmp_path, w
     script = tmp_path / "killer.py"
     script.write_text(KILLER.format(root=str(ROOT)))
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, str(script), where, str(out), str(demo_root)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(script), where, str(out), str(demo_root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert done.returncode == -9, done.stderr[-2000:]
     assert load_checkpoint(out / "last.pt")["epoch"] == 0  # epoch 1's checkpoint, intact
     if where == "write":

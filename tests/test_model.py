@@ -1,4 +1,5 @@
 """Model: output shapes, the CVND `sample` contract, freezing, weight loading, download errors."""
+
 import urllib.error
 
 import pytest
@@ -32,7 +33,9 @@ def test_frozen_by_default_only_projection_trains(resnet_encoder):
 
 def test_trainable_blocks_unfreezes_last_blocks():
     encoder = EncoderCNN(EMBED, backbone="resnet18", pretrained=False, trainable_blocks=1)
-    grads = {n.split(".")[1] for n, p in encoder.backbone.named_parameters(prefix="b") if p.requires_grad}
+    grads = {
+        n.split(".")[1] for n, p in encoder.backbone.named_parameters(prefix="b") if p.requires_grad
+    }
     assert grads == {"layer4"}
     images = torch.randn(2, 3, 64, 64)
     encoder.train()(images).sum().backward()
@@ -50,7 +53,9 @@ def test_decoder_forward_shape():
     decoder = DecoderRNN(EMBED, HIDDEN, VOCAB)
     captions = torch.randint(0, VOCAB, (4, 11))
     assert decoder(torch.randn(4, EMBED), captions).shape == (4, 11, VOCAB)
-    assert DecoderRNN(EMBED, HIDDEN, VOCAB, num_layers=2)(torch.randn(4, EMBED), captions).shape == (4, 11, VOCAB)
+    assert DecoderRNN(EMBED, HIDDEN, VOCAB, num_layers=2)(
+        torch.randn(4, EMBED), captions
+    ).shape == (4, 11, VOCAB)
 
 
 def test_decoder_output_t_sees_only_tokens_before_t():
@@ -85,7 +90,7 @@ def test_sample_matches_teacher_forced_argmax():
     with torch.no_grad():
         scores = decoder(features, torch.tensor([ids + [0]]))
     # Output 0 (the image step) is not trained: <start> is given, every later word predicted.
-    assert scores[0, 1:len(ids)].argmax(-1).tolist() == ids[1:]
+    assert scores[0, 1 : len(ids)].argmax(-1).tolist() == ids[1:]
 
 
 def test_show_and_tell_accepts_images_or_cached_features(resnet_encoder):
@@ -106,9 +111,13 @@ def test_local_weights_file(tmp_path):
 def test_weights_download_failure_says_how_to_proceed(monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
+
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match=r"Could not download the ImageNet weights for resnet18.*"
-                                           r"weights_path=.*pretrained=False"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"Could not download the ImageNet weights for resnet18.*"
+        r"weights_path=.*pretrained=False",
+    ):
         EncoderCNN(EMBED, backbone="resnet18")
 
 
@@ -123,8 +132,8 @@ def test_forget_gate_bias_initialised():
         ih = getattr(decoder.lstm, f"bias_ih_l{layer}")
         hh = getattr(decoder.lstm, f"bias_hh_l{layer}")
         total = (ih + hh).detach()  # gates ordered input, forget, cell, output
-        assert torch.equal(total[HIDDEN:2 * HIDDEN], torch.full((HIDDEN,), 5.0))
-        assert total[:HIDDEN].abs().max() < 1 and total[2 * HIDDEN:].abs().max() < 1
+        assert torch.equal(total[HIDDEN : 2 * HIDDEN], torch.full((HIDDEN,), 5.0))
+        assert total[:HIDDEN].abs().max() < 1 and total[2 * HIDDEN :].abs().max() < 1
 
 
 def test_decoder_scores_only_the_masked_outputs():

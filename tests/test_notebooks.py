@@ -1,6 +1,7 @@
 """The four tutorial notebooks: committed clean, one parameters cell, no logic of their own, and
 they run top to bottom (on a tiny demo dataset, with small settings injected after the
 parameters cell as papermill does)."""
+
 import ast
 import os
 import re
@@ -17,8 +18,15 @@ NOTEBOOKS = ("0_Dataset.ipynb", "1_Preliminaries.ipynb", "2_Training.ipynb", "3_
 # Notebooks call the project's modules; definitions and loops belong in those modules
 # (comprehensions for display are fine).
 FORBIDDEN_TEXT = re.compile(r"\b(class|def)\s")
-FORBIDDEN_NODES = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.For,
-                   ast.AsyncFor, ast.While)
+FORBIDDEN_NODES = (
+    ast.ClassDef,
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.Lambda,
+    ast.For,
+    ast.AsyncFor,
+    ast.While,
+)
 
 
 def read(name):
@@ -35,17 +43,23 @@ def test_notebook_is_committed_clean(name):
     nbformat.validate(nb)
     assert nb.cells[0].cell_type == "markdown", "a notebook opens with a markdown introduction"
     parameter_cells = [k for k, c in enumerate(nb.cells) if "parameters" in tags(c)]
-    assert parameter_cells == [1] and nb.cells[1].cell_type == "code", \
+    assert parameter_cells == [1] and nb.cells[1].cell_type == "code", (
         "exactly one parameters cell, right after the introduction"
+    )
     assert not any("injected-parameters" in tags(c) for c in nb.cells)
     for k, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
         assert cell.outputs == [] and cell.execution_count is None, f"cell {k} has outputs"
         assert not FORBIDDEN_TEXT.search(cell.source), f"cell {k} defines something:\n{cell.source}"
-        found = [type(node).__name__ for node in ast.walk(ast.parse(cell.source))
-                 if isinstance(node, FORBIDDEN_NODES)]
-        assert not found, f"cell {k} has {found} (definitions and loops go in the modules):\n{cell.source}"
+        found = [
+            type(node).__name__
+            for node in ast.walk(ast.parse(cell.source))
+            if isinstance(node, FORBIDDEN_NODES)
+        ]
+        assert not found, (
+            f"cell {k} has {found} (definitions and loops go in the modules):\n{cell.source}"
+        )
 
 
 def test_notebooks_default_to_the_demo():
@@ -68,6 +82,7 @@ def inject(nb, values):
 
 def test_notebooks_run_in_order(demo_root, tmp_path, monkeypatch):
     from nbclient import NotebookClient
+
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     # One thread: tiny models gain nothing from more, and on a busy machine (tests running in
     # parallel) extra OpenMP threads make them many times slower.
@@ -76,27 +91,47 @@ def test_notebooks_run_in_order(demo_root, tmp_path, monkeypatch):
     # The notebooks' make_demo_dataset call must find the fixture's dataset as it is (same
     # parameters), never regenerate the folder other tests share.
     marker = read_marker(demo_root)
-    options = {k: marker[k] for k in ("n_train", "n_val", "n_test", "image_size", "seed", "max_shapes")}
+    options = {
+        k: marker[k] for k in ("n_train", "n_val", "n_test", "image_size", "seed", "max_shapes")
+    }
     data = dict(DATA_DIR=str(demo_root), DEMO_OPTIONS=options)
     model = dict(IMAGE_SIZE=32, EMBED_SIZE=32, HIDDEN_SIZE=32)
     checkpoint_dir = tmp_path / "outputs" / "model"
     values = {
         "0_Dataset.ipynb": dict(data, N_IMAGES=4, N_WORDS=10),
-        "1_Preliminaries.ipynb": dict(data, **model, BATCH_SIZE=4, THRESHOLDS=[1, 5],
-                                      VOCAB_FILE=str(tmp_path / "vocab.json")),
-        "2_Training.ipynb": dict(data, **model, OUTPUT_DIR=str(checkpoint_dir), EPOCHS=1, MORE_EPOCHS=1,
-                                 BATCH_SIZE=32, VAL_IMAGES=8, NUM_WORKERS=0, PROGRESS=False),
-        "3_Inference.ipynb": dict(data, CHECKPOINT=str(checkpoint_dir / "best.pt"), BEAM_SIZE=2, LIMIT=10,
-                                  RESULTS_DIR=str(tmp_path / "outputs" / "inference"), N_SHOW=2,
-                                  N_BEST_WORST=2, MY_IMAGE=str(demo_root / "test2017" / "000002000001.png")),
+        "1_Preliminaries.ipynb": dict(
+            data, **model, BATCH_SIZE=4, THRESHOLDS=[1, 5], VOCAB_FILE=str(tmp_path / "vocab.json")
+        ),
+        "2_Training.ipynb": dict(
+            data,
+            **model,
+            OUTPUT_DIR=str(checkpoint_dir),
+            EPOCHS=1,
+            MORE_EPOCHS=1,
+            BATCH_SIZE=32,
+            VAL_IMAGES=8,
+            NUM_WORKERS=0,
+            PROGRESS=False,
+        ),
+        "3_Inference.ipynb": dict(
+            data,
+            CHECKPOINT=str(checkpoint_dir / "best.pt"),
+            BEAM_SIZE=2,
+            LIMIT=10,
+            RESULTS_DIR=str(tmp_path / "outputs" / "inference"),
+            N_SHOW=2,
+            N_BEST_WORST=2,
+            MY_IMAGE=str(demo_root / "test2017" / "000002000001.png"),
+        ),
     }
     for name in NOTEBOOKS:
         shutil.copy(ROOT / name, tmp_path / name)
         nb = inject(nbformat.read(tmp_path / name, as_version=4), values[name])
         started = time.time()
         # Raises CellExecutionError, naming the cell and the error, if any cell fails.
-        NotebookClient(nb, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
         print(f"{name}: {time.time() - started:.1f} s")
     assert (checkpoint_dir / "best.pt").exists() and (checkpoint_dir / "last.pt").exists()
     history = (checkpoint_dir / "history.csv").read_text().splitlines()

@@ -1,5 +1,6 @@
 """Training: resume equals uninterrupted, feature and image caches, atomic checkpoints, history, DDP,
 real COCO fit."""
+
 import json
 import os
 import shutil
@@ -20,10 +21,25 @@ from train import train
 
 
 def tiny_config(demo_root, out, **kw):
-    base = dict(data_dir=str(demo_root), output_dir=str(out), vocab_threshold=1, backbone="smallcnn",
-                pretrained=False, trainable_blocks=-1, image_size=32, embed_size=32, hidden_size=48,
-                batch_size=16, epochs=3, val_images=10, patience=None, num_workers=0,
-                progress=False, seed=3, dropout=0.3)
+    base = dict(
+        data_dir=str(demo_root),
+        output_dir=str(out),
+        vocab_threshold=1,
+        backbone="smallcnn",
+        pretrained=False,
+        trainable_blocks=-1,
+        image_size=32,
+        embed_size=32,
+        hidden_size=48,
+        batch_size=16,
+        epochs=3,
+        val_images=10,
+        patience=None,
+        num_workers=0,
+        progress=False,
+        seed=3,
+        dropout=0.3,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -38,6 +54,7 @@ def interrupt_training_at_epoch(monkeypatch, epoch):
             if len(calls) == epoch:
                 raise KeyboardInterrupt
         return real(*args, **kwargs)
+
     monkeypatch.setattr(train_module, "run_epoch", run_epoch)
 
 
@@ -56,11 +73,14 @@ def test_caption_loss_does_not_score_the_start_output():
     scores = torch.randn(2, 4, vocab)
     loss = train_module.caption_loss(FixedScores(scores), (torch.zeros(2, 3), captions), pad)
     expected = torch.nn.functional.cross_entropy(
-        torch.cat([scores[0, 1:], scores[1, 1:3]]), torch.tensor([3, 4, 1, 2, 1]))
+        torch.cat([scores[0, 1:], scores[1, 1:3]]), torch.tensor([3, 4, 1, 2, 1])
+    )
     assert torch.allclose(loss, expected)
     changed = scores.clone()
     changed[:, 0] = torch.randn(2, vocab) * 10  # output 0 would predict the given <start>
-    assert torch.allclose(train_module.caption_loss(FixedScores(changed), (torch.zeros(2, 3), captions), pad), loss)
+    assert torch.allclose(
+        train_module.caption_loss(FixedScores(changed), (torch.zeros(2, 3), captions), pad), loss
+    )
 
 
 def test_resume_continues_exactly_like_uninterrupted_run(demo_root, tmp_path, monkeypatch):
@@ -79,14 +99,23 @@ def test_resume_continues_exactly_like_uninterrupted_run(demo_root, tmp_path, mo
 
 def test_outputs_history_and_checkpoint_contents(demo_root, tmp_path):
     history = train(tiny_config(demo_root, tmp_path, epochs=2))
-    for name in ("last.pt", "best.pt", "history.json", "history.csv", "learning_curves.png",
-                 "vocab.json", "config.json"):
+    for name in (
+        "last.pt",
+        "best.pt",
+        "history.json",
+        "history.csv",
+        "learning_curves.png",
+        "vocab.json",
+        "config.json",
+    ):
         assert (tmp_path / name).exists(), name
     assert json.loads((tmp_path / "history.json").read_text())["val_loss"] == history["val_loss"]
     rows = (tmp_path / "history.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss") and len(rows) == 3
     state = load_checkpoint(tmp_path / "last.pt")
-    assert {"config", "vocab", "model", "optimizer", "scheduler", "rng", "epoch", "step"} <= set(state)
+    assert {"config", "vocab", "model", "optimizer", "scheduler", "rng", "epoch", "step"} <= set(
+        state
+    )
     assert state["config"]["hidden_size"] == 48 and state["step"] == len(history["step_loss"])
     model, vocab, config = load_trained(tmp_path / "best.pt")
     assert config.backbone == "smallcnn" and len(vocab) == model.decoder.fc.out_features
@@ -112,8 +141,9 @@ def test_resume_refuses_other_architecture(demo_root, tmp_path):
 def test_nan_loss_stops_with_clear_message(demo_root, tmp_path, monkeypatch):
     train(tiny_config(demo_root, tmp_path, epochs=1))
     before = (tmp_path / "last.pt").read_bytes()
-    monkeypatch.setattr(train_module, "caption_loss", lambda *a, **k: torch.tensor(float("nan"),
-                                                                                 requires_grad=True))
+    monkeypatch.setattr(
+        train_module, "caption_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
+    )
     with pytest.raises(FloatingPointError, match="loss became nan"):
         train(tiny_config(demo_root, tmp_path, epochs=2, resume=True))
     assert (tmp_path / "last.pt").read_bytes() == before
@@ -126,6 +156,7 @@ def test_atomic_checkpoint_write_keeps_old_file(tmp_path, monkeypatch):
     def dies_midway(obj, f, *a, **k):
         f.write(b"partial")
         raise OSError("disk full")
+
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint({"config": {}, "model": {"w": torch.zeros(3)}}, path)
@@ -134,8 +165,9 @@ def test_atomic_checkpoint_write_keeps_old_file(tmp_path, monkeypatch):
 
 
 def test_frozen_encoder_trains_from_feature_cache(demo_root, tmp_path, monkeypatch, isolated_cache):
-    config = tiny_config(demo_root, tmp_path / "a", backbone="resnet18", trainable_blocks=0,
-                         epochs=1)
+    config = tiny_config(
+        demo_root, tmp_path / "a", backbone="resnet18", trainable_blocks=0, epochs=1
+    )
     train(config)
     files = list((isolated_cache / "features").glob("*.npy"))
     assert len(files) == 2  # train and val images, each computed once
@@ -143,9 +175,11 @@ def test_frozen_encoder_trains_from_feature_cache(demo_root, tmp_path, monkeypat
     assert cached.dtype == np.float16 and cached.shape[1] == 512 and isinstance(cached, np.memmap)
     # A second run with the same CNN reads the cache: the CNN never runs on images again.
     from model import EncoderCNN
+
     monkeypatch.setattr(EncoderCNN, "extract", lambda *a: pytest.fail("CNN re-run"))
-    history = train(tiny_config(demo_root, tmp_path / "b", backbone="resnet18", trainable_blocks=0,
-                                epochs=1))
+    history = train(
+        tiny_config(demo_root, tmp_path / "b", backbone="resnet18", trainable_blocks=0, epochs=1)
+    )
     assert np.isfinite(history["train_loss"]).all()
 
 
@@ -153,23 +187,28 @@ def test_feature_cache_key_changes_with_weights(demo_root):
     from annotations import read_split
     from data_loader import make_transform
     from model import EncoderCNN
+
     split = read_split(demo_root, "val")
     a = EncoderCNN(8, "resnet18", pretrained=False)
     b = EncoderCNN(8, "resnet18", pretrained=False)
     t = make_transform(32)
     assert feature_cache.cache_key(a, split, t) == feature_cache.cache_key(a, split, t)
     assert feature_cache.cache_key(a, split, t) != feature_cache.cache_key(b, split, t)
-    assert feature_cache.cache_key(a, split, t) != feature_cache.cache_key(a, split, make_transform(48))
+    assert feature_cache.cache_key(a, split, t) != feature_cache.cache_key(
+        a, split, make_transform(48)
+    )
 
 
-def test_image_cache_trains_exactly_as_reading_the_files(demo_root, tmp_path, isolated_cache,
-                                                        monkeypatch):
+def test_image_cache_trains_exactly_as_reading_the_files(
+    demo_root, tmp_path, isolated_cache, monkeypatch
+):
     plain = train(tiny_config(demo_root, tmp_path / "files", epochs=2))
     cached = train(tiny_config(demo_root, tmp_path / "cached", epochs=2, cache_images=True))
     assert cached["step_loss"] == plain["step_loss"]
     assert (cached["val_loss"], cached["val_cider"]) == (plain["val_loss"], plain["val_cider"])
     from annotations import read_split
     from data_loader import make_pixel_transform
+
     for split in ("train", "val"):
         key = feature_cache.cache_key(None, read_split(demo_root, split), make_pixel_transform(32))
         assert np.load(isolated_cache / "images" / f"{key}.npy", mmap_mode="r").dtype == np.uint8
@@ -185,8 +224,10 @@ def test_image_cache_refuses_augmentation(demo_root, tmp_path):
 
 
 def test_image_cache_is_rebuilt_when_an_image_file_changes(demo_root, tmp_path):
-    from annotations import read_split
     from PIL import Image
+
+    from annotations import read_split
+
     data = tmp_path / "demo"
     shutil.copytree(demo_root, data)
     split = read_split(data, "val")
@@ -195,7 +236,9 @@ def test_image_cache_is_rebuilt_when_an_image_file_changes(demo_root, tmp_path):
     Image.open(changed).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(changed)
     os.utime(changed, ns=(1, 1))  # a rewrite within the same clock tick must not go unnoticed
     after = feature_cache.cached_images(split, 32, cache_dir=tmp_path / "cache", progress=False)
-    assert np.array_equal(after[3], before[3][:, ::-1, :]) and not np.array_equal(after[3], before[3])
+    assert np.array_equal(after[3], before[3][:, ::-1, :]) and not np.array_equal(
+        after[3], before[3]
+    )
     assert np.array_equal(np.delete(after, 3, 0), np.delete(before, 3, 0))
     assert len(list((tmp_path / "cache" / "images").glob("*.npy"))) == 2
 
@@ -203,6 +246,7 @@ def test_image_cache_is_rebuilt_when_an_image_file_changes(demo_root, tmp_path):
 def test_image_cache_left_unwritten_when_an_image_is_unreadable(demo_root, tmp_path):
     from annotations import read_split
     from data_loader import ImageLoadError
+
     data = tmp_path / "demo"
     shutil.copytree(demo_root, data)
     split = read_split(data, "val")
@@ -216,12 +260,41 @@ def test_image_cache_left_unwritten_when_an_image_is_unreadable(demo_root, tmp_p
 def test_two_process_gloo_ddp_run(demo_root, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), "--data-dir", str(demo_root), "--output-dir", str(out),
-           "--backbone", "smallcnn", "--no-pretrained", "--trainable-blocks", "-1",
-           "--image-size", "32", "--embed-size", "32", "--hidden-size", "48", "--batch-size", "16",
-           "--epochs", "2", "--val-images", "10", "--num-workers", "0", "--no-progress",
-           "--vocab-threshold", "1", "--cache-images"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "train.py"),
+        "--data-dir",
+        str(demo_root),
+        "--output-dir",
+        str(out),
+        "--backbone",
+        "smallcnn",
+        "--no-pretrained",
+        "--trainable-blocks",
+        "-1",
+        "--image-size",
+        "32",
+        "--embed-size",
+        "32",
+        "--hidden-size",
+        "48",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "2",
+        "--val-images",
+        "10",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--vocab-threshold",
+        "1",
+        "--cache-images",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     history = json.loads((out / "history.json").read_text())
@@ -240,12 +313,28 @@ def test_fits_real_coco_captions(coco_sample, tmp_path):
     (data / "annotations").mkdir(parents=True)
     for split in ("train", "val"):
         os.symlink(coco_sample / "train2017", data / f"{split}2017")
-        os.symlink(coco_sample / "annotations" / "captions_train2017.json",
-                   data / "annotations" / f"captions_{split}2017.json")
-    config = TrainConfig(data_dir=str(data), output_dir=str(tmp_path / "run"), backbone="resnet18",
-                         pretrained=False, image_size=128, vocab_threshold=1, embed_size=256,
-                         hidden_size=512, batch_size=8, epochs=40, lr=3e-3, dropout=0.0,
-                         val_images=None, patience=None, num_workers=0, progress=False)
+        os.symlink(
+            coco_sample / "annotations" / "captions_train2017.json",
+            data / "annotations" / f"captions_{split}2017.json",
+        )
+    config = TrainConfig(
+        data_dir=str(data),
+        output_dir=str(tmp_path / "run"),
+        backbone="resnet18",
+        pretrained=False,
+        image_size=128,
+        vocab_threshold=1,
+        embed_size=256,
+        hidden_size=512,
+        batch_size=8,
+        epochs=40,
+        lr=3e-3,
+        dropout=0.0,
+        val_images=None,
+        patience=None,
+        num_workers=0,
+        progress=False,
+    )
     history = train(config)
     assert history["val_cider"][-1] > 3 * history["val_cider"][0]
     assert history["val_cider"][-1] > 1.0

@@ -1,4 +1,5 @@
 """Vocabulary: thresholds, special ids, unknown words, JSON storage, offline tokenisation."""
+
 import json
 import pickle
 
@@ -8,8 +9,13 @@ import pytest
 from tests.conftest import COCO_VAL_CAPTIONS
 from vocabulary import Vocabulary, tokenize
 
-CAPTIONS = ["A dog runs on the grass.", "a dog sleeps", "The cat, the dog and a bird!",
-            "A cat sits on a mat", "a DOG barks"]
+CAPTIONS = [
+    "A dog runs on the grass.",
+    "a dog sleeps",
+    "The cat, the dog and a bird!",
+    "A cat sits on a mat",
+    "a DOG barks",
+]
 
 
 def build(threshold, tmp_path, captions=CAPTIONS):
@@ -76,7 +82,15 @@ def test_missing_vocab_file_says_so(tmp_path):
 def test_tokenize_needs_no_nltk_data(monkeypatch):
     monkeypatch.setattr(nltk.data, "path", [])  # no punkt or any other resource reachable
     assert tokenize("A man, riding a HORSE.") == ["a", "man", ",", "riding", "a", "horse", "."]
-    assert tokenize("Two dogs' toys aren't here") == ["two", "dogs", "'", "toys", "are", "n't", "here"]
+    assert tokenize("Two dogs' toys aren't here") == [
+        "two",
+        "dogs",
+        "'",
+        "toys",
+        "are",
+        "n't",
+        "here",
+    ]
 
 
 def test_build_from_real_coco_annotations_file(tmp_path):
