@@ -37,11 +37,7 @@ def caption_images(
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         images = torch.stack([transform(load_image(p)) for p in chunk]).to(device)
-        features = model.encode(images)  # (batch, embed)
-        if config.blind:
-            features = model.encode(
-                torch.zeros(len(chunk), model.encoder.feature_size, device=device)
-            )
+        features = model.encode(images)  # (batch, embed); zeros seen if blind
         _, texts = decode_captions(
             model.decoder,
             features,
@@ -68,7 +64,7 @@ def draw_captions(captions, folder):
 
 def main(argv=None):
     """python caption.py CHECKPOINT IMAGE_OR_FOLDER... [--beam K] [--json OUT] [--draw DIR]"""
-    from evaluate import write_json
+    from atomic_file import write_json
 
     parser = argparse.ArgumentParser(description=caption_images.__doc__)
     parser.add_argument("checkpoint")

@@ -1,13 +1,13 @@
 """Checkpoints: state dicts plus config and vocabulary, written atomically, read without pickle."""
 
 import dataclasses
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from atomic_file import atomic_path
 from model import DecoderRNN, EncoderCNN, ShowAndTell
 
 
@@ -16,19 +16,10 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state, path):
-    """Write `state` to `path` via a temporary file and a rename, so no reader sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write `state` to `path` atomically, so no reader (or resumed run) sees half a file."""
+    with atomic_path(path, sync=True) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -115,7 +106,7 @@ def build_model(config, vocab):
         start_id=vocab.start_id,
         forget_bias=config.forget_bias,
     )
-    return ShowAndTell(encoder, decoder)
+    return ShowAndTell(encoder, decoder, blind=config.blind)
 
 
 def load_trained(path, device="cpu"):

@@ -1,58 +1,160 @@
-"""Run configuration: one dataclass, saved in every checkpoint, with command-line flags made from it."""
+"""Run configuration: one dataclass, checked when made, saved in every checkpoint, flags made from it."""
 
 import argparse
 import dataclasses
+import math
+import re
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-ARCHITECTURE_FIELDS = ("backbone", "embed_size", "hidden_size", "num_layers", "feature_norm")
+from annotations import LAYOUTS
+from model import BACKBONES
+
+# What a resumed run may change: how long and where it runs, never what it trains.
+RESUMABLE_CHANGES = (
+    "epochs", "patience", "resume", "progress", "num_workers", "device", "amp",
+    "output_dir", "data_dir", "val_images", "skip_bad_images",
+)  # fmt: skip
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed; the message names the field and the choices."""
+
+
+def option(default, help, choices=None, low=None, high=None, low_open=False, high_open=False):
+    """A config field with its explanation (shown by --help) and the values it accepts."""
+    limits = dict(choices=choices, low=low, high=high, low_open=low_open, high_open=high_open)
+    return field(default=default, metadata={"help": help, **limits})
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on; saved in every checkpoint."""
+    """Everything a training run depends on; checked when made and saved in every checkpoint."""
 
-    data_dir: str | None = None  # None: the built-in demo dataset
-    layout: str = "auto"  # auto | coco | karpathy | csv
-    output_dir: str = "runs/latest"
-    vocab_threshold: int = 5
-    backbone: str = "resnet50"  # resnet18..resnet152, or smallcnn for small images
-    pretrained: bool = True
-    weights_path: str | None = None  # local backbone weights instead of a download
-    trainable_blocks: int = 0  # 0: frozen CNN + feature cache; k: fine-tune last k; -1: all
-    image_size: int = 224
-    augment: bool = False  # random crop + flip (fine-tuning only)
-    cache_images: bool = False  # unfrozen CNN, no augment: decode and resize each image once
-    # (uint8 on disk) instead of every epoch
-    feature_norm: str = "batch"  # batch | layer | none: normalisation of the image feature
-    embed_size: int = 256
-    hidden_size: int = 512
-    num_layers: int = 1
-    dropout: float = 0.3
-    forget_bias: float = 1.0  # initial LSTM forget-gate bias; higher remembers the image longer
-    batch_by: str = "image"  # image: batch_size images, each with all its captions;
-    # length: batch_size captions of one length (CVND)
-    batch_size: int = 64
-    captions_per_image: int | None = None  # batch_by=image: a random subset per image and epoch
-    epochs: int = 10
-    optimizer: str = "adamw"  # adam | adamw
-    lr: float = 1e-3
-    backbone_lr: float = 1e-4  # for unfrozen CNN blocks of a pretrained backbone
-    weight_decay: float = 0.0
-    lr_schedule: str = "cosine"  # cosine | constant
-    warmup_steps: int = 0
-    grad_clip: float = 5.0
-    amp: str = "auto"  # auto | bf16 | fp16 | off (CUDA only)
-    max_caption_len: int = 20
-    val_images: int | None = 500  # images scored by CIDEr after each epoch; None: all
-    patience: int | None = 3  # epochs without a better val CIDEr before stopping
-    skip_bad_images: bool = False  # drop unreadable images (reported) instead of stopping
-    blind: bool = False  # zero image features (the ablation)
-    seed: int = 0
-    num_workers: int = 2
-    device: str = "auto"
-    resume: bool = False  # continue from output_dir/last.pt if it exists
-    progress: bool = True
+    data_dir: str | None = option(None, "dataset root; none: the built-in demo dataset")
+    layout: str = option("auto", "annotation layout of data_dir", choices=LAYOUTS)
+    output_dir: str = option("runs/latest", "where checkpoints, history and curves go")
+    vocab_threshold: int = option(5, "keep words seen at least this often", low=1)
+    backbone: str = option("resnet50", "CNN; smallcnn for small images", choices=BACKBONES)
+    pretrained: bool = option(True, "ImageNet weights for the CNN (downloaded once)")
+    weights_path: str | None = option(None, "local CNN weights file instead of a download")
+    trainable_blocks: int = option(
+        0, "CNN blocks trained: 0 frozen (feature cache), k the last k, -1 all", low=-1, high=4
+    )
+    image_size: int = option(224, "images are resized and cropped to this many pixels", low=16)
+    augment: bool = option(False, "random crop and flip (fine-tuning only)")
+    cache_images: bool = option(
+        False, "unfrozen CNN without augment: decode and resize each image once (uint8 on disk)"
+    )
+    feature_norm: str = option(
+        "batch", "normalisation of the image feature", choices=("batch", "layer", "none")
+    )
+    embed_size: int = option(256, "image feature and word embedding size", low=1)
+    hidden_size: int = option(512, "LSTM hidden units", low=1)
+    num_layers: int = option(1, "LSTM layers", low=1)
+    dropout: float = option(
+        0.3, "dropout on embeddings and LSTM outputs", low=0, high=1, high_open=True
+    )
+    forget_bias: float = option(1.0, "initial LSTM forget-gate bias; higher keeps the image longer")
+    batch_by: str = option(
+        "image",
+        "image: batch_size images with all their captions; length: captions of one length (CVND)",
+        choices=("image", "length"),
+    )
+    batch_size: int = option(64, "images (batch_by=image) or captions per batch and process", low=1)
+    captions_per_image: int | None = option(
+        None, "batch_by=image: a random subset of each image's captions per epoch; none: all", low=1
+    )
+    epochs: int = option(10, "training epochs", low=1)
+    optimizer: str = option("adamw", "optimizer", choices=("adam", "adamw"))
+    lr: float = option(1e-3, "learning rate", low=0, low_open=True)
+    backbone_lr: float = option(
+        1e-4, "learning rate of unfrozen blocks of a pretrained CNN", low=0, low_open=True
+    )
+    weight_decay: float = option(0.0, "weight decay", low=0)
+    lr_schedule: str = option(
+        "cosine", "learning rate after warm-up, per step", choices=("cosine", "constant")
+    )
+    warmup_steps: int = option(0, "steps of linear learning-rate warm-up", low=0)
+    grad_clip: float = option(5.0, "gradient norm clip", low=0, low_open=True)
+    amp: str = option(
+        "auto", "mixed precision on CUDA (auto: bf16 where supported)",
+        choices=("auto", "bf16", "fp16", "off"),
+    )  # fmt: skip
+    max_caption_len: int = option(
+        20, "longest generated caption, <start> and <end> included", low=2
+    )
+    val_images: int | None = option(
+        500, "validation images scored by CIDEr after each epoch; none: all", low=1
+    )
+    patience: int | None = option(
+        3, "epochs without a better validation CIDEr before stopping; none: never stop", low=1
+    )
+    skip_bad_images: bool = option(False, "drop unreadable images (reported) instead of stopping")
+    blind: bool = option(False, "zero image features: how much of a caption comes from the image")
+    seed: int = option(0, "random seed", low=0)
+    num_workers: int = option(2, "data-loading processes", low=0)
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda, cuda:N or mps")
+    resume: bool = option(False, "continue from output_dir/last.pt if it exists")
+    progress: bool = option(True, "progress bars")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check_value(f, getattr(self, f.name))
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            raise ConfigError(
+                f"TrainConfig.device: {self.device!r} is not allowed; use auto, cpu, cuda, "
+                "cuda:N or mps"
+            )
+        if self.cache_images and self.augment:
+            raise ConfigError(
+                "TrainConfig.cache_images: True needs augment=False (a cached image is cropped "
+                "once); set one of them to False"
+            )
+
+
+def field_kinds(f):
+    """The types a field accepts, None excluded, and whether None is allowed."""
+    kinds = [t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None)]
+    return kinds, isinstance(f.type, types.UnionType)
+
+
+def check_value(f, value):
+    """Raise `ConfigError` unless `value` has field `f`'s type and lies in its choices and range."""
+    kinds, optional = field_kinds(f)
+    if value is None and optional:
+        return
+    name, meta = f"TrainConfig.{f.name}", f.metadata
+    kind = kinds[0]
+    numeric = kind is float and isinstance(value, int)
+    if isinstance(value, bool) != (kind is bool) or not (isinstance(value, kind) or numeric):
+        expected = kind.__name__ + (" or None" if optional else "")
+        raise ConfigError(f"{name}: {value!r} is not allowed; it must be a {expected}")
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        allowed = ", ".join(map(repr, meta["choices"]))
+        raise ConfigError(f"{name}: {value!r} is not allowed; choose one of {allowed}")
+    if kind in (int, float):
+        low, high = meta.get("low"), meta.get("high")
+        too_low = low is not None and (value <= low if meta["low_open"] else value < low)
+        too_high = high is not None and (value >= high if meta["high_open"] else value > high)
+        if too_low or too_high or (kind is float and not math.isfinite(value)):
+            raise ConfigError(f"{name}: {value!r} is not allowed; it must be {describe_range(f)}")
+
+
+def describe_range(f):
+    """Words for a numeric field's allowed values: 'at least 1', 'in [0, 1)'."""
+    meta = f.metadata
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and high is not None:
+        return (
+            f"in {'(' if meta['low_open'] else '['}{low}, {high}{')' if meta['high_open'] else ']'}"
+        )
+    if low is not None:
+        return f"{'above' if meta['low_open'] else 'at least'} {low}"
+    if high is not None:
+        return f"{'below' if meta['high_open'] else 'at most'} {high}"
+    return "a finite number"
 
 
 def config_from_dict(cls, data):
@@ -61,26 +163,42 @@ def config_from_dict(cls, data):
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def _flag_type(field):
+def resume_conflicts(saved, config):
+    """'field: checkpoint X vs config Y' for each field a resumed run may not change."""
+    return [
+        f"{f.name}: checkpoint {saved.get(f.name, f.default)!r} vs config {getattr(config, f.name)!r}"
+        for f in dataclasses.fields(config)
+        if f.name not in RESUMABLE_CHANGES
+        and saved.get(f.name, f.default) != getattr(config, f.name)
+    ]
+
+
+def _flag_type(f):
     """The parser for one field's flag; 'none' means None for optional fields."""
-    kinds = [t for t in getattr(field.type, "__args__", (field.type,)) if t is not type(None)]
+    kinds, optional = field_kinds(f)
     kind = kinds[0] if kinds else str
-    optional = isinstance(field.type, types.UnionType)
     return lambda text: None if optional and text.lower() == "none" else kind(text)
 
 
 def parse_config(cls, argv=None, description=None):
     """A `cls` config from command-line flags, one per dataclass field (--data-dir ...)."""
-    parser = argparse.ArgumentParser(description=description)
-    for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type is bool:
-            parser.add_argument(flag, default=field.default, action=argparse.BooleanOptionalAction)
-        else:
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type is bool:
             parser.add_argument(
-                flag,
-                default=field.default,
-                type=_flag_type(field),
-                metavar=getattr(field.type, "__name__", "VALUE").upper(),
+                flag, default=f.default, action=argparse.BooleanOptionalAction, help=help_text
             )
-    return cls(**vars(parser.parse_args(argv)))
+        else:
+            choices = f.metadata.get("choices")
+            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+            parser.add_argument(
+                flag, default=f.default, type=_flag_type(f), metavar=metavar, help=help_text
+            )
+    try:
+        return cls(**vars(parser.parse_args(argv)))
+    except ConfigError as e:
+        parser.error(str(e))

@@ -1,13 +1,12 @@
 """Evaluate a checkpoint on a split: captions in COCO results format, official COCO metrics."""
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from atomic_file import write_json
 from decoding import decode_captions
 
 
@@ -20,32 +19,18 @@ def predict_captions(
     beam_size=1,
     max_len=20,
     length_penalty=1.0,
-    blind=False,
     progress=False,
 ):
     """{image id: caption} for a loader of (images or cached features, image ids)."""
     model.eval()
     predictions = {}
     for inputs, image_ids in tqdm(loader, desc="captioning", unit="batch", disable=not progress):
-        inputs = inputs.to(device)
-        if blind:
-            inputs = torch.zeros_like(inputs)
-        features = model.encode(inputs)  # (batch, embed)
+        features = model.encode(inputs.to(device))  # (batch, embed); zeros seen if blind
         _, captions = decode_captions(
             model.decoder, features, vocab, beam_size, max_len, length_penalty
         )
         predictions.update(zip((int(i) for i in image_ids), captions))
     return predictions
-
-
-def write_json(data, path):
-    """Write JSON via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-    return path
 
 
 def evaluate(
@@ -90,7 +75,6 @@ def evaluate(
         beam_size,
         max_len or config.max_caption_len,
         length_penalty,
-        config.blind,
         progress,
     )
     references = data.references()

@@ -13,6 +13,10 @@ class LengthBucketSampler(torch.utils.data.Sampler):
     into batches, and shuffles the batch order; `set_epoch` reseeds, as with
     `DistributedSampler`. With `num_replicas` > 1 every rank gets the same number of
     batches (a few are repeated to even out the shards).
+
+    As in the CVND project, a sampler assigned to `.sampler` (its notebook assigns a
+    `SubsetRandomSampler` of `get_train_indices()` before every `next(iter(loader))`) replaces
+    the epoch: batches of `batch_size` are then cut from what it yields, in its order.
     """
 
     def __init__(
@@ -26,6 +30,7 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.drop_last, self.num_replicas, self.rank = drop_last, num_replicas, rank
         self.epoch = 0
+        self.sampler = None
         order = np.argsort(self.lengths, kind="stable")
         bounds = np.flatnonzero(np.diff(self.lengths[order])) + 1
         self.buckets = {int(self.lengths[b[0]]): b for b in np.split(order, bounds) if len(b)}
@@ -47,7 +52,21 @@ class LengthBucketSampler(torch.utils.data.Sampler):
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
 
+    def _batches_of_assigned_sampler(self):
+        """Batches cut from the indices the assigned sampler yields, as torch's BatchSampler cuts."""
+        batch = []
+        for index in self.sampler:
+            batch.append(int(index))
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch and not self.drop_last:
+            yield batch
+
     def __iter__(self):
+        if self.sampler is not None:
+            yield from self._batches_of_assigned_sampler()
+            return
         batches = self._all_batches()
         per_rank = math.ceil(len(batches) / self.num_replicas) if batches else 0
         short = per_rank * self.num_replicas - len(batches)
@@ -56,6 +75,9 @@ class LengthBucketSampler(torch.utils.data.Sampler):
             yield batch.tolist()
 
     def __len__(self):
+        if self.sampler is not None:
+            n = len(self.sampler)
+            return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
         sizes = [len(b) for b in self.buckets.values()]
         full = (
             sum(n // self.batch_size for n in sizes)
@@ -66,7 +88,7 @@ class LengthBucketSampler(torch.utils.data.Sampler):
 
     def sample_batch(self, rng=None):
         """One batch of random same-length indices, length drawn by frequency (CVND style)."""
-        rng = rng or np.random.default_rng()
+        rng = rng or np.random  # the global NumPy RNG, as in CVND: np.random.seed repeats a run
         weights = np.array([len(b) for b in self.buckets.values()], dtype=np.float64)
         length = list(self.buckets)[rng.choice(len(weights), p=weights / weights.sum())]
         return rng.choice(self.buckets[length], size=self.batch_size).tolist()

@@ -51,8 +51,25 @@ def build_resnet(name, pretrained=True, weights_path=None):
     make = getattr(torchvision.models, name)
     if weights_path is not None:
         net = make(weights=None)
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        try:
+            # weights_only: tensors and plain data only; a file that would run code is refused.
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            net.load_state_dict(state)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{weights_path}: weights file not found") from None
+        except Exception as e:  # UnpicklingError, RuntimeError, EOFError... by cause
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            # torch's refusal is a page of advice (including how to load it anyway); the
+            # reason is one line of it.
+            refused = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+            detail = refused[0].split(". ")[0] if refused else " ".join(lines) or "empty"
+            detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+            raise RuntimeError(
+                f"{weights_path}: not usable {name} weights ({type(e).__name__}: {detail}). "
+                "Weights files are read with weights_only=True, so files holding code are "
+                "refused; give a state dict saved with torch.save(model.state_dict(), path)."
+            ) from None
     elif pretrained:
         weights = torchvision.models.get_model_weights(name).DEFAULT
         try:
@@ -226,12 +243,20 @@ class DecoderRNN(nn.Module):
 class ShowAndTell(nn.Module):
     """Encoder and decoder as one module (one object to train, wrap in DDP, and save)."""
 
-    def __init__(self, encoder, decoder):
+    def __init__(self, encoder, decoder, blind=False):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
+        self.blind = blind
 
     def encode(self, inputs):
-        """Image embedding from images (batch, 3, H, W) or cached features (batch, feature_size)."""
+        """Image embedding from images (batch, 3, H, W) or cached features (batch, feature_size).
+
+        A blind model (the ablation that shows what the words alone give) sees zero features
+        whatever it is given, in training and captioning alike, and runs no CNN: a black
+        image is no zero feature once a CNN's batch-norm statistics have shifted it.
+        """
+        if self.blind:
+            inputs = inputs.new_zeros(inputs.shape[0], self.encoder.feature_size)
         return self.encoder.project(inputs) if inputs.dim() == 2 else self.encoder(inputs)
 
     def forward(self, inputs, captions, owners=None, scored=None):

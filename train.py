@@ -2,7 +2,7 @@
 
 import contextlib
 import csv
-import json
+import io
 import math
 import os
 import time
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from annotations import read_split
+from atomic_file import remove_temporaries, write_json, write_text
 from checkpoint import (
     CheckpointError,
     build_model,
@@ -26,25 +27,15 @@ from checkpoint import (
     set_rng_state,
 )
 from coco_metrics import cider_score
-from config import ARCHITECTURE_FIELDS, TrainConfig, parse_config
-from data_loader import (
-    CaptionDataset,
-    ImageCaptionsDataset,
-    ImageDataset,
-    find_unreadable_images,
-    load_or_build_vocab,
-    make_caption_loader,
-    make_image_captions_loader,
-    make_transform,
-    resolve_data_dir,
-)
+from config import TrainConfig, parse_config, resume_conflicts
+from data_loader import find_unreadable_images, load_or_build_vocab, resolve_data_dir
 from evaluate import predict_captions
-from feature_cache import cached_features, cached_images
+from training_data import TrainingData
 from vocabulary import Vocabulary
 
 
 def caption_loss(model, batch, pad_id):
-    """Teacher-forced cross-entropy per token, padding ignored (train and validation alike).
+    """Teacher-forced cross-entropy per token, padding ignored, and the number of tokens scored.
 
     `batch` is (inputs, captions) or (inputs, captions, owners): images or cached features,
     caption ids (captions, seq_len), and for grouped batches the input row of each caption.
@@ -55,7 +46,7 @@ def caption_loss(model, batch, pad_id):
     scored = captions != pad_id  # (captions, seq_len)
     scored[:, 0] = False
     scores = model(inputs, captions, owners, scored)  # (scored tokens, vocab)
-    return F.cross_entropy(scores.float(), captions[scored])
+    return F.cross_entropy(scores.float(), captions[scored]), scored.sum()
 
 
 def autocast_for(config, device):
@@ -83,8 +74,6 @@ def make_optimizer(config, model):
         groups.append(
             {"params": backbone, "lr": config.backbone_lr if config.pretrained else config.lr}
         )
-    if config.optimizer not in ("adam", "adamw"):
-        raise ValueError(f"optimizer must be 'adam' or 'adamw', not {config.optimizer!r}")
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     # One fused kernel per step instead of a dozen passes over every weight (CPU and CUDA).
     fused = all(
@@ -122,152 +111,53 @@ def init_distributed(config):
     return rank, world, device
 
 
-def check_resumable(old, new, path):
-    """Refuse to resume a checkpoint whose architecture differs from the config's."""
-    diff = [
-        f"{k}: checkpoint {old.get(k)!r} vs config {getattr(new, k)!r}"
-        for k in ARCHITECTURE_FIELDS
-        if old.get(k) != getattr(new, k)
-    ]
-    if diff:
-        raise CheckpointError(f"{path}: cannot resume, architecture differs: " + "; ".join(diff))
+def check_resumable(saved_config, config, path):
+    """Refuse to resume a run whose config differs in anything but where and how long it runs."""
+    conflicts = resume_conflicts(saved_config, config)
+    if conflicts:
+        raise CheckpointError(
+            f"{path}: cannot resume with a different configuration: " + "; ".join(conflicts)
+            + ". Change these back, or start a new run in another output_dir."
+        )  # fmt: skip
 
 
-def build_caches(make, splits, rank, world):
-    """`make(split, write)` per split: rank 0 writes or opens each cache; the others wait, then open."""
-    caches = [make(split, True) for split in splits] if rank == 0 else None
-    if world > 1:
-        dist.barrier()
-    # Rank 0 keeps what it has: opening again would re-stat every image and re-hash the CNN.
-    return caches if caches is not None else [make(split, False) for split in splits]
+def is_distributed():
+    """Whether this process is one of several (torchrun)."""
+    return dist.is_available() and dist.is_initialized()
 
 
-class TrainingData:
-    """The loaders and inputs one run needs: cached features (frozen CNN) or images."""
+def ddp_share(tokens):
+    """Factor for this process's mean loss so that DDP's gradient average weights every token alike.
 
-    def __init__(self, config, model, vocab, train_split, val_split, rank, world, device):
-        self.train_split, self.val_split = train_split, val_split
-        transform = make_transform(config.image_size, train=False)
-        train_transform = make_transform(config.image_size, train=config.augment)
-        encoder = model.encoder
-        self.train_features = self.val_features = self.train_pixels = self.val_pixels = None
-        splits = (train_split, val_split)
-        if config.blind:
-            # Blind runs never look at pixels: zero features, no CNN work at all.
-            self.train_features, self.val_features = (
-                np.zeros((len(s.image_ids), encoder.feature_size), np.float16) for s in splits
-            )
-        elif encoder.frozen:
-            self.train_features, self.val_features = build_caches(
-                lambda s, write: cached_features(
-                    encoder,
-                    s,
-                    transform,
-                    batch_size=config.batch_size,
-                    num_workers=config.num_workers,
-                    device=device,
-                    progress=config.progress,
-                    write=write,
-                ),
-                splits,
-                rank,
-                world,
-            )
-        elif config.cache_images:
-            if config.augment:
-                raise ValueError("cache_images needs augment=False: a cached image is cropped once")
-            self.train_pixels, self.val_pixels = build_caches(
-                lambda s, write: cached_images(
-                    s,
-                    config.image_size,
-                    batch_size=config.batch_size,
-                    num_workers=config.num_workers,
-                    progress=config.progress,
-                    write=write,
-                ),
-                splits,
-                rank,
-                world,
-            )
-        if config.batch_by not in ("image", "length"):
-            raise ValueError(f"batch_by must be 'image' or 'length', not {config.batch_by!r}")
-        grouped = config.batch_by == "image"
-        make_loader = make_image_captions_loader if grouped else make_caption_loader
-        common = dict(
-            seed=config.seed, num_workers=config.num_workers, num_replicas=world, rank=rank
-        )
-        self.train, self.val = (
-            make_loader(
-                ImageCaptionsDataset(dataset, per_image, config.seed) if grouped else dataset,
-                config.batch_size,
-                shuffle=shuffle,
-                **common,
-            )
-            for dataset, shuffle, per_image in (
-                (
-                    CaptionDataset(
-                        train_split,
-                        vocab,
-                        train_transform,
-                        self.train_features,
-                        pixels=self.train_pixels,
-                    ),
-                    True,
-                    config.captions_per_image,
-                ),
-                (
-                    CaptionDataset(
-                        val_split, vocab, transform, self.val_features, pixels=self.val_pixels
-                    ),
-                    False,
-                    None,
-                ),
-            )
-        )
-        self.grouped, self.seed = grouped, config.seed
-        n_val = (
-            len(val_split.image_ids)
-            if config.val_images is None
-            else min(config.val_images, len(val_split.image_ids))
-        )
-        if self.val_features is not None:
-            images = torch.utils.data.TensorDataset(
-                torch.from_numpy(np.asarray(self.val_features[:n_val], np.float32)),
-                torch.tensor(val_split.image_ids[:n_val]),
-            )
-        else:
-            images = torch.utils.data.Subset(
-                ImageDataset(val_split, transform, pixels=self.val_pixels), range(n_val)
-            )
-        self.val_images = torch.utils.data.DataLoader(
-            images, batch_size=config.batch_size, num_workers=config.num_workers
-        )
-        scored_ids = set(val_split.image_ids[:n_val])
-        self.val_references = {i: r for i, r in val_split.references().items() if i in scored_ids}
-
-    def start_epoch(self, epoch):
-        """Reshuffle (and redraw caption subsets) for `epoch`, the same way on a resume."""
-        if self.grouped:
-            self.train.sampler.set_epoch(epoch)
-            self.train.dataset.set_epoch(epoch)
-        else:
-            self.train.batch_sampler.set_epoch(epoch)
-        self.train.generator.manual_seed(self.seed * 100003 + epoch)
+    DDP averages the processes' gradients; a process holding more tokens than another must
+    count for more, so that the update is that of one batch holding all of them.
+    """
+    total = tokens.detach().clone()
+    dist.all_reduce(total)
+    return tokens * dist.get_world_size() / total
 
 
-def run_epoch(
-    model,
-    loader,
-    vocab,
-    config,
-    device,
-    optimizer=None,
-    scheduler=None,
-    scaler=None,
-    autocast=None,
-    desc="",
-):
-    """One pass over `loader`: trains when an optimizer is given, else evaluates. Returns losses."""
+def optimizer_step(model, loss, optimizer, scheduler, scaler, grad_clip):
+    """Backpropagate `loss`, clip the gradient norm, and step the optimizer and schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+
+
+def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=None, scaler=None,
+              autocast=None, desc=""):  # fmt: skip
+    """One pass over `loader`: trains when an optimizer is given, else evaluates.
+
+    Returns each step's loss and the epoch's token-weighted mean loss over all processes.
+    """
     training = optimizer is not None
     model.train(training)
     step_losses, total, tokens = [], 0.0, 0
@@ -275,31 +165,20 @@ def run_epoch(
     with torch.set_grad_enabled(training):
         for batch in bar:
             batch = [t.to(device, non_blocking=True) for t in batch]
-            captions = batch[1]
             with autocast or contextlib.nullcontext():
-                loss = caption_loss(model, batch, vocab.pad_id)
+                loss, n = caption_loss(model, batch, vocab.pad_id)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"{desc}: loss became {loss.item()} at step {len(step_losses)} of this epoch; "
                     "lower the learning rate or check the data. The last checkpoint is intact."
                 )
             if training:
-                optimizer.zero_grad(set_to_none=True)
-                (scaler.scale(loss) if scaler else loss).backward()
-                if scaler:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-            n = int((captions != vocab.pad_id).sum())
+                objective = loss * ddp_share(n) if is_distributed() else loss
+                optimizer_step(model, objective, optimizer, scheduler, scaler, config.grad_clip)
             step_losses.append(loss.item())
-            total, tokens = total + loss.item() * n, tokens + n
+            total, tokens = total + loss.item() * int(n), tokens + int(n)
             bar.set_postfix(loss=f"{loss.item():.3f}", ppl=f"{math.exp(min(loss.item(), 50)):.1f}")
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         # Each rank saw its own shard: the epoch's loss is the token-weighted mean over all.
         sums = torch.tensor([total, float(tokens)], dtype=torch.float64, device=device)
         dist.all_reduce(sums)
@@ -312,14 +191,13 @@ def write_history(history, output_dir):
     from plots import plot_learning_curves
 
     output_dir = Path(output_dir)
-    tmp = output_dir / ".history.json.tmp"
-    tmp.write_text(json.dumps(history, indent=1))
-    os.replace(tmp, output_dir / "history.json")
+    write_json(history, output_dir / "history.json")
     columns = [k for k, v in history.items() if k != "step_loss" and isinstance(v, list)]
-    with open(output_dir / "history.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows(zip(*(history[c] for c in columns)))
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(columns)
+    writer.writerows(zip(*(history[c] for c in columns)))
+    write_text(output_dir / "history.csv", table.getvalue())
     plot_learning_curves(history, output_dir / "learning_curves.png")
 
 
@@ -334,49 +212,107 @@ def drop_unreadable_images(split, config):
     return split.without_images(bad), len(bad)
 
 
-def remove_stale_temporaries(output_dir):
-    """Delete half-written files a killed run left behind (complete files are never touched)."""
-    for tmp in Path(output_dir).glob(".*.tmp*"):
-        tmp.unlink(missing_ok=True)
+def read_splits(config):
+    """The training and validation splits, without unreadable images if asked; and how many."""
+    data_dir = resolve_data_dir(config.data_dir)
+    splits = [read_split(data_dir, name, config.layout) for name in ("train", "val")]
+    skipped = {}
+    if config.skip_bad_images:
+        for k, split in enumerate(splits):
+            splits[k], skipped[split.name] = drop_unreadable_images(split, config)
+    return splits, skipped
 
 
-def new_history():
-    return {
-        "epoch": [],
-        "train_loss": [],
-        "train_perplexity": [],
-        "val_loss": [],
-        "val_perplexity": [],
-        "val_cider": [],
-        "lr": [],
-        "epoch_seconds": [],
-        "step_loss": [],
-    }
+class RunState:
+    """What changes from epoch to epoch besides the weights: history, best CIDEr, patience."""
+
+    def __init__(self):
+        self.history = {
+            key: []
+            for key in ("epoch", "train_loss", "train_perplexity", "val_loss", "val_perplexity",
+                        "val_cider", "lr", "epoch_seconds", "step_loss")
+        }  # fmt: skip
+        self.next_epoch, self.best_cider, self.stale = 0, -1.0, 0
+
+    def record_epoch(self, epoch, train_loss, val_loss, cider, lr, seconds, step_losses):
+        """Append one epoch's figures; returns whether its CIDEr is the best so far."""
+        for key, value in (
+            ("epoch", epoch + 1), ("train_loss", train_loss),
+            ("train_perplexity", math.exp(train_loss)), ("val_loss", val_loss),
+            ("val_perplexity", math.exp(val_loss)), ("val_cider", cider), ("lr", lr),
+            ("epoch_seconds", seconds),
+        ):  # fmt: skip
+            self.history[key].append(value)
+        self.history["step_loss"].extend(step_losses)
+        improved = cider > self.best_cider
+        self.best_cider, self.stale = (cider, 0) if improved else (self.best_cider, self.stale + 1)
+        self.next_epoch = epoch + 1
+        return improved
+
+
+def restore_run(state, path, config, model, optimizer, scheduler, scaler):
+    """Load a `last.pt` checkpoint's weights, optimizer, schedule and RNG; returns its RunState."""
+    load_model_state(model, state["model"], path, f"config {config.output_dir}")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    run = RunState()
+    run.history = state["history"]
+    run.next_epoch, run.best_cider, run.stale = (
+        state["epoch"] + 1, state["best_cider"], state["stale_epochs"],
+    )  # fmt: skip
+    return run
+
+
+def save_run(output_dir, config, vocab, model, optimizer, scheduler, scaler, run, improved):
+    """last.pt (all a resume needs), best.pt when this epoch is the best, and the history files."""
+    state = {
+        "config": asdict(config), "vocab": vocab.to_dict(), "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
+        "epoch": run.next_epoch - 1, "step": len(run.history["step_loss"]), "history": run.history,
+        "best_cider": run.best_cider, "stale_epochs": run.stale,
+    }  # fmt: skip
+    save_checkpoint(state, output_dir / "last.pt")
+    if improved:
+        best = ("config", "vocab", "model", "epoch", "history", "best_cider")
+        save_checkpoint({k: state[k] for k in best}, output_dir / "best.pt")
+    write_history(run.history, output_dir)
+
+
+def validation_cider(model, vocab, data, config, device, rank, world):
+    """Greedy CIDEr of the validation images, computed on rank 0 and shared with every rank."""
+    cider = 0.0
+    if rank == 0:
+        predictions = predict_captions(
+            model, vocab, data.val_images, device, max_len=config.max_caption_len
+        )
+        cider = cider_score(predictions, data.val_references)
+    if world > 1:
+        shared = torch.tensor([cider], device=device)
+        dist.broadcast(shared, 0)
+        cider = float(shared.item())
+    return cider
 
 
 def train(config):
     """Train a captioning model as `config` says; returns the history (per-epoch metrics)."""
     rank, world, device = init_distributed(config)
     output_dir = Path(config.output_dir)
-    last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
+    last_path = output_dir / "last.pt"
     resume_state = load_checkpoint(last_path) if config.resume and last_path.exists() else None
-    data_dir = resolve_data_dir(config.data_dir)
-    train_split = read_split(data_dir, "train", config.layout)
-    val_split = read_split(data_dir, "val", config.layout)
-    skipped = {}
-    if config.skip_bad_images:
-        train_split, skipped["train"] = drop_unreadable_images(train_split, config)
-        val_split, skipped["val"] = drop_unreadable_images(val_split, config)
     if resume_state:
         check_resumable(resume_state["config"], config, last_path)
+    (train_split, val_split), skipped = read_splits(config)
+    if resume_state:
         vocab = Vocabulary.from_dict(resume_state["vocab"])
     else:
         vocab = load_or_build_vocab(
-            vocab_file=None,
-            vocab_threshold=config.vocab_threshold,
-            vocab_from_file=False,
+            vocab_file=None, vocab_threshold=config.vocab_threshold, vocab_from_file=False,
             train_split=train_split,
-        )
+        )  # fmt: skip
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     model = build_model(config, vocab).to(device)
@@ -384,119 +320,45 @@ def train(config):
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer, config.epochs * len(data.train))
     autocast, scaler = autocast_for(config, device)
-    history, start_epoch, best_cider, stale = new_history(), 0, -1.0, 0
+    run = RunState()
     if resume_state:
-        load_model_state(
-            model,
-            resume_state["model"],
-            last_path,
-            "config " + str({k: getattr(config, k) for k in ARCHITECTURE_FIELDS}),
-        )
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        if scaler and resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        set_rng_state(resume_state["rng"])
-        history = resume_state["history"]
-        start_epoch, best_cider, stale = (
-            resume_state["epoch"] + 1,
-            resume_state["best_cider"],
-            resume_state["stale_epochs"],
-        )
-    ddp_model = (
-        torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
-        if world > 1
-        else model
-    )
-    history["skipped_images"] = skipped
+        run = restore_run(resume_state, last_path, config, model, optimizer, scheduler, scaler)
+    ddp_model = model
+    if world > 1:
+        device_ids = [device] if device.type == "cuda" else None
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    run.history["skipped_images"] = skipped
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(output_dir)
+        remove_temporaries(output_dir)
         vocab.save(output_dir / "vocab.json")
-        (output_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
-    for epoch in range(start_epoch, config.epochs):
-        if config.patience is not None and stale >= config.patience:
+        write_json(asdict(config), output_dir / "config.json")
+    for epoch in range(run.next_epoch, config.epochs):
+        if config.patience is not None and run.stale >= config.patience:
             break
         started = time.time()
         data.start_epoch(epoch)
         step_losses, train_loss = run_epoch(
-            ddp_model,
-            data.train,
-            vocab,
-            config,
-            device,
-            optimizer,
-            scheduler,
-            scaler,
-            autocast,
+            ddp_model, data.train, vocab, config, device, optimizer, scheduler, scaler, autocast,
             desc=f"epoch {epoch + 1}/{config.epochs}",
-        )
+        )  # fmt: skip
         _, val_loss = run_epoch(
             model, data.val, vocab, config, device, autocast=autocast, desc="val loss"
         )
-        cider = 0.0
+        cider = validation_cider(model, vocab, data, config, device, rank, world)
+        improved = run.record_epoch(
+            epoch, train_loss, val_loss, cider, scheduler.get_last_lr()[0],
+            time.time() - started, step_losses,
+        )  # fmt: skip
         if rank == 0:
-            predictions = predict_captions(
-                model,
-                vocab,
-                data.val_images,
-                device,
-                max_len=config.max_caption_len,
-                blind=config.blind,
-            )
-            cider = cider_score(predictions, data.val_references)
-        if world > 1:
-            shared = torch.tensor([cider], device=device)
-            dist.broadcast(shared, 0)
-            cider = float(shared.item())
-        for key, value in (
-            ("epoch", epoch + 1),
-            ("train_loss", train_loss),
-            ("train_perplexity", math.exp(train_loss)),
-            ("val_loss", val_loss),
-            ("val_perplexity", math.exp(val_loss)),
-            ("val_cider", cider),
-            ("lr", scheduler.get_last_lr()[0]),
-            ("epoch_seconds", time.time() - started),
-        ):
-            history[key].append(value)
-        history["step_loss"].extend(step_losses)
-        improved = cider > best_cider
-        best_cider, stale = (cider, 0) if improved else (best_cider, stale + 1)
-        if rank == 0:
-            state = {
-                "config": asdict(config),
-                "vocab": vocab.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None,
-                "rng": rng_state(),
-                "epoch": epoch,
-                "step": len(history["step_loss"]),
-                "history": history,
-                "best_cider": best_cider,
-                "stale_epochs": stale,
-            }
-            save_checkpoint(state, last_path)
-            if improved:
-                save_checkpoint(
-                    {
-                        k: state[k]
-                        for k in ("config", "vocab", "model", "epoch", "history", "best_cider")
-                    },
-                    best_path,
-                )
-            write_history(history, output_dir)
+            save_run(output_dir, config, vocab, model, optimizer, scheduler, scaler, run, improved)
             tqdm.write(
                 f"epoch {epoch + 1}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
-                f"val CIDEr {cider:.3f}{' (best)' if improved else ''}",
+                f"val CIDEr {cider:.3f}{' (best)' if improved else ''}"
             )
     if world > 1:
         dist.barrier()
-    return history
+    return run.history
 
 
 if __name__ == "__main__":

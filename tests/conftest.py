@@ -5,10 +5,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-COCO_SAMPLE = SHARED_DATA / "coco-sample"
-COCO_VAL_CAPTIONS = SHARED_DATA / "coco-captions-val2017" / "captions_val2017.json"
+from tests.helpers import COCO_SAMPLE
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,7 +12,7 @@ from checkpoint import load_trained
 from config import TrainConfig
 from data_loader import load_image, make_transform
 from decoding import decode_captions
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from train import train
 
 GRAYSCALE = "000000431848.jpg"  # a grayscale image in COCO val2017

@@ -16,8 +16,7 @@ from PIL import Image
 from annotations import AnnotationError, read_split
 from checkpoint import CheckpointError, build_model, load_checkpoint, load_model_state, load_trained
 from data_loader import ImageLoadError, load_image
-from tests.conftest import ROOT
-from tests.test_train import tiny_config
+from tests.helpers import ROOT, tiny_config
 from train import train
 from vocabulary import Vocabulary
 
@@ -213,15 +212,15 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
     import checkpoint, train as t
-    from tests.test_train import tiny_config
+    from tests.helpers import tiny_config
     where, out, data = sys.argv[1], sys.argv[2], sys.argv[3]
     if where == "write":
         real_save, saves = checkpoint.torch.save, []
         def dying_save(obj, f, *a, **k):
             saves.append(1)
             if len(saves) == 3:  # epoch 2's last.pt: write half, then die
-                f.write(b"half a checkpoint")
-                f.flush()
+                with open(f, "wb") as half:
+                    half.write(b"half a checkpoint")
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_save(obj, f, *a, **k)
         checkpoint.torch.save = dying_save
@@ -256,7 +255,7 @@ def test_kill_9_then_resume_from_last_complete_checkpoint(demo_root, tmp_path, w
     assert done.returncode == -9, done.stderr[-2000:]
     assert load_checkpoint(out / "last.pt")["epoch"] == 0  # epoch 1's checkpoint, intact
     if where == "write":
-        assert list(out.glob(".last.pt.tmp-*"))  # the half-written file never replaced last.pt
+        assert list(out.glob(".last.tmp-*"))  # the half-written file never replaced last.pt
     resumed = train(tiny_config(demo_root, out, epochs=3, resume=True))
     assert resumed["epoch"] == [1, 2, 3]
     assert not list(out.glob(".*tmp*"))

@@ -16,32 +16,8 @@ import feature_cache
 import train as train_module
 from checkpoint import CheckpointError, load_checkpoint, load_trained, save_checkpoint
 from config import TrainConfig
-from tests.conftest import ROOT
+from tests.helpers import ROOT, tiny_config
 from train import train
-
-
-def tiny_config(demo_root, out, **kw):
-    base = dict(
-        data_dir=str(demo_root),
-        output_dir=str(out),
-        vocab_threshold=1,
-        backbone="smallcnn",
-        pretrained=False,
-        trainable_blocks=-1,
-        image_size=32,
-        embed_size=32,
-        hidden_size=48,
-        batch_size=16,
-        epochs=3,
-        val_images=10,
-        patience=None,
-        num_workers=0,
-        progress=False,
-        seed=3,
-        dropout=0.3,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def interrupt_training_at_epoch(monkeypatch, epoch):
@@ -71,7 +47,10 @@ def test_caption_loss_does_not_score_the_start_output():
 
     captions = torch.tensor([[0, 3, 4, 1], [0, 2, 1, pad]])
     scores = torch.randn(2, 4, vocab)
-    loss = train_module.caption_loss(FixedScores(scores), (torch.zeros(2, 3), captions), pad)
+    loss, scored = train_module.caption_loss(
+        FixedScores(scores), (torch.zeros(2, 3), captions), pad
+    )
+    assert int(scored) == 5
     expected = torch.nn.functional.cross_entropy(
         torch.cat([scores[0, 1:], scores[1, 1:3]]), torch.tensor([3, 4, 1, 2, 1])
     )
@@ -79,7 +58,8 @@ def test_caption_loss_does_not_score_the_start_output():
     changed = scores.clone()
     changed[:, 0] = torch.randn(2, vocab) * 10  # output 0 would predict the given <start>
     assert torch.allclose(
-        train_module.caption_loss(FixedScores(changed), (torch.zeros(2, 3), captions), pad), loss
+        train_module.caption_loss(FixedScores(changed), (torch.zeros(2, 3), captions), pad)[0],
+        loss,
     )
 
 
@@ -142,7 +122,9 @@ def test_nan_loss_stops_with_clear_message(demo_root, tmp_path, monkeypatch):
     train(tiny_config(demo_root, tmp_path, epochs=1))
     before = (tmp_path / "last.pt").read_bytes()
     monkeypatch.setattr(
-        train_module, "caption_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
+        train_module,
+        "caption_loss",
+        lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), torch.tensor(1)),
     )
     with pytest.raises(FloatingPointError, match="loss became nan"):
         train(tiny_config(demo_root, tmp_path, epochs=2, resume=True))
@@ -154,7 +136,8 @@ def test_atomic_checkpoint_write_keeps_old_file(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def dies_midway(obj, f, *a, **k):
-        f.write(b"partial")
+        with open(f, "wb") as out:
+            out.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", dies_midway)
@@ -219,8 +202,8 @@ def test_image_cache_trains_exactly_as_reading_the_files(
 
 
 def test_image_cache_refuses_augmentation(demo_root, tmp_path):
-    with pytest.raises(ValueError, match="cache_images needs augment=False"):
-        train(tiny_config(demo_root, tmp_path, epochs=1, cache_images=True, augment=True))
+    with pytest.raises(ValueError, match="cache_images: True needs augment=False"):
+        tiny_config(demo_root, tmp_path, epochs=1, cache_images=True, augment=True)
 
 
 def test_image_cache_is_rebuilt_when_an_image_file_changes(demo_root, tmp_path):

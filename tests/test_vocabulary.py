@@ -6,7 +6,7 @@ import pickle
 import nltk
 import pytest
 
-from tests.conftest import COCO_VAL_CAPTIONS
+from tests.helpers import COCO_VAL_CAPTIONS
 from vocabulary import Vocabulary, tokenize
 
 CAPTIONS = [

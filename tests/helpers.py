@@ -1,0 +1,21 @@
+"""Helpers shared by the test modules: where the data is, and a tiny training configuration."""
+
+from pathlib import Path
+
+from config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+COCO_SAMPLE = SHARED_DATA / "coco-sample"
+COCO_VAL_CAPTIONS = SHARED_DATA / "coco-captions-val2017" / "captions_val2017.json"
+
+
+def tiny_config(demo_root, out, **changes):
+    """A `TrainConfig` that trains a small CNN and LSTM on the test demo data in seconds."""
+    base = dict(
+        data_dir=str(demo_root), output_dir=str(out), vocab_threshold=1, backbone="smallcnn",
+        pretrained=False, trainable_blocks=-1, image_size=32, embed_size=32, hidden_size=48,
+        batch_size=16, epochs=3, val_images=10, patience=None, num_workers=0, progress=False,
+        seed=3, dropout=0.3,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **changes})

@@ -1,0 +1,123 @@
+"""The data one training run reads: image inputs (cached or not), training and validation loaders."""
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_loader import (
+    CaptionDataset,
+    ImageCaptionsDataset,
+    ImageDataset,
+    make_caption_loader,
+    make_image_captions_loader,
+    make_transform,
+)
+from feature_cache import cached_features, cached_images
+
+
+def build_caches(make, splits, rank, world):
+    """`make(split, write)` per split: rank 0 writes or opens each cache; the others wait, then open."""
+    caches = [make(split, True) for split in splits] if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+    # Rank 0 keeps what it has: opening again would re-stat every image and re-hash the CNN.
+    return caches if caches is not None else [make(split, False) for split in splits]
+
+
+def image_inputs(config, encoder, splits, rank, world, device):
+    """Per split, {"features": ...} or {"pixels": ...} that replace reading image files, or {}."""
+    if config.blind:
+        # A blind model sees zero features whatever it is given (`ShowAndTell.encode`), so its
+        # data is zeros too: no image is read and no CNN runs.
+        return [
+            {"features": np.zeros((len(s.image_ids), encoder.feature_size), np.float16)}
+            for s in splits
+        ]
+    options = dict(
+        batch_size=config.batch_size, num_workers=config.num_workers, progress=config.progress
+    )
+    if encoder.frozen:
+        transform = make_transform(config.image_size, train=False)
+        caches = build_caches(
+            lambda s, write: cached_features(
+                encoder, s, transform, device=device, write=write, **options
+            ),
+            splits,
+            rank,
+            world,
+        )
+        return [{"features": c} for c in caches]
+    if config.cache_images:
+        caches = build_caches(
+            lambda s, write: cached_images(s, config.image_size, write=write, **options),
+            splits,
+            rank,
+            world,
+        )
+        return [{"pixels": c} for c in caches]
+    return [{} for _ in splits]
+
+
+class TrainingData:
+    """The loaders one run needs: training, validation loss, and validation images to caption."""
+
+    def __init__(self, config, model, vocab, train_split, val_split, rank, world, device):
+        self.train_split, self.val_split = train_split, val_split
+        train_inputs, val_inputs = image_inputs(
+            config, model.encoder, (train_split, val_split), rank, world, device
+        )
+        train_transform = make_transform(config.image_size, train=config.augment)
+        transform = make_transform(config.image_size, train=False)
+        self.grouped, self.seed = config.batch_by == "image", config.seed
+        sharding = dict(num_replicas=world, rank=rank)
+        self.train = self.make_loader(
+            config, CaptionDataset(train_split, vocab, train_transform, **train_inputs), True,
+            config.captions_per_image, **sharding,
+        )  # fmt: skip
+        self.val = self.make_loader(
+            config,
+            CaptionDataset(val_split, vocab, transform, **val_inputs),
+            False,
+            None,
+            **sharding,
+        )
+        n_val = len(val_split.image_ids)
+        n_val = n_val if config.val_images is None else min(config.val_images, n_val)
+        self.val_images = self.val_image_loader(config, val_split, transform, val_inputs, n_val)
+        scored_ids = set(val_split.image_ids[:n_val])
+        self.val_references = {i: r for i, r in val_split.references().items() if i in scored_ids}
+
+    def make_loader(self, config, captions, shuffle, captions_per_image, num_replicas, rank):
+        """Batches of images with their captions (batch_by=image) or of equal-length captions."""
+        common = dict(
+            shuffle=shuffle, seed=config.seed, num_workers=config.num_workers,
+            num_replicas=num_replicas, rank=rank,
+        )  # fmt: skip
+        if self.grouped:
+            dataset = ImageCaptionsDataset(captions, captions_per_image, config.seed)
+            return make_image_captions_loader(dataset, config.batch_size, **common)
+        return make_caption_loader(captions, config.batch_size, **common)
+
+    @staticmethod
+    def val_image_loader(config, split, transform, inputs, n_images):
+        """(image inputs, image ids) of the first `n_images` validation images, for CIDEr."""
+        if "features" in inputs:
+            images = torch.utils.data.TensorDataset(
+                torch.from_numpy(np.asarray(inputs["features"][:n_images], np.float32)),
+                torch.tensor(split.image_ids[:n_images]),
+            )
+        else:
+            images = ImageDataset(split, transform, pixels=inputs.get("pixels"))
+            images = torch.utils.data.Subset(images, range(n_images))
+        return torch.utils.data.DataLoader(
+            images, batch_size=config.batch_size, num_workers=config.num_workers
+        )
+
+    def start_epoch(self, epoch):
+        """Reshuffle (and redraw caption subsets) for `epoch`, the same way on a resume."""
+        if self.grouped:
+            self.train.sampler.set_epoch(epoch)
+            self.train.dataset.set_epoch(epoch)
+        else:
+            self.train.batch_sampler.set_epoch(epoch)
+        self.train.generator.manual_seed(self.seed * 100003 + epoch)
