@@ -1,7 +1,7 @@
 """Caption annotations in the layouts the project reads: COCO 2014/2017, Karpathy splits, CSV.
 
 Every layout is read into one `CaptionSplit`: the split's images (ids and paths) and its
-captions (text and the image each belongs to). Tokenisation is cached per annotations file.
+captions (text and the image each belongs to). Tokenisation is cached per set of captions.
 """
 
 import contextlib
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from nltk.tokenize import TreebankWordTokenizer
 
 KARPATHY_FILES = ("dataset_coco.json", "dataset_flickr8k.json", "dataset_flickr30k.json")
 CSV_FILES = ("captions.txt", "captions.csv")
@@ -30,6 +31,12 @@ FLICKR_IMAGE_DIRS = (
 )
 LAYOUTS = ("auto", "coco", "karpathy", "csv")
 TOKENIZER_VERSION = "treebank-lower/2"
+_TOKENIZER = TreebankWordTokenizer()
+
+
+def tokenize(caption):
+    """Lower-case word tokens of a caption (NLTK Treebank rules, no punkt data needed)."""
+    return _TOKENIZER.tokenize(caption.lower())
 
 
 class AnnotationError(ValueError):
@@ -47,7 +54,6 @@ class CaptionSplit:
     image_paths: list  # str paths
     captions: list = field(default_factory=list)
     caption_image: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    caption_rows: list = field(default_factory=list)
     image_rows: list = field(default_factory=list)
 
     def references(self):
@@ -58,12 +64,8 @@ class CaptionSplit:
         return refs
 
     def tokenized(self, cache_dir=None):
-        """Token lists of all captions, read from the cache when this file was seen before."""
+        """Token lists of all captions, read from the cache when these captions were seen before."""
         return tokenize_cached(self, cache_dir)
-
-    def describe_row(self, caption_index):
-        """Where a caption came from, for error messages."""
-        return f"{self.source}, row {self.caption_rows[caption_index]}"
 
     def describe_image(self, image_index):
         """Where an image was named, for error messages."""
@@ -86,7 +88,6 @@ class CaptionSplit:
             pick(self.image_paths),
             [self.captions[k] for k in kept],
             new_index[self.caption_image[kept]],
-            [self.caption_rows[k] for k in kept],
             pick(self.image_rows) if self.image_rows else [],
         )
 
@@ -141,9 +142,9 @@ def _load_json(path):
         raise AnnotationError(f"{path}: malformed JSON ({e})") from None
 
 
-def _check_caption(path, row, caption):
+def _check_caption(path, row, caption, rows="row"):
     if not isinstance(caption, str) or not caption.strip():
-        raise AnnotationError(f"{path}, row {row}: caption is empty or not text: {caption!r}")
+        raise AnnotationError(f"{path}, {rows} {row}: caption is empty or not text: {caption!r}")
     return caption.strip()
 
 
@@ -176,7 +177,7 @@ def read_coco_file(path, image_dir, name, layout="coco"):
     image_ids = sorted(coco.imgs)
     position = {img: k for k, img in enumerate(image_ids)}
     image_row = {im["id"]: row for row, im in enumerate(data["images"])}
-    captions, owners, rows = [], [], []
+    captions, owners = [], []
     for row, a in enumerate(data.get("annotations", [])):
         if a["image_id"] not in position:
             raise AnnotationError(
@@ -184,7 +185,6 @@ def read_coco_file(path, image_dir, name, layout="coco"):
             )
         captions.append(_check_caption(path, row, a["caption"]))
         owners.append(position[a["image_id"]])
-        rows.append(row)
     # Plain strings: building 100k+ Path objects is a visible share of loader start-up.
     folder = str(image_dir)
     paths = [os.path.join(folder, coco.imgs[i]["file_name"]) for i in image_ids]
@@ -196,7 +196,6 @@ def read_coco_file(path, image_dir, name, layout="coco"):
         paths,
         captions,
         np.asarray(owners, np.int64),
-        rows,
         [image_row[i] for i in image_ids],
     )
 
@@ -220,6 +219,41 @@ def _find_image_dir(data_dir, names, first_file):
     return data_dir / names[0]
 
 
+def _is_text(value):
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _check_karpathy_image(path, row, im):
+    """The (image id, file name, captions) of entry `row` of a Karpathy file's images list."""
+    where = f"{path}, images row {row}"
+    if not isinstance(im, dict):
+        raise AnnotationError(f"{where}: expected an object, got {type(im).__name__}")
+    missing = [k for k in ("filename", "sentences") if k not in im]
+    if "cocoid" not in im and "imgid" not in im:
+        missing.append("cocoid/imgid")
+    if missing:
+        raise AnnotationError(f"{where}: missing key(s) {missing}")
+    image_id = im["cocoid"] if "cocoid" in im else im["imgid"]
+    if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+        raise AnnotationError(f"{where}: image id is not a number or text: {image_id!r}")
+    if "split" in im and not _is_text(im["split"]):
+        raise AnnotationError(f"{where}: 'split' is empty or not text: {im['split']!r}")
+    if not isinstance(im.get("filepath", ""), str):
+        raise AnnotationError(f"{where}: 'filepath' is not text: {im['filepath']!r}")
+    if not _is_text(im["filename"]):
+        raise AnnotationError(f"{where}: 'filename' is empty or not text: {im['filename']!r}")
+    sentences = im["sentences"]
+    if not isinstance(sentences, list):
+        raise AnnotationError(
+            f"{where}: 'sentences' is not a list (got {type(sentences).__name__})"
+        )
+    captions = []
+    for k, sentence in enumerate(sentences):
+        raw = sentence.get("raw") if isinstance(sentence, dict) else sentence
+        captions.append(_check_caption(path, f"{row}, sentence {k}", raw, "images row"))
+    return image_id, im["filename"], captions
+
+
 def _read_karpathy_split(data_dir, split):
     path = next((data_dir / f for f in KARPATHY_FILES if (data_dir / f).exists()), None)
     if path is None:
@@ -228,27 +262,23 @@ def _read_karpathy_split(data_dir, split):
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise AnnotationError(f"{path}: not a Karpathy split file (no 'images' list)")
     wanted = {"train": ("train", "restval")}.get(split, (split,))
-    chosen = [(row, im) for row, im in enumerate(data["images"]) if im.get("split") in wanted]
     image_dir = None
-    ids, paths, captions, owners, rows = [], [], [], [], []
-    image_rows = [row for row, _ in chosen]
-    for k, (row, im) in enumerate(chosen):
-        try:
-            image_id = im["cocoid"] if "cocoid" in im else im["imgid"]
-            filename, sentences = im["filename"], im["sentences"]
-        except KeyError as e:
-            raise AnnotationError(f"{path}, images row {row}: missing key {e}") from None
+    ids, paths, captions, owners, image_rows = [], [], [], [], []
+    # Every entry is checked, not only this split's: a file is either readable or refused.
+    for row, im in enumerate(data["images"]):
+        image_id, filename, sentences = _check_karpathy_image(path, row, im)
+        if im.get("split") not in wanted:
+            continue
         if "filepath" in im:
             image_path = os.path.join(data_dir, im["filepath"], filename)
         else:
             image_dir = image_dir or _find_image_dir(data_dir, FLICKR_IMAGE_DIRS, filename)
             image_path = os.path.join(image_dir, filename)
+        captions += sentences
+        owners += [len(ids)] * len(sentences)
         ids.append(image_id)
         paths.append(image_path)
-        for s in sentences:
-            captions.append(_check_caption(path, row, s.get("raw") if isinstance(s, dict) else s))
-            owners.append(k)
-            rows.append(row)
+        image_rows.append(row)
     return CaptionSplit(
         split,
         "karpathy",
@@ -257,7 +287,6 @@ def _read_karpathy_split(data_dir, split):
         paths,
         captions,
         np.asarray(owners, np.int64),
-        rows,
         image_rows,
     )
 
@@ -268,37 +297,53 @@ def csv_split_of(image_name):
     return "test" if bucket == 9 else "val" if bucket == 8 else "train"
 
 
+def _read_csv_rows(path):
+    """(line number, [image, caption]) of each record of a captions CSV after its header."""
+    rows = []
+    try:
+        # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = [h.strip().lower() for h in next(reader, [])]
+            if header[:2] != ["image", "caption"]:
+                raise AnnotationError(
+                    f"{path}, row 1: expected the header 'image,caption', got {header}"
+                )
+            # Line numbers, not record numbers: a quoted caption may span lines.
+            line = reader.line_num + 1  # where the next record starts
+            for r in reader:
+                if r:  # blank lines give []
+                    rows.append((line, r))
+                line = reader.line_num + 1
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{path}: not UTF-8 text ({e})") from None
+    except csv.Error as e:
+        raise AnnotationError(f"{path}, row {reader.line_num}: malformed CSV ({e})") from None
+    for line, r in rows:
+        if len(r) < 2:
+            raise AnnotationError(f"{path}, row {line}: expected 'image,caption', got {r}")
+        if not r[0].strip():
+            raise AnnotationError(f"{path}, row {line}: image name is empty")
+        r[1:] = [_check_caption(path, line, ",".join(r[1:]))]
+    return rows
+
+
 def _read_csv_split(data_dir, split):
     path = next((data_dir / f for f in CSV_FILES if (data_dir / f).exists()), None)
     if path is None:
         raise FileNotFoundError(f"{data_dir}: none of {', '.join(CSV_FILES)} found")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = [h.strip().lower() for h in next(reader, [])]
-        if header[:2] != ["image", "caption"]:
-            raise AnnotationError(
-                f"{path}, row 1: expected the header 'image,caption', got {header}"
-            )
-        rows = list(enumerate(reader, start=2))
-    all_images = sorted({r[0] for _, r in rows if r})
+    rows = _read_csv_rows(path)
+    all_images = sorted({r[0] for _, r in rows})
     image_id = {name: k for k, name in enumerate(all_images)}
     names = [n for n in all_images if csv_split_of(n) == split]
     position = {n: k for k, n in enumerate(names)}
     image_dir = _find_image_dir(data_dir, CSV_IMAGE_DIRS, names[0]) if names else data_dir
-    captions, owners, rownums = [], [], []
-    first_row = {}
-    for rownum, r in rows:
-        if r and r[0] in position:
-            first_row.setdefault(r[0], rownum)
-    for rownum, r in rows:
-        if not r:
-            continue
-        if len(r) < 2:
-            raise AnnotationError(f"{path}, row {rownum}: expected 'image,caption', got {r}")
-        if r[0] in position:
-            captions.append(_check_caption(path, rownum, ",".join(r[1:])))
-            owners.append(position[r[0]])
-            rownums.append(rownum)
+    captions, owners, first_row = [], [], {}
+    for line, (name, caption) in rows:
+        if name in position:
+            first_row.setdefault(name, line)
+            captions.append(caption)
+            owners.append(position[name])
     return CaptionSplit(
         split,
         "csv",
@@ -307,7 +352,6 @@ def _read_csv_split(data_dir, split):
         [os.path.join(image_dir, n) for n in names],
         captions,
         np.asarray(owners, np.int64),
-        rownums,
         [first_row[n] for n in names],
     )
 
@@ -356,17 +400,18 @@ class TokenizedCaptions:
 
 
 def _cache_key(split):
-    st = split.source.stat()
-    text = (
-        f"{split.source.resolve()}|{split.name}|{st.st_size}|{st.st_mtime_ns}|{TOKENIZER_VERSION}"
-    )
-    return hashlib.sha1(text.encode()).hexdigest()[:20]
+    """Hash of the captions' text itself (and the tokeniser's version): an edited annotations
+    file never reuses tokens, even one rewritten at the same size within one clock tick or with
+    its old modification time restored (`cp -p`, `rsync -t`, archives)."""
+    digest = hashlib.sha1(f"{TOKENIZER_VERSION}|{len(split.captions)}|".encode())
+    # The lengths make the joined text unambiguous whatever characters the captions hold.
+    digest.update(np.fromiter(map(len, split.captions), np.int64, len(split.captions)).tobytes())
+    digest.update("\0".join(split.captions).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:20]
 
 
 def tokenize_cached(split, cache_dir=None):
-    """`TokenizedCaptions` of a split; tokenised once per annotations file, then cached (.npz)."""
-    from vocabulary import tokenize
-
+    """`TokenizedCaptions` of a split; tokenised once per set of captions, then cached (.npz)."""
     cache = Path(cache_dir or default_cache_dir()) / "tokens" / f"{_cache_key(split)}.npz"
     if cache.exists():
         # Plain arrays only (allow_pickle=False): a planted file cannot run code.

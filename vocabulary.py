@@ -5,15 +5,11 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from nltk.tokenize import TreebankWordTokenizer
+# `tokenize` lives in annotations (the token cache needs it); `vocabulary.tokenize` stays a name
+# callers use.
+from annotations import read_captions, tokenize
 
-_TOKENIZER = TreebankWordTokenizer()
 PAD_WORD = "<pad>"
-
-
-def tokenize(caption):
-    """Lower-case word tokens of a caption (NLTK Treebank rules, no punkt data needed)."""
-    return _TOKENIZER.tokenize(caption.lower())
 
 
 class Vocabulary:
@@ -48,8 +44,6 @@ class Vocabulary:
         if captions is None:
             if annotations_file is None:
                 raise ValueError("Vocabulary needs captions or annotations_file to build from")
-            from annotations import read_captions  # deferred: only a build needs the readers
-
             captions = [c for _, c in read_captions(annotations_file)]
         if not hasattr(captions, "counts"):
             captions = (tokenize(c) if isinstance(c, str) else c for c in captions)

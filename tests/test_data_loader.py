@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import annotations
 from annotations import AnnotationError, read_split
 from data_loader import ImageLoadError, get_loader, load_image, make_transform
 from length_bucket_sampler import LengthBucketSampler
@@ -158,9 +159,7 @@ def test_no_dataset_found_says_what_is_expected(tmp_path):
 
 def test_tokenisation_is_cached_per_file(coco_sample, monkeypatch):
     first = read_split(coco_sample, "val").tokenized()
-    import vocabulary
-
-    monkeypatch.setattr(vocabulary, "tokenize", lambda c: pytest.fail("tokenised again"))
+    monkeypatch.setattr(annotations, "tokenize", lambda c: pytest.fail("tokenised again"))
     assert read_split(coco_sample, "val").tokenized() == first
 
 
