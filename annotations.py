@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from nltk.tokenize import TreebankWordTokenizer
 
+from atomic_file import atomic_path
+
 KARPATHY_FILES = ("dataset_coco.json", "dataset_flickr8k.json", "dataset_flickr30k.json")
 CSV_FILES = ("captions.txt", "captions.csv")
 CSV_IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "flickr30k_images", ".")
@@ -421,9 +423,7 @@ def tokenize_cached(split, cache_dir=None):
                 words = bytes(z["words"]).decode("utf-8").split("\n") if z["words"].size else []
                 return TokenizedCaptions(words, z["ids"], offsets)
     tokens = TokenizedCaptions.from_lists(tokenize(c) for c in split.captions)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}.npz")
     words = np.frombuffer("\n".join(tokens.words).encode("utf-8"), dtype=np.uint8)
-    np.savez(tmp, words=words, ids=tokens.ids, offsets=tokens.offsets)
-    os.replace(tmp, cache)
+    with atomic_path(cache) as tmp:
+        np.savez(tmp, words=words, ids=tokens.ids, offsets=tokens.offsets)
     return tokens

@@ -3,14 +3,14 @@
 import contextlib
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
-import uuid
 import warnings
 from functools import cache, lru_cache
 from pathlib import Path
+
+from atomic_file import atomic_path
 
 METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
@@ -184,16 +184,8 @@ def write_results(predictions: dict[int, str], path) -> Path:
         {"image_id": int(image_id), "caption": str(caption)}
         for image_id, caption in predictions.items()
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary_path, "x", encoding="utf-8") as file:
-            json.dump(records, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary_path, path)
-    finally:
-        temporary_path.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as file:
+        json.dump(records, file)
     return path
 
 

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from annotations import default_cache_dir
+from atomic_file import atomic_path
 from data_loader import ImageDataset, make_pixel_transform
 
 
@@ -57,19 +58,14 @@ def image_loader(dataset, batch_size, num_workers):
 
 def build_cache(path, shape, dtype, batches, desc, progress=True):
     """Write the rows that `batches` yields to `path` (.npy) under a temporary name, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-    start = 0
-    try:
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        start = 0
         for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress):
             out[start : start + len(rows)] = rows
             start += len(rows)
         out.flush()
         del out
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return np.load(path, mmap_mode="r")
 
 

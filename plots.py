@@ -10,17 +10,16 @@ matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(
 ) else None
 import matplotlib.pyplot as plt  # noqa: E402
 
+from atomic_file import atomic_path  # noqa: E402
+
 
 def _save(fig, path, bbox_inches="tight"):
     if path is None:
         return fig
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches=bbox_inches)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches=bbox_inches)
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return Path(path)
 
 
 def plot_learning_curves(history, path=None):

@@ -8,6 +8,7 @@ from pathlib import Path
 # `tokenize` lives in annotations (the token cache needs it); `vocabulary.tokenize` stays a name
 # callers use.
 from annotations import read_captions, tokenize
+from atomic_file import write_text
 
 PAD_WORD = "<pad>"
 
@@ -125,11 +126,7 @@ class Vocabulary:
 
     def save(self, path):
         """Write the vocabulary as JSON (atomically: temp file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, json.dumps(self.to_dict(), ensure_ascii=False))
 
     def _load(self, path):
         try:
