@@ -5,6 +5,8 @@ Sequences follow `DecoderRNN.sample`: the image feature is the first LSTM input,
 sequence begins with the given `<start>` id, and ends with (and includes) `end_id`.
 """
 
+from typing import NamedTuple
+
 import torch
 
 PAD_ID = 3  # `<pad>` in vocabulary.Vocabulary
@@ -37,74 +39,109 @@ def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=1.0, 
     beam_size=1 gives exactly `greedy_decode`.
     """
     batch, k = features.size(0), beam_size
-    device, end_id = features.device, decoder.end_id
     # At most k of the 2k best candidates end (one per beam), so k unfinished ones always remain.
     width = 2 * k
     vocab = decoder.fc.out_features
     if width > vocab:
         raise ValueError(f"beam_size {k} too large for a vocabulary of {vocab} (needs 2k <= vocab)")
-    neg_inf = float("-inf")
     states, word = decoder.begin(features.repeat_interleave(k, dim=0))  # (batch * beam,) `<start>`
-    inputs = decoder.embed(word).unsqueeze(1)  # (batch * beam, 1, embed)
-    cum = torch.zeros(batch, k, device=device)
-    cum[:, 1:] = neg_inf  # beams start identical: expanding only beam 0 avoids duplicates
-    tokens = torch.full((batch * k, max_len), pad_id, dtype=torch.long, device=device)
+    cum = torch.zeros(batch, k, device=features.device)  # (batch, beam) summed log-probabilities
+    cum[:, 1:] = float("-inf")  # beams start identical: expanding only beam 0 avoids duplicates
+    tokens = torch.full((batch * k, max_len), pad_id, dtype=torch.long, device=features.device)
     tokens[:, 0] = word
-    best_seq = torch.full((batch, max_len), pad_id, dtype=torch.long, device=device)
-    best_score = torch.full((batch,), neg_inf, device=device)
-    n_finished = torch.zeros(batch, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    first_rows = torch.arange(batch, device=device).unsqueeze(1) * k  # (batch, 1)
-    rank = torch.arange(width, device=device)  # (width,)
+    finished = _Finished(batch, k, max_len, length_penalty, decoder.end_id, pad_id, features.device)
     for t in range(1, max_len):
+        inputs = decoder.embed(word).unsqueeze(1)  # (batch * beam, 1, embed)
         scores, states = decoder.step(inputs, states)  # (batch * beam, vocab)
-        # Choosing on the raw logits first (log_softmax is monotone) keeps beam 1 == argmax.
-        top_ids = scores.topk(width, dim=1).indices  # (batch * beam, width)
-        logp = scores.float().log_softmax(dim=1).gather(1, top_ids)  # (batch * beam, width)
-        cand = (cum.view(-1, 1) + logp).view(batch, k * width)  # (batch, beam * width)
-        # A stable sort keeps the logit order on rounding ties, again for beam 1 == greedy.
-        cand_score, order = cand.sort(dim=1, descending=True, stable=True)
-        cand_score, order = cand_score[:, :width], order[:, :width]  # (batch, width)
-        cand_tok = top_ids.view(batch, k * width).gather(1, order)  # (batch, width)
-        parent = first_rows + order // width  # (batch, width), rows of batch * beam
-        is_end = cand_tok == end_id  # (batch, width)
-
-        finished = is_end & (rank < k) & ~done.unsqueeze(1)  # (batch, width)
-        if bool(finished.any()):
-            norm = (cand_score / (t + 1) ** length_penalty).masked_fill(~finished, neg_inf)
-            step_best, pos = norm.max(dim=1)  # (batch,)
-            src = parent.gather(1, pos.unsqueeze(1)).squeeze(1)  # (batch,)
-            seq = tokens[src]  # (batch, max_len), a copy
-            seq[:, t] = end_id
-            better = step_best > best_score  # (batch,)
-            best_seq = torch.where(better.unsqueeze(1), seq, best_seq)
-            best_score = torch.where(better, step_best, best_score)
-            n_finished += finished.sum(dim=1)
-            done = n_finished >= k
-            if bool(done.all()):
-                break
-
-        # The k best candidates that did not end continue (ends sort behind every other one).
-        keep = (is_end.long() * width + rank).topk(k, dim=1, largest=False).indices  # (batch, beam)
-        rows = parent.gather(1, keep).view(-1)  # (batch * beam,)
-        word = cand_tok.gather(1, keep).view(-1)  # (batch * beam,)
-        cum = cand_score.gather(1, keep)  # (batch, beam)
+        cand = _best_extensions(scores, cum, width)
+        is_end = cand.token == decoder.end_id  # (batch, width)
+        if finished.record(cand, is_end, tokens, t):
+            break
+        rows, word, cum = _survivors(cand, is_end, k)
         tokens = tokens[rows]
         tokens[:, t] = word
         states = tuple(s.index_select(1, rows) for s in states)  # (layers, batch * beam, hidden)
-        inputs = decoder.embed(word).unsqueeze(1)  # (batch * beam, 1, embed)
     else:
-        # Ran out of steps: unfinished beams of images still searching are candidates too.
-        norm = cum / max_len**length_penalty  # (batch, beam)
-        live_best, pos = norm.max(dim=1)  # (batch,)
-        better = (live_best > best_score) & ~done  # (batch,)
-        beams = tokens.view(batch, k, max_len)  # (batch, beam, max_len)
-        live_seq = beams[torch.arange(batch, device=device), pos]  # (batch, max_len)
-        best_seq = torch.where(better.unsqueeze(1), live_seq, best_seq)
+        finished.prefer_live(cum, tokens)
 
     # Drop the columns that are padding in every row, as greedy_decode never makes them.
-    lengths = _lengths(best_seq, end_id)  # (batch,)
-    return best_seq[:, : int(lengths.max())]  # (batch, steps)
+    lengths = _lengths(finished.seq, decoder.end_id)  # (batch,)
+    return finished.seq[:, : int(lengths.max())]  # (batch, steps)
+
+
+class _Candidates(NamedTuple):
+    """Each image's `width` best one-token extensions of its beams, best first."""
+
+    score: torch.Tensor  # (batch, width) summed log-probabilities
+    token: torch.Tensor  # (batch, width) the added token
+    parent: torch.Tensor  # (batch, width) the extended beam's row of batch * beam
+
+
+def _best_extensions(scores, cum, width):
+    """The `width` best extensions per image, from step scores (batch * beam, vocab)."""
+    batch, k = cum.shape
+    # Choosing on the raw logits first (log_softmax is monotone) keeps beam 1 == argmax.
+    top_ids = scores.topk(width, dim=1).indices  # (batch * beam, width)
+    logp = scores.float().log_softmax(dim=1).gather(1, top_ids)  # (batch * beam, width)
+    cand = (cum.view(-1, 1) + logp).view(batch, k * width)  # (batch, beam * width)
+    # A stable sort keeps the logit order on rounding ties, again for beam 1 == greedy.
+    score, order = cand.sort(dim=1, descending=True, stable=True)
+    score, order = score[:, :width], order[:, :width]  # (batch, width)
+    token = top_ids.view(batch, k * width).gather(1, order)  # (batch, width)
+    first_rows = torch.arange(batch, device=cum.device).unsqueeze(1) * k  # (batch, 1)
+    return _Candidates(score, token, first_rows + order // width)
+
+
+def _survivors(cand, is_end, k):
+    """The k best candidates that did not end: rows to follow (batch * beam,), tokens, scores."""
+    width = is_end.size(1)
+    rank = torch.arange(width, device=is_end.device)  # (width,)
+    # Ends sort behind every other candidate, so the k smallest keys are the best k going on.
+    keep = (is_end.long() * width + rank).topk(k, dim=1, largest=False).indices  # (batch, beam)
+    rows = cand.parent.gather(1, keep).view(-1)  # (batch * beam,)
+    word = cand.token.gather(1, keep).view(-1)  # (batch * beam,)
+    return rows, word, cand.score.gather(1, keep)  # cum: (batch, beam)
+
+
+class _Finished:
+    """Per image: the best finished hypothesis so far, and whether the search is done."""
+
+    def __init__(self, batch, beam_size, max_len, length_penalty, end_id, pad_id, device):
+        self.beam_size, self.length_penalty, self.end_id = beam_size, length_penalty, end_id
+        self.seq = torch.full((batch, max_len), pad_id, dtype=torch.long, device=device)
+        self.score = torch.full((batch,), float("-inf"), device=device)  # length-normalised
+        self.count = torch.zeros(batch, dtype=torch.long, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def record(self, cand, is_end, tokens, t):
+        """Count the hypotheses ending at step t, keep the best; True once every image is done."""
+        rank = torch.arange(is_end.size(1), device=is_end.device)  # (width,)
+        ended = is_end & (rank < self.beam_size) & ~self.done.unsqueeze(1)  # (batch, width)
+        if not bool(ended.any()):
+            return False
+        # Such a hypothesis holds tokens 0 to t: `<start>` to `<end>`.
+        norm = (cand.score / (t + 1) ** self.length_penalty).masked_fill(~ended, float("-inf"))
+        step_best, pos = norm.max(dim=1)  # (batch,)
+        src = cand.parent.gather(1, pos.unsqueeze(1)).squeeze(1)  # (batch,)
+        seq = tokens[src]  # (batch, max_len), a copy
+        seq[:, t] = self.end_id
+        better = step_best > self.score  # (batch,)
+        self.seq = torch.where(better.unsqueeze(1), seq, self.seq)
+        self.score = torch.where(better, step_best, self.score)
+        self.count += ended.sum(dim=1)
+        self.done = self.count >= self.beam_size
+        return bool(self.done.all())
+
+    def prefer_live(self, cum, tokens):
+        """At max_len: an image still searching takes its best live beam where that ranks higher."""
+        batch, k = cum.shape
+        max_len = tokens.size(1)
+        norm = cum / max_len**self.length_penalty  # (batch, beam)
+        live_best, pos = norm.max(dim=1)  # (batch,)
+        better = (live_best > self.score) & ~self.done  # (batch,)
+        beams = tokens.view(batch, k, max_len)  # (batch, beam, max_len)
+        live_seq = beams[torch.arange(batch, device=cum.device), pos]  # (batch, max_len)
+        self.seq = torch.where(better.unsqueeze(1), live_seq, self.seq)
 
 
 def _lengths(ids, end_id):

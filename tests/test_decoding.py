@@ -245,3 +245,119 @@ def test_decode_captions(tmp_path):
             assert vocab.end_id not in row[:-1]
             assert sentence == vocab.decode(row)
             assert all(word in vocab for word in sentence.split())
+
+
+# Beam search against exhaustive search. Beam search is exact when the beam holds every candidate
+# and no image stops early, so the decoder makes every token but `<end>` and two words rare: then
+# step t has 3 * 2 ** (t - 1) candidates, 12 at the last step of EXACT_LEN, and only 1 + 2 + 4
+# captions finish, fewer than the beam. The rare tokens' logits sit far below the random spread.
+EXACT_VOCAB, EXACT_BEAM, EXACT_LEN = 24, 12, 4
+COMMON = (5, 9)  # the two likely words
+RARE = 50.0  # how far the logits of the other tokens are pushed down
+PENALTIES = (0.0, 0.5, 1.0, 2.0)
+
+
+def few_token_decoder(seed, ends=True):
+    """Random DecoderRNN and 6 images where only COMMON and (if `ends`) `<end>` are likely."""
+    torch.manual_seed(seed)
+    decoder = DecoderRNN(EMBED, HIDDEN, EXACT_VOCAB).eval()
+    rare = torch.ones(EXACT_VOCAB, dtype=torch.bool)
+    rare[[END, *COMMON]] = False
+    start, flag_unit, lstm = decoder.start_id, HIDDEN - 1, decoder.lstm
+    gates = torch.arange(4) * HIDDEN + flag_unit  # its input, forget, cell and output rows
+    with torch.no_grad():
+        # Wide weights, so the best caption often differs from greedy's and varies in length.
+        for p in decoder.parameters():
+            p.normal_(0.0, 0.8)
+        decoder.embed.weight.normal_(0.0, 1.5)
+        decoder.fc.bias[rare] -= RARE
+        if not ends:
+            decoder.fc.bias[END] -= 2 * RARE  # below the rare tokens: no candidate ever ends
+        # A beam wider than the likely candidates is padded with rare tokens, and a padded beam
+        # that emitted `<end>` would count as finished and could stop the search early. So the
+        # flag unit remembers any rare input (flagged in the last embedding dimension) and rules
+        # `<end>` out after it; `<start>`, the first input, cannot carry the flag, so it is rarer.
+        decoder.embed.weight[:, -1] = rare.float()
+        decoder.embed.weight[start, -1] = 0.0
+        decoder.fc.bias[start] -= RARE
+        for weights in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_hh_l0):
+            weights[gates] = 0.0
+        lstm.bias_ih_l0[gates] = torch.tensor([20.0, 20.0, 0.0, 20.0])  # open, never forgets
+        lstm.weight_ih_l0[gates[2], -1] = 20.0  # the cell adds the flag
+        decoder.fc.weight[END, flag_unit] = -200.0
+    torch.manual_seed(100 + seed)
+    features = torch.randn(6, EMBED)
+    features[:, -1] = 0.0  # an image is no rare token
+    return decoder, features
+
+
+@torch.no_grad()
+def exhaustive_best(decoder, features, max_len, penalties):
+    """Per length penalty, each image's best caption (batch, max_len), found by scoring them all."""
+    # A caption is any token sequence after `<start>` up to its first `<end>`, or cut at max_len
+    # tokens. It ranks as beam_search documents: summed log-probabilities / length ** penalty.
+    batch, vocab = features.size(0), decoder.fc.out_features
+    go_on = torch.tensor([i for i in range(vocab) if i != END])  # (vocab - 1,)
+    states, word = decoder.begin(features)  # word: (batch,) `<start>`
+    prefixes = word[:1].unsqueeze(1)  # (live, t): the unfinished captions, the same for each image
+    cum = torch.zeros(batch, 1)  # (batch, live) summed log-probabilities
+    best = {p: torch.full((batch, max_len), PAD) for p in penalties}
+    best_score = {p: torch.full((batch,), float("-inf")) for p in penalties}
+
+    def keep_better(p, score, captions):
+        """Take the best of `captions` (n, max_len), scored (batch, n), where it beats the best."""
+        top, pos = score.max(dim=1)  # (batch,)
+        better = top > best_score[p]
+        best[p][better] = captions[pos[better]]
+        best_score[p] = torch.where(better, top, best_score[p])
+
+    for t in range(1, max_len):
+        scores, states = decoder.step(decoder.embed(word).unsqueeze(1), states)  # (batch * live, V)
+        logp = cum.unsqueeze(2) + scores.log_softmax(dim=1).view(batch, -1, vocab)  # (b, live, V)
+        ended = torch.full((len(prefixes), max_len), PAD)  # (live, max_len)
+        ended[:, :t], ended[:, t] = prefixes, END
+        for p in penalties:
+            keep_better(p, logp[:, :, END] / (t + 1) ** p, ended)
+        live = len(prefixes)
+        cum = logp[:, :, go_on].reshape(batch, -1)  # (batch, live * (vocab - 1))
+        prefixes = torch.cat(
+            [prefixes.repeat_interleave(len(go_on), dim=0), go_on.repeat(live).unsqueeze(1)], dim=1
+        )  # (live * (vocab - 1), t + 1)
+        word = prefixes[:, -1].repeat(batch)  # (batch * live,)
+        states = tuple(s.repeat_interleave(len(go_on), dim=1) for s in states)
+    for p in penalties:
+        keep_better(p, cum / max_len**p, prefixes)
+    return best
+
+
+def padded(ids, width=EXACT_LEN):
+    """`ids` (batch, steps) padded with PAD to (batch, width)."""
+    return torch.nn.functional.pad(ids, (0, width - ids.size(1)), value=PAD)
+
+
+def test_beam_finds_the_exhaustive_best():
+    best_lengths, greedy_misses = set(), 0
+    for seed in range(4):
+        decoder, features = few_token_decoder(seed)
+        best = exhaustive_best(decoder, features, EXACT_LEN, PENALTIES)
+        greedy = padded(greedy_decode(decoder, features, max_len=EXACT_LEN))
+        for penalty in PENALTIES:
+            beam = beam_search(
+                decoder, features, EXACT_BEAM, max_len=EXACT_LEN, length_penalty=penalty
+            )
+            assert padded(beam).tolist() == best[penalty].tolist(), (seed, penalty)
+            best_lengths.update(lengths(best[penalty]))
+            greedy_misses += int((greedy != best[penalty]).any(dim=1).sum())
+    # The search has work to do, and finished captions of every length and cut ones compete.
+    assert greedy_misses >= 5 and best_lengths == {2, 3, EXACT_LEN}
+
+
+def test_beam_finds_the_exhaustive_best_when_no_caption_ends():
+    decoder, features = few_token_decoder(5, ends=False)
+    best = exhaustive_best(decoder, features, EXACT_LEN, PENALTIES)
+    greedy = padded(greedy_decode(decoder, features, max_len=EXACT_LEN))
+    for penalty in PENALTIES:
+        assert not (best[penalty] == END).any()
+        beam = beam_search(decoder, features, EXACT_BEAM, max_len=EXACT_LEN, length_penalty=penalty)
+        assert padded(beam).tolist() == best[penalty].tolist(), penalty
+        assert not torch.equal(greedy, best[penalty])
