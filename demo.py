@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from atomic_file import write_json
 from config import TrainConfig
 from demo_dataset import DEFAULT_DEMO_ROOT, make_demo_dataset, object_accuracy
 
@@ -63,15 +64,21 @@ def evaluate_demo(checkpoint, data_dir, beam_size=1):
     return result
 
 
-def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12):
-    """Run the whole demo and return the summary written to metrics.json."""
+def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, dataset_options=None):
+    """Run the whole demo and return the summary written to metrics.json.
+
+    metrics.json holds "greedy", "beam3" and "blind_greedy" (each the COCO metrics plus the
+    object accuracy: "accuracy", "by_count", "n"), "cider_ratio_to_blind", "train_seconds",
+    "blind_train_seconds", "epochs", "config" and "total_seconds". `dataset_options` go to
+    `make_demo_dataset` (its defaults: the standard demo dataset).
+    """
     from data_loader import load_image
     from plots import plot_captioned_images
     from train import train
 
     started = time.time()
     output_dir = Path(output_dir)
-    data_dir = make_demo_dataset(Path(config.data_dir))
+    data_dir = make_demo_dataset(Path(config.data_dir), **(dataset_options or {}))
     print(f"demo dataset: {data_dir}")
     model_cfg = dataclasses.replace(config, output_dir=str(output_dir / "model"))
     blind_cfg = dataclasses.replace(config, output_dir=str(output_dir / "blind"), blind=True)
@@ -104,7 +111,7 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12):
         titles=[f"beam 3: {beam['predictions'][i]}" for i, _ in shown],
     )
     summary["total_seconds"] = time.time() - started
-    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+    write_json(summary, output_dir / "metrics.json")
     report(summary, output_dir, grid)
     return summary
 
@@ -135,12 +142,19 @@ def report(summary, output_dir, grid):
 
 
 def main(argv=None):
-    """python demo.py [--output-dir outputs/demo] [--epochs N]"""
+    """python demo.py [--output-dir outputs/demo] [--epochs N] [--dataset-seed S]"""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output-dir", default="outputs/demo")
     parser.add_argument("--epochs", type=int, default=DEMO_CONFIG.epochs)
+    parser.add_argument(
+        "--dataset-seed", type=int, default=0,
+        help="draw another demo dataset (written beside the standard one, data/demo-seed<S>)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    return run_demo(args.output_dir, dataclasses.replace(DEMO_CONFIG, epochs=args.epochs))
+    config = dataclasses.replace(DEMO_CONFIG, epochs=args.epochs)
+    if args.dataset_seed:
+        config = dataclasses.replace(config, data_dir=f"{config.data_dir}-seed{args.dataset_seed}")
+    return run_demo(args.output_dir, config, dataset_options={"seed": args.dataset_seed})
 
 
 if __name__ == "__main__":

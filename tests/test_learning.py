@@ -123,3 +123,12 @@ def test_blind_model_sees_zero_features_everywhere(demo_root, tmp_path, monkeypa
     features = torch.cat(seen)  # (val images + 3, embed)
     assert len(features) == len(splits[1].image_ids) + 3
     assert torch.allclose(features, zero.expand_as(features), atol=1e-6)
+
+
+def test_batched_evaluation_pairs_each_caption_with_its_image(trained_and_blind, one_shape_demo):
+    _, seeing, _ = trained_and_blind
+    options = dict(data_dir=one_shape_demo, num_workers=0, progress=False, use_java=False)
+    batched = evaluate(seeing, "val", batch_size=16, **options)["predictions"]
+    alone = evaluate(seeing, "val", batch_size=1, **options)["predictions"]
+    assert batched == alone
+    assert len(set(alone.values())) > 5  # captions differ, so a wrong pairing would show

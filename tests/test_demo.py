@@ -1,0 +1,38 @@
+"""The README's main command, `demo.run_demo`, on a shrunk preset."""
+
+import dataclasses
+import json
+
+from demo import DEMO_CONFIG, run_demo
+
+METRICS = {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
+OBJECTS = {"accuracy", "by_count", "n"}
+
+
+def test_run_demo_writes_its_documented_outputs(demo_root, tmp_path, capsys):
+    config = dataclasses.replace(
+        DEMO_CONFIG, data_dir=str(demo_root), image_size=32, embed_size=32, hidden_size=48,
+        epochs=2, val_images=10, progress=False,
+    )  # fmt: skip
+    options = dict(n_train=60, n_val=20, n_test=20, seed=1)  # demo_root's own: not regenerated
+    summary = run_demo(tmp_path / "demo", config, grid_size=4, dataset_options=options)
+    written = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert set(written) == {
+        "greedy", "beam3", "blind_greedy", "cider_ratio_to_blind", "train_seconds",
+        "blind_train_seconds", "epochs", "config", "total_seconds",
+    }  # fmt: skip
+    for decoding in ("greedy", "beam3", "blind_greedy"):
+        assert METRICS - {"METEOR"} <= set(written[decoding]) and set(written[decoding]) >= OBJECTS
+        assert written[decoding]["n"] == 20  # every test image scored
+        assert written[decoding] == json.loads(json.dumps(summary[decoding]))
+    assert written["epochs"] == 2 and written["config"]["output_dir"].endswith("model")
+    assert (
+        written["cider_ratio_to_blind"]
+        == summary["greedy"]["CIDEr"] / summary["blind_greedy"]["CIDEr"]
+    )
+    for name in ("test_captions.png", "model/best.pt", "model/learning_curves.png", "blind/best.pt",
+                 "model/results_test.json", "model/results_test_beam3.json"):  # fmt: skip
+        assert (tmp_path / "demo" / name).exists(), name
+    printed = capsys.readouterr().out
+    assert "greedy" in printed and "blind" in printed and "CIDEr vs blind" in printed
+    assert not list((tmp_path / "demo").rglob(".*.tmp-*"))
