@@ -210,24 +210,6 @@ def _load_coco(annotations_file):
     return coco
 
 
-def references_from_coco(annotations_file, image_ids=None) -> dict[int, list[str]]:
-    """Return reference captions per image id from a COCO captions annotations file."""
-    coco = _load_coco(annotations_file)
-    if image_ids is None:
-        return {
-            image_id: [annotation["caption"] for annotation in coco.imgToAnns[image_id]]
-            for image_id in coco.getImgIds()
-            if image_id in coco.imgToAnns
-        }
-    unknown = [image_id for image_id in image_ids if image_id not in coco.imgToAnns]
-    if unknown:
-        raise ValueError(f"image id(s) {unknown[:20]} have no captions in {annotations_file}")
-    return {
-        image_id: [annotation["caption"] for annotation in coco.imgToAnns[image_id]]
-        for image_id in image_ids
-    }
-
-
 def score_results_file(
     results_file, annotations_file, use_java: bool | None = None, spice: bool = False
 ) -> tuple[dict[str, float], dict[int, dict[str, float]]]:

@@ -96,11 +96,12 @@ def evaluate(
 
 
 def main(argv=None):
-    """Command line: python evaluate.py CHECKPOINT [--split test] [--beam 3] ..."""
-    from coco_metrics import format_metrics
+    """Command line: python evaluate.py CHECKPOINT [--split test] [--beam 3] ..., or
+    python evaluate.py --results RESULTS.json --annotations captions_val2014.json."""
+    from coco_metrics import format_metrics, score_results_file
 
     parser = argparse.ArgumentParser(description=evaluate.__doc__)
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", nargs="?", help="the model to caption the split with")
     parser.add_argument("--split", default="test")
     parser.add_argument("--data-dir")
     parser.add_argument("--layout", choices=("auto", "coco", "karpathy", "csv"))
@@ -108,17 +109,21 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, help="score only the first N images")
     parser.add_argument("--output-dir", help="where results and metrics JSON go")
     parser.add_argument("--spice", action="store_true", help="also SPICE (needs its CoreNLP jars)")
+    parser.add_argument("--results", help="instead of a checkpoint: score this COCO results file")
+    parser.add_argument("--annotations", help="with --results: the COCO captions file to score on")
     args = parser.parse_args(argv)
-    result = evaluate(
-        args.checkpoint,
-        args.split,
-        args.data_dir,
-        args.layout,
-        args.beam,
-        limit=args.limit,
-        output_dir=args.output_dir,
-        spice=args.spice,
-    )
+    if args.results:
+        if not args.annotations or args.checkpoint:
+            parser.error("--results needs --annotations and no checkpoint")
+        metrics, per_image = score_results_file(args.results, args.annotations, spice=args.spice)
+        result = {"metrics": metrics, "per_image": per_image}
+    elif args.checkpoint:
+        result = evaluate(
+            args.checkpoint, args.split, args.data_dir, args.layout, args.beam, limit=args.limit,
+            output_dir=args.output_dir, spice=args.spice,
+        )  # fmt: skip
+    else:
+        parser.error("give a checkpoint, or --results with --annotations")
     print(format_metrics(result["metrics"]))
     return result
 

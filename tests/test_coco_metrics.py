@@ -51,7 +51,9 @@ def coco_files(tmp_path_factory):
     annotations_file = folder / "captions.json"
     annotations_file.write_text(json.dumps({"images": images, "annotations": annotations}))
 
-    references = coco_metrics.references_from_coco(annotations_file)
+    references = {image["id"]: [] for image in images}
+    for annotation in annotations:
+        references[annotation["image_id"]].append(annotation["caption"])
     evaluated_ids = [image["id"] for image in images[:EVALUATED_IMAGES]]
     # Even positions get one of their own references (right), odd ones the next image's (wrong).
     predictions = {}
@@ -91,6 +93,16 @@ def java_scores(coco_files):
         pytest.skip("needs a working `java` on PATH")
     annotations_file, results_file, _, _ = coco_files
     return coco_metrics.score_results_file(results_file, annotations_file, use_java=True)
+
+
+@needs_java
+def test_evaluate_command_scores_a_results_file(coco_files, java_scores, capsys):
+    import evaluate
+
+    annotations_file, results_file, _, _ = coco_files
+    result = evaluate.main(["--results", str(results_file), "--annotations", str(annotations_file)])
+    assert result["metrics"] == java_scores[0]
+    assert f"CIDEr    {java_scores[0]['CIDEr']:.4f}" in capsys.readouterr().out
 
 
 @needs_java
@@ -248,8 +260,6 @@ def test_unknown_image_id_is_named(coco_files, tmp_path):
     results_file = coco_metrics.write_results({987654321: "a cat"}, tmp_path / "results.json")
     with pytest.raises(ValueError, match="987654321"):
         coco_metrics.score_results_file(results_file, annotations_file)
-    with pytest.raises(ValueError, match="987654321"):
-        coco_metrics.references_from_coco(annotations_file, [987654321])
 
 
 def test_empty_predictions_rejected():
@@ -264,12 +274,14 @@ def test_malformed_annotations_file_is_named(tmp_path, content):
     annotations_file = tmp_path / "broken_captions.json"
     annotations_file.write_text(content)
     with pytest.raises(ValueError, match="broken_captions.json"):
-        coco_metrics.references_from_coco(annotations_file)
+        coco_metrics.score_results_file(tmp_path / "results.json", annotations_file)
 
 
 def test_missing_annotations_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="absent_captions.json"):
-        coco_metrics.references_from_coco(tmp_path / "absent_captions.json")
+        coco_metrics.score_results_file(
+            tmp_path / "results.json", tmp_path / "absent_captions.json"
+        )
 
 
 def test_format_metrics_aligns_names_and_scores():
