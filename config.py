@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import math
+import numbers
 import re
 import types
 from dataclasses import dataclass, field
@@ -101,7 +102,12 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            check_value(f, getattr(self, f.name))
+            value = getattr(self, f.name)
+            check_value(f, value)
+            kind = field_kinds(f)[0][0]
+            if value is not None and kind in (int, float):
+                # Plain Python numbers: checkpoints and config.json hold no NumPy scalars.
+                setattr(self, f.name, kind(value))
         if not re.fullmatch(DEVICE_PATTERN, self.device):
             raise ConfigError(
                 f"TrainConfig.device: {self.device!r} is not allowed; use auto, cpu, cuda, "
@@ -127,8 +133,9 @@ def check_value(f, value):
         return
     name, meta = f"TrainConfig.{f.name}", f.metadata
     kind = kinds[0]
-    numeric = kind is float and isinstance(value, int)
-    if isinstance(value, bool) != (kind is bool) or not (isinstance(value, kind) or numeric):
+    # NumPy numbers count: a notebook's np.int64(32) is a batch size.
+    accepted = {int: numbers.Integral, float: numbers.Real}.get(kind, kind)
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
         expected = kind.__name__ + (" or None" if optional else "")
         raise ConfigError(f"{name}: {value!r} is not allowed; it must be a {expected}")
     if meta.get("choices") is not None and value not in meta["choices"]:

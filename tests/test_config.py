@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from checkpoint import CheckpointError
@@ -87,6 +88,10 @@ def test_allowed_values_pass_and_replace_is_checked_too():
         lr=1, captions_per_image=None, val_images=None, patience=None, device="cuda:1"
     )
     assert config.lr == 1 and config.device == "cuda:1"
+    from_numpy = TrainConfig(batch_size=np.int64(32), dropout=np.float32(0.5), lr=2)
+    assert dataclasses.astuple(from_numpy)[:3] == dataclasses.astuple(TrainConfig())[:3]
+    assert type(from_numpy.batch_size) is int and type(from_numpy.dropout) is float
+    assert type(from_numpy.lr) is float and from_numpy.lr == 2.0
     for f in dataclasses.fields(TrainConfig):  # every default is allowed and explained
         assert f.metadata["help"], f.name
     with pytest.raises(ConfigError, match="TrainConfig.amp: 'bf61'"):
