@@ -1,4 +1,5 @@
-"""Show-and-Tell captioning model: a CNN encoder and an LSTM decoder (needs only torch, torchvision)."""
+"""Captioning models: a CNN encoder, an LSTM decoder (Show and Tell) and an attention LSTM
+decoder (Show, Attend and Tell); needs only torch and torchvision."""
 
 import urllib.error
 
@@ -160,6 +161,26 @@ class EncoderCNN(nn.Module):
     def forward(self, images):
         return self.project(self.extract(images))
 
+    def feature_map(self, images):
+        """The backbone's last feature map, before pooling: (batch, feature_size, h, w)."""
+        net = self.backbone
+        if isinstance(net, SmallCNN):
+            return net.net[:-2](images.contiguous(memory_format=torch.channels_last))
+        x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+    def extract_grid(self, images, grid_size=None):
+        """Spatial features (batch, positions, feature_size), for attention.
+
+        The last feature map, adaptive-average-pooled to grid_size x grid_size (None: as it
+        is, e.g. 7x7 for a ResNet at 224 px, 4x4 for the small CNN at 64 px).
+        """
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            grid = self.feature_map(images)
+            if grid_size is not None:
+                grid = nn.functional.adaptive_avg_pool2d(grid, grid_size)
+            return grid.flatten(2).transpose(1, 2)  # (batch, h * w, feature_size)
+
 
 class DecoderRNN(nn.Module):
     """LSTM decoder: the image feature is the first input, then the embedded caption tokens."""
@@ -238,6 +259,109 @@ class DecoderRNN(nn.Module):
             word = scores.argmax(dim=1)
             ids.append(int(word))
         return ids
+
+
+class AttentionDecoder(nn.Module):
+    """LSTM decoder with soft attention over the image grid at every word (Show, Attend and Tell).
+
+    At each step the previous hidden state scores every grid position (additive attention),
+    the softmax of those scores weights the grid into a context vector, a gating scalar
+    (sigmoid of the hidden state) scales it, and the LSTM reads the previous word's embedding
+    with that context. The state starts from the mean grid feature.
+    """
+
+    def __init__(self, feature_size, embed_size, hidden_size, vocab_size, attention_size=None,
+                 dropout=0.0, end_id=1, start_id=0, forget_bias=1.0):  # fmt: skip
+        super().__init__()
+        attention_size = attention_size or hidden_size
+        self.start_id, self.end_id = start_id, end_id
+        self.embed = nn.Embedding(vocab_size, embed_size)
+        self.grid_attention = nn.Linear(feature_size, attention_size)
+        self.hidden_attention = nn.Linear(hidden_size, attention_size)
+        self.attention_score = nn.Linear(attention_size, 1)
+        self.gate = nn.Linear(hidden_size, 1)
+        self.init_h = nn.Linear(feature_size, hidden_size)
+        self.init_c = nn.Linear(feature_size, hidden_size)
+        self.lstm = nn.LSTMCell(embed_size + feature_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(hidden_size, vocab_size)
+        with torch.no_grad():  # gates: input, forget, cell, output (as in DecoderRNN)
+            self.lstm.bias_ih[hidden_size : 2 * hidden_size] = forget_bias
+            self.lstm.bias_hh[hidden_size : 2 * hidden_size] = 0.0
+
+    def begin(self, grid):
+        """LSTM state from the mean grid feature, and the grid's projection for attention."""
+        mean = grid.mean(dim=1)  # (batch, feature_size)
+        state = (torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)))
+        return state, self.grid_attention(grid)  # (batch, positions, attention)
+
+    def attend(self, grid, projected, hidden):
+        """Gated context (batch, feature_size) and attention weights (batch, positions)."""
+        scores = self.attention_score(
+            torch.tanh(projected + self.hidden_attention(hidden).unsqueeze(1))
+        ).squeeze(2)  # (batch, positions)
+        weights = scores.softmax(dim=1)
+        context = torch.bmm(weights.unsqueeze(1), grid).squeeze(1)  # (batch, feature_size)
+        return torch.sigmoid(self.gate(hidden)) * context, weights
+
+    def advance(self, words, state, grid, projected):
+        """Attend, then one LSTM step on the words (batch,) and the context: state, weights."""
+        context, weights = self.attend(grid, projected, state[0])
+        state = self.lstm(torch.cat([self.dropout(self.embed(words)), context], dim=1), state)
+        return state, weights
+
+    def step(self, words, state, grid, projected):
+        """One word: ids (batch,) -> scores (batch, vocab), new state, attention (batch, positions)."""
+        state, weights = self.advance(words, state, grid, projected)
+        return self.fc(self.dropout(state[0])), state, weights
+
+    def forward(self, grid, captions, scored=None):
+        """Word scores and attention weights for captions (batch, seq_len) that start with `<start>`.
+
+        Output t predicts captions[:, t + 1] from the words before it: scores (batch,
+        seq_len - 1, vocab) and weights (batch, seq_len - 1, positions). With `scored`, a mask
+        (batch, seq_len) of the words to predict (as in `DecoderRNN.forward`; column 0,
+        `<start>`, is never predicted), scores are (scored.sum(), vocab) and the weights of
+        unscored steps are zero.
+        """
+        state, projected = self.begin(grid)
+        hiddens, weights = [], []
+        for t in range(captions.size(1) - 1):
+            state, alpha = self.advance(captions[:, t], state, grid, projected)
+            hiddens.append(state[0])
+            weights.append(alpha)
+        hiddens = torch.stack(hiddens, dim=1)  # (batch, seq_len - 1, hidden)
+        weights = torch.stack(weights, dim=1)  # (batch, seq_len - 1, positions)
+        if scored is None:
+            return self.fc(self.dropout(hiddens)), weights
+        predicted = scored[:, 1:]  # (batch, seq_len - 1)
+        weights = weights * predicted.unsqueeze(2)
+        return self.fc(self.dropout(hiddens[predicted])), weights  # (scored, vocab)
+
+    @staticmethod
+    def attention_penalty(weights):
+        """Doubly stochastic regulariser: mean of (1 - attention a position got over the words)^2.
+
+        Pushes every position to be attended about once over a caption (Xu et al., eq. 14);
+        padded steps carry zero weights, so only the words predicted count.
+        """
+        return ((1.0 - weights.sum(dim=1)) ** 2).mean()
+
+    @torch.no_grad()
+    def sample(self, grid, max_len=20):
+        """Greedy caption ids for one image's grid (1, positions, feature_size), `<start>` first,
+        `<end>` last if reached, and the attention weights of each generated word (words, positions).
+        """
+        state, projected = self.begin(grid)
+        word = torch.full((1,), self.start_id, dtype=torch.long, device=grid.device)
+        ids, weights = [self.start_id], []
+        while len(ids) < max_len and ids[-1] != self.end_id:
+            scores, state, alpha = self.step(word, state, grid, projected)
+            word = scores.argmax(dim=1)
+            ids.append(int(word))
+            weights.append(alpha[0])
+        empty = grid.new_zeros(0, grid.size(1))
+        return ids, torch.stack(weights) if weights else empty
 
 
 class ShowAndTell(nn.Module):

@@ -1,0 +1,128 @@
+"""The attention decoder (Show, Attend and Tell) and the encoder's spatial grid."""
+
+import pytest
+import torch
+
+from model import AttentionDecoder, EncoderCNN
+
+FEATURES, EMBED, HIDDEN, VOCAB, PAD, END = 12, 8, 16, 10, 3, 1
+
+
+def random_attention_decoder(seed=0, **kwargs):
+    """An attention decoder with random weights, scaled up so that its choices vary."""
+    torch.manual_seed(seed)
+    decoder = AttentionDecoder(FEATURES, EMBED, HIDDEN, VOCAB, **kwargs).eval()
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.mul_(3)
+    return decoder
+
+
+def captions_with_padding():
+    """Two captions, `<start>` first; the second is two words shorter and padded."""
+    return torch.tensor([[0, 4, 5, 6, 7, END], [0, 8, 9, END, PAD, PAD]])
+
+
+@pytest.mark.parametrize("grid_shape", [(2, 4), (3, 3)])
+def test_forward_shapes_and_weights_sum_to_one(grid_shape):
+    decoder = random_attention_decoder()
+    positions = grid_shape[0] * grid_shape[1]
+    grid = torch.randn(2, positions, FEATURES)
+    captions = captions_with_padding()
+    scores, weights = decoder(grid, captions)
+    assert scores.shape == (2, 5, VOCAB) and weights.shape == (2, 5, positions)
+    assert torch.allclose(weights.sum(dim=2), torch.ones(2, 5))
+    assert (weights > 0).all()  # soft attention: every position gets some
+
+
+def test_scored_mask_selects_words_and_zeroes_padded_weights():
+    decoder = random_attention_decoder()
+    grid = torch.randn(2, 6, FEATURES)
+    captions = captions_with_padding()
+    scored = captions != PAD  # (batch, seq_len)
+    scored[:, 0] = False
+    all_scores, all_weights = decoder(grid, captions)
+    scores, weights = decoder(grid, captions, scored)
+    assert scores.shape == (8, VOCAB)  # 5 + 3 words predicted
+    assert torch.equal(scores, all_scores[scored[:, 1:]])
+    assert torch.allclose(weights[0], all_weights[0])
+    assert torch.allclose(weights[1, :3], all_weights[1, :3])
+    assert not weights[1, 3:].any()  # the padded steps carry no attention
+
+
+def test_padding_does_not_change_a_captions_scores():
+    decoder = random_attention_decoder()
+    grid = torch.randn(2, 6, FEATURES)
+    captions = captions_with_padding()
+    batched, _ = decoder(grid, captions)
+    alone, _ = decoder(grid[1:], captions[1:, :4])
+    assert torch.allclose(batched[1, :3], alone[0], atol=1e-6)
+
+
+def test_attention_follows_the_hidden_state_and_the_gate_scales_the_context():
+    decoder = random_attention_decoder()
+    grid = torch.randn(1, 6, FEATURES)
+    state, projected = decoder.begin(grid)
+    context, weights = decoder.attend(grid, projected, state[0])
+    expected = decoder.attention_score(torch.tanh(projected + decoder.hidden_attention(state[0])))
+    assert torch.allclose(weights, expected.squeeze(2).softmax(dim=1))
+    gate = torch.sigmoid(decoder.gate(state[0]))  # (1, 1): one scalar per image
+    assert gate.shape == (1, 1) and 0 < float(gate.detach()) < 1
+    assert torch.allclose(context, gate * (weights.unsqueeze(2) * grid).sum(dim=1), atol=1e-6)
+    other, _ = decoder.attend(grid, projected, torch.randn_like(state[0]))
+    assert not torch.allclose(context, other)
+
+
+def test_state_starts_from_the_mean_grid_feature():
+    decoder = random_attention_decoder()
+    grid = torch.randn(1, 6, FEATURES)
+    shuffled = grid[:, torch.randperm(6)]
+    (h, c), _ = decoder.begin(grid)
+    (h2, c2), _ = decoder.begin(shuffled)
+    assert torch.allclose(h, h2, atol=1e-6) and torch.allclose(c, c2, atol=1e-6)
+    assert torch.allclose(h, torch.tanh(decoder.init_h(grid.mean(dim=1))))
+
+
+def test_sample_is_greedy_and_returns_each_words_attention():
+    decoder = random_attention_decoder(seed=2)
+    grid = torch.randn(1, 6, FEATURES)
+    ids, weights = decoder.sample(grid, max_len=7)
+    assert ids[0] == 0 and type(ids) is list and all(type(i) is int for i in ids)
+    assert len(ids) == 7 or ids[-1] == END
+    assert weights.shape == (len(ids) - 1, 6)
+    # Teacher-forcing the sampled caption reproduces its choices and weights step by step.
+    scores, forced = decoder(grid, torch.tensor([ids]))
+    assert scores[0].argmax(dim=1).tolist() == ids[1:]
+    assert torch.allclose(forced[0], weights, atol=1e-6)
+
+
+def test_attention_penalty_is_zero_when_every_position_gets_one_word():
+    uniform = torch.full((1, 4, 4), 0.25)  # four words, each spreading over four positions
+    assert float(AttentionDecoder.attention_penalty(uniform)) == pytest.approx(0.0)
+    peaked = torch.zeros(1, 4, 4)
+    peaked[0, :, 0] = 1.0  # every word looks at position 0: it gets 4, the others 0
+    assert float(AttentionDecoder.attention_penalty(peaked)) == pytest.approx((9 + 1 + 1 + 1) / 4)
+
+
+def test_forget_gate_bias_is_set():
+    decoder = AttentionDecoder(FEATURES, EMBED, HIDDEN, VOCAB, forget_bias=5.0)
+    assert torch.all(decoder.lstm.bias_ih[HIDDEN : 2 * HIDDEN] == 5.0)
+    assert torch.all(decoder.lstm.bias_hh[HIDDEN : 2 * HIDDEN] == 0.0)
+
+
+@pytest.mark.parametrize(
+    "backbone, size, grid_size, positions, channels",
+    [("smallcnn", 64, None, 16, 128), ("smallcnn", 64, 2, 4, 128), ("resnet18", 64, None, 4, 512),
+     ("resnet18", 96, 2, 4, 512)],
+)  # fmt: skip
+def test_encoder_grid_is_the_last_feature_map(backbone, size, grid_size, positions, channels):
+    encoder = EncoderCNN(8, backbone, pretrained=False).eval()
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        grid = encoder.extract_grid(images, grid_size)
+        pooled = encoder.extract(images)
+    assert grid.shape == (2, positions, channels)
+    if backbone == "smallcnn" and grid_size is None:  # the small CNN max-pools its own grid
+        assert torch.allclose(grid.amax(dim=1), pooled, atol=1e-6)
+    if backbone == "resnet18" and grid_size is None:  # a ResNet average-pools it
+        assert torch.allclose(grid.mean(dim=1), pooled, atol=1e-5)
