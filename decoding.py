@@ -1,34 +1,93 @@
-"""Batched greedy and beam-search caption decoding for `model.DecoderRNN` (CPU or GPU).
+"""Batched greedy and beam-search caption decoding for `model.DecoderRNN` and
+`model.AttentionDecoder` (CPU or GPU).
 
 The decoder should be in eval mode (the caller's job: these functions never change the mode).
-Sequences follow `DecoderRNN.sample`: the image feature is the first LSTM input, every
-sequence begins with the given `<start>` id, and ends with (and includes) `end_id`.
+Sequences follow the decoders' `sample`: every sequence begins with the given `<start>` id,
+and ends with (and includes) `end_id`.
 """
 
 from typing import NamedTuple
 
 import torch
 
+from model import AttentionDecoder
+
 PAD_ID = 3  # `<pad>` in vocabulary.Vocabulary
 
 
+class _Stepper:
+    """The search loops' view of a decoder: start, step and reorder, for both decoder kinds.
+
+    Show and Tell: `inputs` are image features (batch, embed), the state the LSTM's (h, c)
+    with the batch on dim 1. Attention: `inputs` are grids (batch, positions, features), the
+    state (h, c, grid, projected grid) with the batch on dim 0, and each step's attention
+    weights (batch, positions) come back too (None for Show and Tell).
+    """
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.attention = isinstance(decoder, AttentionDecoder)
+
+    def start(self, inputs):
+        """(state, `<start>` ids (batch,))."""
+        if not self.attention:
+            return self.decoder.begin(inputs)
+        (h, c), projected = self.decoder.begin(inputs)
+        word = torch.full((inputs.size(0),), self.decoder.start_id, dtype=torch.long,
+                          device=inputs.device)  # fmt: skip
+        return (h, c, inputs, projected), word
+
+    def step(self, word, state):
+        """Scores (batch, vocab), the new state, attention weights (batch, positions) or None."""
+        if not self.attention:
+            scores, state = self.decoder.step(self.decoder.embed(word).unsqueeze(1), state)
+            return scores, state, None
+        h, c, grid, projected = state
+        scores, (h, c), weights = self.decoder.step(word, (h, c), grid, projected)
+        return scores, (h, c, grid, projected), weights
+
+    def reorder(self, state, rows):
+        """The state of rows `rows` (beam search follows the surviving beams)."""
+        dim = 0 if self.attention else 1  # LSTM states are (layers, batch, hidden)
+        return tuple(s.index_select(dim, rows) for s in state)
+
+
 @torch.no_grad()
-def greedy_decode(decoder, features, max_len=20, pad_id=PAD_ID):
-    """Greedy ids (batch, steps): each row as `decoder.sample` gives it, `pad_id` after `end_id`."""
-    states, word = decoder.begin(features)  # word: (batch,) `<start>`
+def greedy_decode(decoder, features, max_len=20, pad_id=PAD_ID, with_attention=False):
+    """Greedy ids (batch, steps): each row as `decoder.sample` gives it, `pad_id` after `end_id`.
+
+    `features` are image features (Show and Tell) or grids (attention). With_attention: also
+    the attention weights of every generated word (batch, steps - 1, positions), zero after
+    `end_id`.
+    """
+    stepper = _Stepper(decoder)
+    state, word = stepper.start(features)  # word: (batch,) `<start>`
     done = word == decoder.end_id
-    columns = [word]
+    columns, weights = [word], []
     while len(columns) < max_len and not bool(done.all()):
         # Finished rows keep stepping on `<pad>` so the batch stays whole; their output is masked.
-        scores, states = decoder.step(decoder.embed(word).unsqueeze(1), states)  # (batch, vocab)
+        scores, state, alpha = stepper.step(word, state)  # (batch, vocab)
         word = scores.argmax(dim=1).masked_fill(done, pad_id)  # (batch,)
         columns.append(word)
+        if alpha is not None:
+            weights.append(alpha.masked_fill(done.unsqueeze(1), 0.0))
         done = done | (word == decoder.end_id)
-    return torch.stack(columns, dim=1)  # (batch, steps)
+    ids = torch.stack(columns, dim=1)  # (batch, steps)
+    if not with_attention:
+        return ids
+    return ids, _stack_weights(weights, features)
+
+
+def _stack_weights(weights, grid):
+    """Per-step weights (batch, positions) stacked to (batch, steps, positions)."""
+    if not weights:
+        return grid.new_zeros(grid.size(0), 0, grid.size(1))
+    return torch.stack(weights, dim=1)
 
 
 @torch.no_grad()
-def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=1.0, pad_id=PAD_ID):
+def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=1.0, pad_id=PAD_ID,
+                with_attention=False):  # fmt: skip
     """Best beam-search ids (batch, steps) per image, `pad_id` after `end_id`.
 
     Scores are summed log-probabilities; a hypothesis is ranked at the end by simple length
@@ -36,7 +95,8 @@ def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=1.0, 
     (`<start>` and `<end>` included); length_penalty=0 ranks by the raw sum. An image stops once
     `beam_size` hypotheses have finished (those that were among its `beam_size` best candidates
     when they emitted `end_id`); otherwise the unfinished beams at `max_len` compete too.
-    beam_size=1 gives exactly `greedy_decode`.
+    beam_size=1 gives exactly `greedy_decode`. With_attention (attention decoders): also the
+    attention weights of the returned hypothesis's words (batch, steps - 1, positions).
     """
     batch, k = features.size(0), beam_size
     # At most k of the 2k best candidates end (one per beam), so k unfinished ones always remain.
@@ -44,29 +104,40 @@ def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=1.0, 
     vocab = decoder.fc.out_features
     if width > vocab:
         raise ValueError(f"beam_size {k} too large for a vocabulary of {vocab} (needs 2k <= vocab)")
-    states, word = decoder.begin(features.repeat_interleave(k, dim=0))  # (batch * beam,) `<start>`
+    stepper = _Stepper(decoder)
+    state, word = stepper.start(features.repeat_interleave(k, dim=0))  # (batch * beam,) `<start>`
     cum = torch.zeros(batch, k, device=features.device)  # (batch, beam) summed log-probabilities
     cum[:, 1:] = float("-inf")  # beams start identical: expanding only beam 0 avoids duplicates
     tokens = torch.full((batch * k, max_len), pad_id, dtype=torch.long, device=features.device)
     tokens[:, 0] = word
-    finished = _Finished(batch, k, max_len, length_penalty, decoder.end_id, pad_id, features.device)
+    # Each beam's attention weights per generated word, kept in step with `tokens`.
+    history = None
+    if stepper.attention:
+        history = features.new_zeros(batch * k, max(max_len - 1, 0), features.size(1))
+    finished = _Finished(batch, k, max_len, length_penalty, decoder.end_id, pad_id, features.device,
+                         history)  # fmt: skip
     for t in range(1, max_len):
-        inputs = decoder.embed(word).unsqueeze(1)  # (batch * beam, 1, embed)
-        scores, states = decoder.step(inputs, states)  # (batch * beam, vocab)
+        scores, state, alpha = stepper.step(word, state)  # (batch * beam, vocab)
+        if history is not None:
+            history[:, t - 1] = alpha  # (batch * beam, positions) of the current beams
         cand = _best_extensions(scores, cum, width)
         is_end = cand.token == decoder.end_id  # (batch, width)
-        if finished.record(cand, is_end, tokens, t):
+        if finished.record(cand, is_end, tokens, t, history):
             break
         rows, word, cum = _survivors(cand, is_end, k)
         tokens = tokens[rows]
         tokens[:, t] = word
-        states = tuple(s.index_select(1, rows) for s in states)  # (layers, batch * beam, hidden)
+        history = history[rows] if history is not None else None
+        state = stepper.reorder(state, rows)
     else:
-        finished.prefer_live(cum, tokens)
+        finished.prefer_live(cum, tokens, history)
 
     # Drop the columns that are padding in every row, as greedy_decode never makes them.
-    lengths = _lengths(finished.seq, decoder.end_id)  # (batch,)
-    return finished.seq[:, : int(lengths.max())]  # (batch, steps)
+    steps = int(_lengths(finished.seq, decoder.end_id).max())
+    ids = finished.seq[:, :steps]  # (batch, steps)
+    if not with_attention:
+        return ids
+    return ids, finished.weights[:, : steps - 1]  # (batch, steps - 1, positions)
 
 
 class _Candidates(NamedTuple):
@@ -106,14 +177,17 @@ def _survivors(cand, is_end, k):
 class _Finished:
     """Per image: the best finished hypothesis so far, and whether the search is done."""
 
-    def __init__(self, batch, beam_size, max_len, length_penalty, end_id, pad_id, device):
+    def __init__(self, batch, beam_size, max_len, length_penalty, end_id, pad_id, device,
+                 history=None):  # fmt: skip
         self.beam_size, self.length_penalty, self.end_id = beam_size, length_penalty, end_id
         self.seq = torch.full((batch, max_len), pad_id, dtype=torch.long, device=device)
+        # Attention weights of the best hypothesis (batch, max_len - 1, positions), if any.
+        self.weights = history[:batch].clone() if history is not None else None
         self.score = torch.full((batch,), float("-inf"), device=device)  # length-normalised
         self.count = torch.zeros(batch, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    def record(self, cand, is_end, tokens, t):
+    def record(self, cand, is_end, tokens, t, history=None):
         """Count the hypotheses ending at step t, keep the best; True once every image is done."""
         rank = torch.arange(is_end.size(1), device=is_end.device)  # (width,)
         ended = is_end & (rank < self.beam_size) & ~self.done.unsqueeze(1)  # (batch, width)
@@ -127,21 +201,23 @@ class _Finished:
         seq[:, t] = self.end_id
         better = step_best > self.score  # (batch,)
         self.seq = torch.where(better.unsqueeze(1), seq, self.seq)
+        if history is not None:
+            self.weights = torch.where(better.view(-1, 1, 1), history[src], self.weights)
         self.score = torch.where(better, step_best, self.score)
         self.count += ended.sum(dim=1)
         self.done = self.count >= self.beam_size
         return bool(self.done.all())
 
-    def prefer_live(self, cum, tokens):
+    def prefer_live(self, cum, tokens, history=None):
         """At max_len: an image still searching takes its best live beam where that ranks higher."""
         batch, k = cum.shape
-        max_len = tokens.size(1)
-        norm = cum / max_len**self.length_penalty  # (batch, beam)
+        norm = cum / tokens.size(1) ** self.length_penalty  # (batch, beam)
         live_best, pos = norm.max(dim=1)  # (batch,)
         better = (live_best > self.score) & ~self.done  # (batch,)
-        beams = tokens.view(batch, k, max_len)  # (batch, beam, max_len)
-        live_seq = beams[torch.arange(batch, device=cum.device), pos]  # (batch, max_len)
-        self.seq = torch.where(better.unsqueeze(1), live_seq, self.seq)
+        live = torch.arange(batch, device=cum.device) * k + pos  # (batch,) rows of batch * beam
+        self.seq = torch.where(better.unsqueeze(1), tokens[live], self.seq)
+        if history is not None:
+            self.weights = torch.where(better.view(-1, 1, 1), history[live], self.weights)
 
 
 def _lengths(ids, end_id):

@@ -3,18 +3,21 @@
 import pytest
 import torch
 
+from decoding import beam_search, decode_captions, greedy_decode
 from model import AttentionDecoder, EncoderCNN
+from vocabulary import Vocabulary
 
 FEATURES, EMBED, HIDDEN, VOCAB, PAD, END = 12, 8, 16, 10, 3, 1
 
 
-def random_attention_decoder(seed=0, **kwargs):
+def random_attention_decoder(seed=0, end_bias=0.0, **kwargs):
     """An attention decoder with random weights, scaled up so that its choices vary."""
     torch.manual_seed(seed)
     decoder = AttentionDecoder(FEATURES, EMBED, HIDDEN, VOCAB, **kwargs).eval()
     with torch.no_grad():
         for p in decoder.parameters():
             p.mul_(3)
+        decoder.fc.bias[END] += end_bias
     return decoder
 
 
@@ -126,3 +129,60 @@ def test_encoder_grid_is_the_last_feature_map(backbone, size, grid_size, positio
         assert torch.allclose(grid.amax(dim=1), pooled, atol=1e-6)
     if backbone == "resnet18" and grid_size is None:  # a ResNet average-pools it
         assert torch.allclose(grid.mean(dim=1), pooled, atol=1e-5)
+
+
+def unpadded(ids, weights, row):
+    """Row `row` of batched ids (through `<end>`) and its words' weights."""
+    tokens = ids[row].tolist()
+    n = tokens.index(END) + 1 if END in tokens else len(tokens)
+    return tokens[:n], weights[row, : n - 1]
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_batched_greedy_equals_sample_per_image(seed):
+    decoder = random_attention_decoder(seed, end_bias=0.5)
+    grids = torch.randn(5, 6, FEATURES)
+    ids, weights = greedy_decode(decoder, grids, max_len=8, with_attention=True)
+    assert weights.shape == (5, ids.size(1) - 1, 6)
+    lengths = set()
+    for row in range(5):
+        expected_ids, expected_weights = decoder.sample(grids[row : row + 1], max_len=8)
+        tokens, row_weights = unpadded(ids, weights, row)
+        assert tokens == expected_ids
+        assert torch.allclose(row_weights, expected_weights, atol=1e-6)
+        assert not weights[row, len(tokens) - 1 :].any()  # nothing after `<end>`
+        lengths.add(len(tokens))
+    assert len(lengths) > 1  # rows end at different steps, so the padding is exercised
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_beam_one_equals_greedy_with_attention(seed):
+    decoder = random_attention_decoder(seed)
+    grids = torch.randn(4, 6, FEATURES)
+    greedy_ids, greedy_weights = greedy_decode(decoder, grids, max_len=8, with_attention=True)
+    beam_ids, beam_weights = beam_search(decoder, grids, 1, max_len=8, with_attention=True)
+    assert torch.equal(beam_ids, greedy_ids)
+    assert torch.allclose(beam_weights, greedy_weights, atol=1e-6)
+
+
+@pytest.mark.parametrize("beam_size, penalty", [(2, 1.0), (3, 0.0), (4, 2.0)])
+def test_beam_weights_are_those_of_the_returned_caption_and_batch_invariant(beam_size, penalty):
+    decoder = random_attention_decoder(2, end_bias=0.5)
+    grids = torch.randn(4, 6, FEATURES)
+    options = dict(beam_size=beam_size, max_len=7, length_penalty=penalty, with_attention=True)
+    ids, weights = beam_search(decoder, grids, **options)
+    for row in range(4):
+        tokens, row_weights = unpadded(ids, weights, row)
+        alone_ids, alone_weights = beam_search(decoder, grids[row : row + 1], **options)
+        assert unpadded(alone_ids, alone_weights, 0)[0] == tokens
+        assert torch.allclose(alone_weights[0, : len(tokens) - 1], row_weights, atol=1e-6)
+        # Teacher-forcing the returned caption gives the same weights, word by word.
+        _, forced = decoder(grids[row : row + 1], torch.tensor([tokens]))
+        assert torch.allclose(forced[0], row_weights, atol=1e-5)
+
+
+def test_decode_captions_works_for_the_attention_decoder():
+    decoder = random_attention_decoder(1)
+    vocab = Vocabulary.from_dict({"words": ["<start>", "<end>", "<unk>", "<pad>", *"abcdef"]})
+    ids, texts = decode_captions(decoder, torch.randn(3, 6, FEATURES), vocab, beam_size=2)
+    assert len(ids) == len(texts) == 3 and all(i[0] == 0 for i in ids)
