@@ -168,10 +168,10 @@ def test_beam_one_equals_greedy_with_attention(seed):
 @pytest.mark.parametrize("beam_size, penalty", [(2, 1.0), (3, 0.0), (4, 2.0)])
 def test_beam_weights_are_those_of_the_returned_caption_and_batch_invariant(beam_size, penalty):
     decoder = random_attention_decoder(2, end_bias=0.5)
-    grids = torch.randn(4, 6, FEATURES)
-    options = dict(beam_size=beam_size, max_len=7, length_penalty=penalty, with_attention=True)
+    grids = torch.randn(12, 6, FEATURES) * 3  # varied images: beams overtake each other
+    options = dict(beam_size=beam_size, max_len=8, length_penalty=penalty, with_attention=True)
     ids, weights = beam_search(decoder, grids, **options)
-    for row in range(4):
+    for row in range(12):
         tokens, row_weights = unpadded(ids, weights, row)
         alone_ids, alone_weights = beam_search(decoder, grids[row : row + 1], **options)
         assert unpadded(alone_ids, alone_weights, 0)[0] == tokens
