@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from atomic_file import atomic_path
-from model import DecoderRNN, EncoderCNN, ShowAndTell
+from model import AttentionDecoder, DecoderRNN, EncoderCNN, ShowAndTell
 
 
 class CheckpointError(RuntimeError):
@@ -88,34 +88,41 @@ def load_model_state(model, state_dict, path, expected):
 
 def build_model(config, vocab):
     """Encoder and decoder described by `config`."""
+    attention = config.decoder == "attention"
     encoder = EncoderCNN(
-        config.embed_size,
-        config.backbone,
-        config.pretrained,
-        config.weights_path,
-        config.trainable_blocks,
-        config.feature_norm,
-    )
-    decoder = DecoderRNN(
-        config.embed_size,
-        config.hidden_size,
-        len(vocab),
-        config.num_layers,
-        config.dropout,
-        end_id=vocab.end_id,
-        start_id=vocab.start_id,
-        forget_bias=config.forget_bias,
-    )
+        config.embed_size, config.backbone, config.pretrained, config.weights_path,
+        config.trainable_blocks, config.feature_norm, grid=attention, grid_size=config.grid_size,
+    )  # fmt: skip
+    common = dict(dropout=config.dropout, end_id=vocab.end_id, start_id=vocab.start_id,
+                  forget_bias=config.forget_bias)  # fmt: skip
+    if attention:
+        decoder = AttentionDecoder(
+            encoder.feature_size, config.embed_size, config.hidden_size, len(vocab),
+            attention_weight=config.attention_weight, **common,
+        )  # fmt: skip
+    else:
+        decoder = DecoderRNN(
+            config.embed_size, config.hidden_size, len(vocab), config.num_layers, **common
+        )
     return ShowAndTell(encoder, decoder, blind=config.blind)
 
 
-def load_trained(path, device="cpu"):
-    """(model in eval mode, vocabulary, config) rebuilt from a checkpoint's config and weights."""
+def load_trained(path, device="cpu", decoder=None):
+    """(model in eval mode, vocabulary, config) rebuilt from a checkpoint's config and weights.
+
+    `decoder` ("showtell" or "attention"), when given, is the kind the caller needs: a
+    checkpoint of the other kind is refused.
+    """
     from config import TrainConfig, config_from_dict
     from vocabulary import Vocabulary
 
     state = load_checkpoint(path)
     config = config_from_dict(TrainConfig, state["config"])
+    if decoder is not None and decoder != config.decoder:
+        raise CheckpointError(
+            f"{path}: a checkpoint of a {config.decoder!r} decoder, not {decoder!r}; "
+            f"train one with decoder={decoder!r}"
+        )
     vocab = Vocabulary.from_dict(state["vocab"])
     # The checkpoint holds every weight: build without downloading ImageNet weights.
     shell = dataclasses.replace(config, pretrained=False, weights_path=None)
@@ -127,7 +134,7 @@ def load_trained(path, device="cpu"):
         f"vocabulary of {len(vocab)} words, "
         + ", ".join(
             f"{k}={getattr(config, k)}"
-            for k in ("backbone", "embed_size", "hidden_size", "num_layers")
+            for k in ("decoder", "backbone", "embed_size", "hidden_size", "num_layers")
         ),
     )
     return model.to(device).eval(), vocab, config

@@ -51,6 +51,18 @@ class TrainConfig:
     feature_norm: str = option(
         "batch", "normalisation of the image feature", choices=("batch", "layer", "none")
     )
+    decoder: str = option(
+        "showtell",
+        "showtell: the image seen once, pooled (Show and Tell); attention: soft attention over "
+        "the CNN's grid at every word (Show, Attend and Tell)",
+        choices=("showtell", "attention"),
+    )
+    grid_size: int | None = option(
+        None, "attention: the CNN grid pooled to grid_size x grid_size; none: as it is", low=1
+    )
+    attention_weight: float = option(
+        1.0, "attention: weight of the doubly stochastic attention regulariser", low=0
+    )
     embed_size: int = option(256, "image feature and word embedding size", low=1)
     hidden_size: int = option(512, "LSTM hidden units", low=1)
     num_layers: int = option(1, "LSTM layers", low=1)

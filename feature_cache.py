@@ -38,13 +38,14 @@ def file_signatures(split):
 
 def cache_key(encoder, split, transform):
     """Key of one (CNN weights, image files, transform) combination; `encoder` None for pixels."""
-    text = json.dumps(
-        [
-            encoder_fingerprint(encoder) if encoder is not None else "pixels",
-            file_signatures(split),
-            repr(transform),
-        ]
-    )
+    parts = [
+        encoder_fingerprint(encoder) if encoder is not None else "pixels",
+        file_signatures(split),
+        repr(transform),
+    ]
+    if encoder is not None and encoder.grid:  # pooled caches keep the keys they always had
+        parts.append(f"grid {encoder.grid_size}")
+    text = json.dumps(parts)
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
@@ -80,6 +81,20 @@ def open_cache(path, shape, write):
     return None
 
 
+def feature_shape(encoder, transform):
+    """Shape of one image's cached features: (feature_size,) or (positions, feature_size)."""
+    if not encoder.grid:
+        return (encoder.feature_size,)
+    size = next(t.size for t in transform.transforms if hasattr(t, "size"))
+    size = size if isinstance(size, int) else size[0]
+    was_training = encoder.training
+    with torch.no_grad():
+        blank = torch.zeros(1, 3, size, size, device=next(encoder.parameters()).device)
+        grid = encoder.eval().extract_grid(blank, encoder.grid_size)
+    encoder.train(was_training)
+    return tuple(grid.shape[1:])
+
+
 def cached_features(
     encoder,
     split,
@@ -91,7 +106,8 @@ def cached_features(
     progress=True,
     write=True,
 ):
-    """(num_images, feature_size) float16 memmap of `split`'s images, computed on first use.
+    """(num_images, feature_size) float16 memmap of `split`'s images, computed on first use;
+    (num_images, positions, feature_size) for an encoder that gives the grid (attention).
 
     With `write=False` (distributed ranks other than 0) the cache must already exist.
     """
@@ -100,7 +116,7 @@ def cached_features(
         / "features"
         / f"{cache_key(encoder, split, transform)}.npy"
     )
-    shape = (len(split.image_ids), encoder.feature_size)
+    shape = (len(split.image_ids), *feature_shape(encoder, transform))
     features = open_cache(path, shape, write)
     if features is not None:
         return features
@@ -110,7 +126,8 @@ def cached_features(
     try:
         with torch.no_grad():
             batches = (
-                encoder.extract(images.to(device)).float().cpu().numpy() for images, _ in loader
+                encoder.backbone_features(images.to(device)).float().cpu().numpy()
+                for images, _ in loader
             )
             return build_cache(
                 path, shape, np.float16, batches, f"caching {split.name} features", progress

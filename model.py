@@ -101,6 +101,8 @@ class EncoderCNN(nn.Module):
         weights_path=None,
         trainable_blocks=0,
         feature_norm="batch",
+        grid=False,
+        grid_size=None,
     ):
         super().__init__()
         if backbone == "smallcnn":
@@ -114,6 +116,11 @@ class EncoderCNN(nn.Module):
         if trainable_blocks > 0:
             for block in self.backbone.blocks[-trainable_blocks:]:
                 block.requires_grad_(True)
+        # With `grid`, the encoder gives the attention decoder the spatial grid as it is.
+        self.grid, self.grid_size = grid, grid_size
+        if grid:
+            self.embed = self.norm = nn.Identity()
+            return
         self.embed = nn.Linear(feature_size, embed_size)
         # Batch norm on the image feature is what lets the LSTM use it: without centring, the
         # feature is nearly the same for every image and the decoder learns a caption prior.
@@ -142,7 +149,7 @@ class EncoderCNN(nn.Module):
             return self.backbone(images).flatten(1)  # (batch, feature_size)
 
     def project(self, features):
-        """Backbone features -> (batch, embed_size)."""
+        """Backbone features -> (batch, embed_size); a grid passes unchanged."""
         embedded = self.embed(features)
         if self.training and embedded.shape[0] == 1 and type(self.norm) is nn.BatchNorm1d:
             # Batch statistics of one sample are undefined: a lone caption uses the running ones.
@@ -159,7 +166,12 @@ class EncoderCNN(nn.Module):
         return self.norm(embedded)
 
     def forward(self, images):
-        return self.project(self.extract(images))
+        return self.project(self.backbone_features(images))
+
+    def backbone_features(self, images):
+        """What the feature cache holds: pooled (batch, feature_size), or the grid
+        (batch, positions, feature_size) for an attention decoder."""
+        return self.extract_grid(images, self.grid_size) if self.grid else self.extract(images)
 
     def feature_map(self, images):
         """The backbone's last feature map, before pooling: (batch, feature_size, h, w)."""
@@ -271,8 +283,9 @@ class AttentionDecoder(nn.Module):
     """
 
     def __init__(self, feature_size, embed_size, hidden_size, vocab_size, attention_size=None,
-                 dropout=0.0, end_id=1, start_id=0, forget_bias=1.0):  # fmt: skip
+                 dropout=0.0, end_id=1, start_id=0, forget_bias=1.0, attention_weight=1.0):  # fmt: skip
         super().__init__()
+        self.attention_weight = attention_weight
         attention_size = attention_size or hidden_size
         self.start_id, self.end_id = start_id, end_id
         self.embed = nn.Embedding(vocab_size, embed_size)
@@ -379,16 +392,23 @@ class ShowAndTell(nn.Module):
         whatever it is given, in training and captioning alike, and runs no CNN: a black
         image is no zero feature once a CNN's batch-norm statistics have shifted it.
         """
-        if self.blind:
-            inputs = inputs.new_zeros(inputs.shape[0], self.encoder.feature_size)
-        return self.encoder.project(inputs) if inputs.dim() == 2 else self.encoder(inputs)
+        grid = self.encoder.grid
+        if self.blind:  # one zero position: attention over it gives a zero context
+            shape = (1, self.encoder.feature_size) if grid else (self.encoder.feature_size,)
+            inputs = inputs.new_zeros(inputs.shape[0], *shape)
+        cached = inputs.dim() == (3 if grid else 2)
+        return self.encoder.project(inputs) if cached else self.encoder(inputs)
 
     def forward(self, inputs, captions, owners=None, scored=None):
         """Scores (captions, seq_len, vocab); caption k describes image `owners[k]` (default k).
 
-        `scored` (a mask over outputs) as in `DecoderRNN.forward`.
+        `scored` (a mask over outputs) as in `DecoderRNN.forward`. An attention decoder gives
+        (scores, attention penalty): its weighted doubly stochastic regulariser.
         """
-        features = self.encode(inputs)  # (images, embed)
+        features = self.encode(inputs)  # (images, embed) or (images, positions, features)
         if owners is not None:
-            features = features[owners]  # (captions, embed)
-        return self.decoder(features, captions, scored)
+            features = features[owners]  # (captions, ...)
+        if not isinstance(self.decoder, AttentionDecoder):
+            return self.decoder(features, captions, scored)
+        scores, weights = self.decoder(features, captions, scored)
+        return scores, self.decoder.attention_weight * self.decoder.attention_penalty(weights)

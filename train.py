@@ -35,7 +35,8 @@ from vocabulary import Vocabulary
 
 
 def caption_loss(model, batch, pad_id):
-    """Teacher-forced cross-entropy per token, padding ignored, and the number of tokens scored.
+    """Teacher-forced cross-entropy per token (padding ignored), the number of tokens scored, and
+    the attention regulariser to add when training (0 for Show and Tell).
 
     `batch` is (inputs, captions) or (inputs, captions, owners): images or cached features,
     caption ids (captions, seq_len), and for grouped batches the input row of each caption.
@@ -45,8 +46,9 @@ def caption_loss(model, batch, pad_id):
     # scoring it teaches nothing. Padding is not scored either, nor even computed.
     scored = captions != pad_id  # (captions, seq_len)
     scored[:, 0] = False
-    scores = model(inputs, captions, owners, scored)  # (scored tokens, vocab)
-    return F.cross_entropy(scores.float(), captions[scored]), scored.sum()
+    output = model(inputs, captions, owners, scored)
+    scores, penalty = output if isinstance(output, tuple) else (output, 0.0)  # (scored, vocab)
+    return F.cross_entropy(scores.float(), captions[scored]), scored.sum(), penalty
 
 
 def autocast_for(config, device):
@@ -166,14 +168,14 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
         for batch in bar:
             batch = [t.to(device, non_blocking=True) for t in batch]
             with autocast or contextlib.nullcontext():
-                loss, n = caption_loss(model, batch, vocab.pad_id)
+                loss, n, penalty = caption_loss(model, batch, vocab.pad_id)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"{desc}: loss became {loss.item()} at step {len(step_losses)} of this epoch; "
                     "lower the learning rate or check the data. The last checkpoint is intact."
                 )
             if training:
-                objective = loss * ddp_share(n) if is_distributed() else loss
+                objective = (loss * ddp_share(n) if is_distributed() else loss) + penalty
                 optimizer_step(model, objective, optimizer, scheduler, scaler, config.grad_clip)
             step_losses.append(loss.item())
             total, tokens = total + loss.item() * int(n), tokens + int(n)

@@ -29,10 +29,8 @@ def image_inputs(config, encoder, splits, rank, world, device):
     if config.blind:
         # A blind model sees zero features whatever it is given (`ShowAndTell.encode`), so its
         # data is zeros too: no image is read and no CNN runs.
-        return [
-            {"features": np.zeros((len(s.image_ids), encoder.feature_size), np.float16)}
-            for s in splits
-        ]
+        shape = (1, encoder.feature_size) if encoder.grid else (encoder.feature_size,)
+        return [{"features": np.zeros((len(s.image_ids), *shape), np.float16)} for s in splits]
     options = dict(
         batch_size=config.batch_size, num_workers=config.num_workers, progress=config.progress
     )

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import train as train_module
 from config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,3 +20,17 @@ def tiny_config(demo_root, out, **changes):
         seed=3, dropout=0.3,
     )  # fmt: skip
     return TrainConfig(**{**base, **changes})
+
+
+def interrupt_training_at_epoch(monkeypatch, epoch):
+    """Make the `epoch`-th training pass raise, as a kill between epochs would end the run."""
+    real, calls = train_module.run_epoch, []
+
+    def run_epoch(*args, **kwargs):
+        if kwargs.get("optimizer") is not None or len(args) > 5:
+            calls.append(1)
+            if len(calls) == epoch:
+                raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_epoch", run_epoch)

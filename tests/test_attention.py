@@ -1,10 +1,17 @@
 """The attention decoder (Show, Attend and Tell) and the encoder's spatial grid."""
 
+import numpy as np
 import pytest
 import torch
 
+import feature_cache
+from annotations import read_split
+from checkpoint import CheckpointError, load_trained
+from data_loader import load_image, make_transform
 from decoding import beam_search, decode_captions, greedy_decode
 from model import AttentionDecoder, EncoderCNN
+from tests.helpers import interrupt_training_at_epoch, tiny_config
+from train import train
 from vocabulary import Vocabulary
 
 FEATURES, EMBED, HIDDEN, VOCAB, PAD, END = 12, 8, 16, 10, 3, 1
@@ -186,3 +193,57 @@ def test_decode_captions_works_for_the_attention_decoder():
     vocab = Vocabulary.from_dict({"words": ["<start>", "<end>", "<unk>", "<pad>", *"abcdef"]})
     ids, texts = decode_captions(decoder, torch.randn(3, 6, FEATURES), vocab, beam_size=2)
     assert len(ids) == len(texts) == 3 and all(i[0] == 0 for i in ids)
+
+
+def test_attention_training_resumes_exactly_like_an_uninterrupted_run(
+    demo_root, tmp_path, monkeypatch
+):
+    config = dict(decoder="attention", epochs=3, dropout=0.2)
+    full = train(tiny_config(demo_root, tmp_path / "full", **config))
+    assert full["train_loss"][-1] < full["train_loss"][0]
+    with monkeypatch.context() as m:
+        interrupt_training_at_epoch(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(demo_root, tmp_path / "cut", **config))
+    resumed = train(tiny_config(demo_root, tmp_path / "cut", resume=True, **config))
+    assert resumed["step_loss"] == full["step_loss"] and resumed["val_loss"] == full["val_loss"]
+    model, _, loaded = load_trained(tmp_path / "full" / "best.pt", decoder="attention")
+    assert isinstance(model.decoder, AttentionDecoder) and loaded.decoder == "attention"
+    with pytest.raises(
+        CheckpointError, match="a checkpoint of a 'attention' decoder, not 'showtell'"
+    ):
+        load_trained(tmp_path / "full" / "best.pt", decoder="showtell")
+    with pytest.raises(
+        CheckpointError, match="decoder: checkpoint 'attention' vs config 'showtell'"
+    ):
+        train(tiny_config(demo_root, tmp_path / "full", epochs=4, resume=True))
+
+
+def test_grid_feature_cache_equals_the_grid_and_follows_the_weights(demo_root, tmp_path):
+    split = read_split(demo_root, "val")
+    transform = make_transform(32)
+    torch.manual_seed(0)
+    encoder = EncoderCNN(8, "smallcnn", pretrained=False, grid=True)
+    cached = feature_cache.cached_features(
+        encoder, split, transform, cache_dir=tmp_path, progress=False
+    )
+    images = torch.stack([transform(load_image(p)) for p in split.image_paths])
+    with torch.no_grad():
+        grids = encoder.eval().backbone_features(images)  # (images, 4, 128) at 32 px
+    assert cached.shape == grids.shape == (len(split.image_ids), 4, 128)
+    assert np.allclose(cached, grids.numpy().astype(np.float16), atol=1e-3)
+    pooled = EncoderCNN(8, "smallcnn", pretrained=False)
+    pooled.backbone.load_state_dict(encoder.backbone.state_dict())
+    keys = {
+        feature_cache.cache_key(e, split, transform)
+        for e in (encoder, pooled, EncoderCNN(8, "smallcnn", pretrained=False, grid=True),
+                  EncoderCNN(8, "smallcnn", pretrained=False, grid=True, grid_size=1))
+    }  # fmt: skip
+    assert len(keys) == 4  # grid or pooled, other weights, other grid size: another cache
+
+
+def test_blind_attention_model_sees_a_zero_grid(demo_root, tmp_path):
+    config = tiny_config(demo_root, tmp_path, decoder="attention", blind=True, epochs=1)
+    train(config)
+    model, _, _ = load_trained(tmp_path / "best.pt")
+    assert torch.equal(model.encode(torch.randn(2, 3, 32, 32)), torch.zeros(2, 1, 128))

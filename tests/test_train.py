@@ -18,22 +18,8 @@ import train as train_module
 from annotations import read_split
 from checkpoint import CheckpointError, load_checkpoint, load_trained, save_checkpoint
 from config import TrainConfig
-from tests.helpers import ROOT, tiny_config
+from tests.helpers import ROOT, interrupt_training_at_epoch, tiny_config
 from train import train
-
-
-def interrupt_training_at_epoch(monkeypatch, epoch):
-    """Make the `epoch`-th training pass raise, as a kill between epochs would end the run."""
-    real, calls = train_module.run_epoch, []
-
-    def run_epoch(*args, **kwargs):
-        if kwargs.get("optimizer") is not None or len(args) > 5:
-            calls.append(1)
-            if len(calls) == epoch:
-                raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "run_epoch", run_epoch)
 
 
 def test_caption_loss_does_not_score_the_start_output():
@@ -49,10 +35,10 @@ def test_caption_loss_does_not_score_the_start_output():
 
     captions = torch.tensor([[0, 3, 4, 1], [0, 2, 1, pad]])
     scores = torch.randn(2, 4, vocab)
-    loss, scored = train_module.caption_loss(
+    loss, scored, penalty = train_module.caption_loss(
         FixedScores(scores), (torch.zeros(2, 3), captions), pad
     )
-    assert int(scored) == 5
+    assert int(scored) == 5 and penalty == 0.0
     expected = torch.nn.functional.cross_entropy(
         torch.cat([scores[0, 1:], scores[1, 1:3]]), torch.tensor([3, 4, 1, 2, 1])
     )
@@ -126,7 +112,7 @@ def test_nan_loss_stops_with_clear_message(demo_root, tmp_path, monkeypatch):
     monkeypatch.setattr(
         train_module,
         "caption_loss",
-        lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), torch.tensor(1)),
+        lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), torch.tensor(1), 0.0),
     )
     with pytest.raises(FloatingPointError, match="loss became nan"):
         train(tiny_config(demo_root, tmp_path, epochs=2, resume=True))
