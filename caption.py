@@ -21,33 +21,60 @@ def find_images(inputs):
     return files
 
 
+def image_batches(paths, image_size, batch_size, device):
+    """(paths, model inputs) in chunks of `batch_size` images."""
+    from data_loader import load_image, make_transform
+
+    transform = make_transform(image_size)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        yield chunk, torch.stack([transform(load_image(p)) for p in chunk]).to(device)
+
+
 @torch.no_grad()
 def caption_images(
     checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None, length_penalty=1.0
 ):
     """{path: caption} for image files, using the model saved in `checkpoint`."""
     from checkpoint import load_trained
-    from data_loader import load_image, make_transform
     from decoding import decode_captions
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, vocab, config = load_trained(checkpoint, device)
-    transform = make_transform(config.image_size)
     captions = {}
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        images = torch.stack([transform(load_image(p)) for p in chunk]).to(device)
-        features = model.encode(images)  # (batch, embed); zeros seen if blind
+    for chunk, images in image_batches(paths, config.image_size, batch_size, device):
+        features = model.encode(images)  # (batch, embed) or a grid; zeros seen if blind
         _, texts = decode_captions(
-            model.decoder,
-            features,
-            vocab,
-            beam_size,
-            max_len or config.max_caption_len,
+            model.decoder, features, vocab, beam_size, max_len or config.max_caption_len,
             length_penalty,
-        )
+        )  # fmt: skip
         captions.update(zip(map(str, chunk), texts))
     return captions
+
+
+@torch.no_grad()
+def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None):
+    """{path: (words, weights (words, positions))}: each generated word of an attention model's
+    caption, `<end>` included, and where it looked."""
+    from checkpoint import load_trained
+    from decoding import beam_search, greedy_decode
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, vocab, config = load_trained(checkpoint, device, decoder="attention")
+    max_len = max_len or config.max_caption_len
+    maps = {}
+    for chunk, images in image_batches(paths, config.image_size, batch_size, device):
+        grids = model.encode(images)  # (batch, positions, features)
+        if beam_size == 1:
+            ids, weights = greedy_decode(model.decoder, grids, max_len, vocab.pad_id, True)
+        else:
+            ids, weights = beam_search(model.decoder, grids, beam_size, max_len,
+                                       pad_id=vocab.pad_id, with_attention=True)  # fmt: skip
+        for path, row, row_weights in zip(chunk, ids.tolist(), weights.cpu()):
+            words = [vocab.idx2word[i] for i in row[1:]]
+            words = words[: words.index(vocab.end_word) + 1] if vocab.end_word in words else words
+            maps[str(path)] = (words, row_weights[: len(words)])
+    return maps
 
 
 def draw_captions(captions, folder):
@@ -62,8 +89,21 @@ def draw_captions(captions, folder):
     ]
 
 
+def draw_attention(maps, folder):
+    """Save each image's attention maps, one panel per word, as <folder>/<name>_attention.png."""
+    from data_loader import load_image
+    from plots import plot_attention
+
+    folder = Path(folder)
+    return [
+        plot_attention(load_image(p), words, weights, folder / f"{Path(p).stem}_attention.png")
+        for p, (words, weights) in maps.items()
+    ]
+
+
 def main(argv=None):
-    """python caption.py CHECKPOINT IMAGE_OR_FOLDER... [--beam K] [--json OUT] [--draw DIR]"""
+    """python caption.py CHECKPOINT IMAGE_OR_FOLDER... [--beam K] [--json OUT] [--draw DIR]
+    [--attention]"""
     from atomic_file import write_json
 
     parser = argparse.ArgumentParser(description=caption_images.__doc__)
@@ -75,7 +115,13 @@ def main(argv=None):
         "--json", help="write {path: caption} here (default captions.json when a folder is given)"
     )
     parser.add_argument("--draw", metavar="DIR", help="save each image with its caption here")
+    parser.add_argument(
+        "--attention", action="store_true",
+        help="with --draw and an attention checkpoint: also each word's attention map",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.attention and not args.draw:
+        parser.error("--attention draws the attention maps: give --draw DIR too")
     paths = find_images(args.inputs)
     if not paths:
         parser.error("no images found in " + " ".join(args.inputs))
@@ -89,6 +135,10 @@ def main(argv=None):
         print(f"captions written to {write_json(captions, json_path)}")
     if args.draw:
         draw_captions(captions, args.draw)
+        if args.attention:
+            draw_attention(
+                attention_maps(args.checkpoint, paths, args.beam, args.max_len), args.draw
+            )
         print(f"captioned images saved in {args.draw}/")
     return captions
 

@@ -356,6 +356,62 @@ def object_accuracy(predictions: dict[int, str], annotations_file) -> dict:
     }
 
 
+def attention_on_objects(maps: dict, annotations_file) -> dict:
+    """How often the attention of a word that names an object looks at that object.
+
+    `maps` is {image id: (words, weights (words, positions))} from an attention model over a
+    square grid. For every object a caption names right (its colour word and shape word),
+    each of the two words counts as a hit when its attention peak's grid cell overlaps the
+    object's box. "chance" is what a peak at a random cell would score: the share of cells
+    that overlap the box, averaged over the same words.
+    """
+    path = Path(annotations_file)
+    images = {image["id"]: image for image in json.loads(path.read_text())["images"]}
+    hits, chances = [], []
+    for image_id, (words, weights) in maps.items():
+        image = images[int(image_id)]
+        weights = np.asarray(weights, dtype=np.float64)
+        side = int(round(np.sqrt(weights.shape[1])))
+        cell = image["width"] / side
+        boxes = {(o["color"], o["shape"]): object_box(o, image["width"]) for o in image["objects"]}
+        for k in range(1, len(words)):
+            pair = (words[k - 1], CANONICAL_SHAPES.get(words[k]))
+            if pair not in boxes:
+                continue
+            overlapping = cells_overlapping(boxes[pair], side, cell)  # (side, side) booleans
+            for word in (k - 1, k):
+                row, col = divmod(int(weights[word].argmax()), side)
+                hits.append(bool(overlapping[row, col]))
+                chances.append(float(overlapping.mean()))
+    if not hits:
+        raise ValueError("no caption names an object right: nothing to measure")
+    return {
+        "on_object": float(np.mean(hits)),
+        "chance": float(np.mean(chances)),
+        "words": len(hits),
+    }
+
+
+def object_box(obj, image_size):
+    """(left, top, right, bottom) pixel box of a drawn object."""
+    half = SIZE_FRACTIONS[obj["size"]] * image_size
+    return (
+        obj["x"] + 0.5 - half,
+        obj["y"] + 0.5 - half,
+        obj["x"] + 0.5 + half,
+        obj["y"] + 0.5 + half,
+    )
+
+
+def cells_overlapping(box, side, cell):
+    """(side, side) booleans: which grid cells (of `cell` pixels) overlap the box."""
+    left, top, right, bottom = box
+    edges = np.arange(side) * cell
+    columns = (edges < right) & (edges + cell > left)
+    rows = (edges < bottom) & (edges + cell > top)
+    return rows[:, None] & columns[None, :]
+
+
 def main(argv=None):
     """Generate the demo dataset from the command line."""
     parser = argparse.ArgumentParser(description=__doc__)

@@ -72,6 +72,34 @@ def plot_captioned_images(images, captions, path=None, columns=4, titles=None):
     return _save(fig, path)
 
 
+def plot_attention(image, words, weights, path=None, columns=5):
+    """One panel per generated word: the image with that word's attention map over it.
+
+    `image` is a PIL image or an (H, W, 3) array; `weights` (words, positions) come from the
+    attention decoder over a square grid of positions, upsampled here to the image's size.
+    """
+    import numpy as np
+
+    pixels = np.asarray(image)
+    weights = np.asarray(weights, dtype=np.float64)
+    side = math.isqrt(weights.shape[1])
+    if side * side != weights.shape[1]:
+        raise ValueError(f"attention over {weights.shape[1]} positions is not a square grid")
+    rows = math.ceil(len(words) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    height, width = pixels.shape[:2]
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, word, alpha in zip(axes.flat, words, weights):
+        ax.imshow(pixels)
+        # Nearest-neighbour blocks: each block is one grid position the decoder attended to.
+        ax.imshow(alpha.reshape(side, side), cmap="jet", alpha=0.45,
+                  extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+                  interpolation="nearest", vmin=0.0, vmax=max(float(alpha.max()), 1e-9))  # fmt: skip
+        ax.set_title(word, fontsize=10)
+    return _save(fig, path)
+
+
 def _wrap(text, width):
     lines, line = [], ""
     for word in text.split():

@@ -1,14 +1,20 @@
 """The attention decoder (Show, Attend and Tell) and the encoder's spatial grid."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import feature_cache
 from annotations import read_split
+from caption import attention_maps
+from caption import main as caption_main
 from checkpoint import CheckpointError, load_trained
 from data_loader import load_image, make_transform
 from decoding import beam_search, decode_captions, greedy_decode
+from demo_dataset import attention_on_objects, cells_overlapping, object_box
 from model import AttentionDecoder, EncoderCNN
 from tests.helpers import interrupt_training_at_epoch, tiny_config
 from train import train
@@ -247,3 +253,48 @@ def test_blind_attention_model_sees_a_zero_grid(demo_root, tmp_path):
     train(config)
     model, _, _ = load_trained(tmp_path / "best.pt")
     assert torch.equal(model.encode(torch.randn(2, 3, 32, 32)), torch.zeros(2, 1, 128))
+
+
+def test_attention_on_the_named_object_on_hand_made_maps(demo_root):
+    annotations = demo_root / "annotations" / "captions_val2017.json"
+    images = json.loads(annotations.read_text())["images"]
+    image = next(i for i in images if len(i["objects"]) == 1)
+    obj, size, side = image["objects"][0], image["width"], 4
+    cell = size / side
+    inside = int((obj["y"] + 0.5) // cell) * side + int((obj["x"] + 0.5) // cell)
+    overlapping = cells_overlapping(object_box(obj, size), side, cell)
+    far = next(c for c in range(side * side) if not overlapping.flat[c])
+    words = ["a", obj["color"], obj["shape"], "<end>"]
+
+    def peaked_at(position):
+        weights = torch.full((len(words), side * side), 0.01)
+        weights[:, position] = 1.0
+        return weights
+
+    on = attention_on_objects({image["id"]: (words, peaked_at(inside))}, annotations)
+    off = attention_on_objects({image["id"]: (words, peaked_at(far))}, annotations)
+    assert on["on_object"] == 1.0 and off["on_object"] == 0.0 and on["words"] == 2
+    assert on["chance"] == pytest.approx(overlapping.mean()) and 0 < on["chance"] < 0.5
+    wrong_colour = [w if w != obj["color"] else "plaid" for w in words]
+    with pytest.raises(ValueError, match="no caption names an object right"):
+        attention_on_objects({image["id"]: (wrong_colour, peaked_at(inside))}, annotations)
+
+
+def test_caption_command_draws_each_words_attention(demo_root, tmp_path):
+    train(tiny_config(demo_root, tmp_path / "run", decoder="attention", epochs=1))
+    checkpoint = tmp_path / "run" / "best.pt"
+    paths = read_split(demo_root, "test").image_paths[:2]
+    maps = attention_maps(checkpoint, paths, max_len=6)
+    model, vocab, _ = load_trained(checkpoint)
+    for path in paths:
+        words, weights = maps[path]
+        grid = model.encode(make_transform(32)(load_image(path)).unsqueeze(0))
+        ids, expected = model.decoder.sample(grid, max_len=6)
+        assert words == [vocab.idx2word[i] for i in ids[1:]]
+        assert torch.allclose(weights, expected, atol=1e-6)
+    caption_main([str(checkpoint), *paths, "--draw", str(tmp_path / "drawn"), "--attention"])
+    for path in paths:
+        assert (tmp_path / "drawn" / f"{Path(path).stem}_attention.png").stat().st_size > 1000
+    train(tiny_config(demo_root, tmp_path / "showtell", epochs=1))
+    with pytest.raises(CheckpointError, match="not 'attention'"):
+        attention_maps(tmp_path / "showtell" / "best.pt", paths)
