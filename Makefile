@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test bench lint
+.PHONY: venv demo demo-attention test bench lint
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -16,6 +16,10 @@ $(VENV)/.installed: requirements.txt
 
 demo: venv
 	$(PY) demo.py
+
+# The attention decoder on the same data (its preset is not tuned yet: see the README).
+demo-attention: venv
+	$(PY) demo.py --decoder attention
 
 test: venv
 	$(PY) -m pytest

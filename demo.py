@@ -13,7 +13,7 @@ from pathlib import Path
 
 from atomic_file import write_json
 from config import TrainConfig
-from demo_dataset import DEFAULT_DEMO_ROOT, make_demo_dataset, object_accuracy
+from demo_dataset import DEFAULT_DEMO_ROOT, attention_on_objects, make_demo_dataset, object_accuracy
 
 # Chosen by measurement on 2 CPU cores (README, "The demo dataset"): the images' own 64 px
 # (at 48 px shapes blur into their neighbours: 61% of captions right, not 68%); 32 images a
@@ -64,12 +64,16 @@ def evaluate_demo(checkpoint, data_dir, beam_size=1):
     return result
 
 
-def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, dataset_options=None):
+def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, dataset_options=None,
+             blind=None):  # fmt: skip
     """Run the whole demo and return the summary written to metrics.json.
 
-    metrics.json holds "greedy", "beam3" and "blind_greedy" (each the COCO metrics plus the
-    object accuracy: "accuracy", "by_count", "n"), "cider_ratio_to_blind", "train_seconds",
-    "blind_train_seconds", "epochs", "config" and "total_seconds". `dataset_options` go to
+    metrics.json holds "greedy" and "beam3" (each the COCO metrics plus the object accuracy:
+    "accuracy", "by_count", "n"), "train_seconds", "epochs", "config" and "total_seconds".
+    With `blind` (default: for Show and Tell) the blind baseline is trained and scored too:
+    "blind_greedy", "cider_ratio_to_blind", "blind_train_seconds". An attention model adds
+    "attention" (`demo_dataset.attention_on_objects` on the test split) and draws the first
+    test images' attention maps in <output_dir>/attention/. `dataset_options` go to
     `make_demo_dataset` (its defaults: the standard demo dataset).
     """
     from data_loader import load_image
@@ -81,26 +85,23 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, datase
     data_dir = make_demo_dataset(Path(config.data_dir), **(dataset_options or {}))
     print(f"demo dataset: {data_dir}")
     model_cfg = dataclasses.replace(config, output_dir=str(output_dir / "model"))
-    blind_cfg = dataclasses.replace(config, output_dir=str(output_dir / "blind"), blind=True)
     t0 = time.time()
     history = train(model_cfg)
     train_seconds = time.time() - t0
-    t0 = time.time()
-    train(blind_cfg)
-    blind_seconds = time.time() - t0
-    greedy = evaluate_demo(output_dir / "model" / "best.pt", data_dir)
-    beam = evaluate_demo(output_dir / "model" / "best.pt", data_dir, beam_size=3)
-    blind = evaluate_demo(output_dir / "blind" / "best.pt", data_dir)
+    checkpoint = output_dir / "model" / "best.pt"
+    greedy = evaluate_demo(checkpoint, data_dir)
+    beam = evaluate_demo(checkpoint, data_dir, beam_size=3)
     summary = {
         "greedy": {**greedy["metrics"], **greedy["objects"]},
         "beam3": {**beam["metrics"], **beam["objects"]},
-        "blind_greedy": {**blind["metrics"], **blind["objects"]},
-        "cider_ratio_to_blind": greedy["metrics"]["CIDEr"] / max(blind["metrics"]["CIDEr"], 1e-9),
         "train_seconds": train_seconds,
-        "blind_train_seconds": blind_seconds,
         "epochs": len(history["epoch"]),
         "config": dataclasses.asdict(model_cfg),
     }
+    if config.decoder == "showtell" if blind is None else blind:
+        summary.update(blind_baseline(config, output_dir / "blind", data_dir, greedy))
+    if config.decoder == "attention":
+        summary["attention"] = attention_summary(checkpoint, data_dir, output_dir / "attention")
     with open(data_dir / "annotations" / "captions_test2017.json") as f:
         files = {im["id"]: data_dir / "test2017" / im["file_name"] for im in json.load(f)["images"]}
     shown = list(greedy["predictions"].items())[:grid_size]
@@ -116,13 +117,37 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, datase
     return summary
 
 
+def blind_baseline(config, output_dir, data_dir, greedy):
+    """Train and score the same model blind; its figures for the summary."""
+    from train import train
+
+    t0 = time.time()
+    train(dataclasses.replace(config, output_dir=str(output_dir), blind=True))
+    seconds = time.time() - t0
+    blind = evaluate_demo(output_dir / "best.pt", data_dir)
+    return {
+        "blind_greedy": {**blind["metrics"], **blind["objects"]},
+        "cider_ratio_to_blind": greedy["metrics"]["CIDEr"] / max(blind["metrics"]["CIDEr"], 1e-9),
+        "blind_train_seconds": seconds,
+    }
+
+
+def attention_summary(checkpoint, data_dir, folder, n_figures=4):
+    """Attention on the named objects over the test split; the first images' maps drawn."""
+    from annotations import read_split
+    from caption import attention_maps, draw_attention
+
+    split = read_split(data_dir, "test")
+    maps = attention_maps(checkpoint, split.image_paths)
+    draw_attention({p: maps[p] for p in split.image_paths[:n_figures]}, folder)
+    by_id = {i: maps[p] for i, p in zip(split.image_ids, split.image_paths)}
+    return attention_on_objects(by_id, Path(data_dir) / "annotations" / "captions_test2017.json")
+
+
 def report(summary, output_dir, grid):
     """Print the headline numbers and where the files are."""
-    rows = [
-        ("greedy", summary["greedy"]),
-        ("beam 3", summary["beam3"]),
-        ("blind", summary["blind_greedy"]),
-    ]
+    rows = [("greedy", summary["greedy"]), ("beam 3", summary["beam3"])]
+    rows += [("blind", summary["blind_greedy"])] if "blind_greedy" in summary else []
     print(f"\n{'':8} {'CIDEr':>7} {'BLEU-4':>7} {'objects':>8} {'1 shape':>8} {'2':>6} {'3':>6}")
     for name, m in rows:
         by = m["by_count"]
@@ -130,11 +155,19 @@ def report(summary, output_dir, grid):
             f"{name:8} {m['CIDEr']:7.3f} {m['Bleu_4']:7.3f} {m['accuracy']:8.1%} "
             f"{by.get(1, 0):8.1%} {by.get(2, 0):6.1%} {by.get(3, 0):6.1%}"
         )
-    print(
-        f"CIDEr vs blind: {summary['cider_ratio_to_blind']:.1f}x; training "
-        f"{summary['train_seconds']:.0f} s (blind {summary['blind_train_seconds']:.0f} s); "
-        f"total {summary['total_seconds']:.0f} s"
-    )
+    if "blind_greedy" in summary:
+        print(
+            f"CIDEr vs blind: {summary['cider_ratio_to_blind']:.1f}x; training "
+            f"{summary['train_seconds']:.0f} s (blind {summary['blind_train_seconds']:.0f} s); "
+            f"total {summary['total_seconds']:.0f} s"
+        )
+    else:
+        print(f"training {summary['train_seconds']:.0f} s; total {summary['total_seconds']:.0f} s")
+    if "attention" in summary:
+        a = summary["attention"]
+        on = "-" if a["on_object"] is None else f"{a['on_object']:.1%}"
+        print(f"attention on the named object: {on} of {a['words']} object words "
+              f"(chance {a['chance'] or 0:.1%}); maps in {output_dir / 'attention'}/")  # fmt: skip
     print(f"\nmetrics:          {output_dir / 'metrics.json'}")
     print(f"learning curves:  {output_dir / 'model' / 'learning_curves.png'}")
     print(f"captioned images: {grid}")
@@ -144,17 +177,20 @@ def report(summary, output_dir, grid):
 def main(argv=None):
     """python demo.py [--output-dir outputs/demo] [--epochs N] [--dataset-seed S]"""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--output-dir", default="outputs/demo")
+    parser.add_argument("--output-dir", help="default outputs/demo (outputs/demo-attention)")
+    parser.add_argument("--decoder", choices=("showtell", "attention"), default="showtell")
     parser.add_argument("--epochs", type=int, default=DEMO_CONFIG.epochs)
     parser.add_argument(
         "--dataset-seed", type=int, default=0,
         help="draw another demo dataset (written beside the standard one, data/demo-seed<S>)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    config = dataclasses.replace(DEMO_CONFIG, epochs=args.epochs)
+    config = dataclasses.replace(DEMO_CONFIG, epochs=args.epochs, decoder=args.decoder)
     if args.dataset_seed:
         config = dataclasses.replace(config, data_dir=f"{config.data_dir}-seed{args.dataset_seed}")
-    return run_demo(args.output_dir, config, dataset_options={"seed": args.dataset_seed})
+    output_dir = args.output_dir or ("outputs/demo-attention" if args.decoder == "attention"
+                                     else "outputs/demo")  # fmt: skip
+    return run_demo(output_dir, config, dataset_options={"seed": args.dataset_seed})
 
 
 if __name__ == "__main__":

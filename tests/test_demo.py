@@ -36,3 +36,16 @@ def test_run_demo_writes_its_documented_outputs(demo_root, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "greedy" in printed and "blind" in printed and "CIDEr vs blind" in printed
     assert not list((tmp_path / "demo").rglob(".*.tmp-*"))
+
+
+def test_run_demo_with_attention_adds_the_attention_measure_and_maps(demo_root, tmp_path):
+    config = dataclasses.replace(
+        DEMO_CONFIG, data_dir=str(demo_root), image_size=32, embed_size=32, hidden_size=48,
+        epochs=1, val_images=10, progress=False, decoder="attention",
+    )  # fmt: skip
+    options = dict(n_train=60, n_val=20, n_test=20, seed=1)
+    summary = run_demo(tmp_path / "demo", config, grid_size=4, dataset_options=options)
+    assert "blind_greedy" not in summary and summary["config"]["decoder"] == "attention"
+    assert set(summary["attention"]) == {"on_object", "chance", "words"}
+    drawn = sorted((tmp_path / "demo" / "attention").glob("*_attention.png"))
+    assert len(drawn) == 4
