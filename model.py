@@ -91,7 +91,11 @@ def build_resnet(name, pretrained=True, weights_path=None):
 
 
 class EncoderCNN(nn.Module):
-    """CNN backbone (frozen by default) then a linear projection: images -> (batch, embed_size)."""
+    """CNN backbone (frozen by default) then a linear projection: images -> (batch, embed_size).
+
+    With `grid`, the spatial grid (batch, positions, feature_size) instead, for the attention
+    decoder (`grid_size` as in `extract_grid`).
+    """
 
     def __init__(
         self,
