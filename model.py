@@ -293,9 +293,11 @@ class AttentionDecoder(nn.Module):
         attention_size = attention_size or hidden_size
         self.start_id, self.end_id = start_id, end_id
         self.embed = nn.Embedding(vocab_size, embed_size)
+        # One bias before the tanh (two would be one parameter twice), none after it: softmax
+        # ignores a shift, so that bias would get only rounding noise as its gradient.
         self.grid_attention = nn.Linear(feature_size, attention_size)
-        self.hidden_attention = nn.Linear(hidden_size, attention_size)
-        self.attention_score = nn.Linear(attention_size, 1)
+        self.hidden_attention = nn.Linear(hidden_size, attention_size, bias=False)
+        self.attention_score = nn.Linear(attention_size, 1, bias=False)
         self.gate = nn.Linear(hidden_size, 1)
         self.init_h = nn.Linear(feature_size, hidden_size)
         self.init_c = nn.Linear(feature_size, hidden_size)

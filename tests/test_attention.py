@@ -151,7 +151,7 @@ def unpadded(ids, weights, row):
     return tokens[:n], weights[row, : n - 1]
 
 
-@pytest.mark.parametrize("seed", [2, 3])
+@pytest.mark.parametrize("seed", [1, 3, 4])
 def test_batched_greedy_equals_sample_per_image(seed):
     decoder = random_attention_decoder(seed, end_bias=0.5)
     grids = torch.randn(5, 6, FEATURES)

@@ -228,12 +228,14 @@ def test_image_cache_left_unwritten_when_an_image_is_unreadable(demo_root, tmp_p
     assert list((tmp_path / "cache" / "images").iterdir()) == []
 
 
-def test_two_process_ddp_equals_one_process_with_the_whole_batch(demo_root, tmp_path):
+@pytest.mark.parametrize("decoder", ["showtell", "attention"])
+def test_two_process_ddp_equals_one_process_with_the_whole_batch(demo_root, tmp_path, decoder):
     # No batch statistics (layer norm, frozen CNN) and no dropout: then two processes with 8
     # images each must take the very steps of one process with 16, as DDP promises.
     images = len(read_split(demo_root, "train").image_ids)
     assert images % 16 == 12  # the last batch is short: its tokens differ between the ranks
-    common = dict(trainable_blocks=0, feature_norm="layer", dropout=0.0, epochs=2, lr=3e-3)
+    common = dict(trainable_blocks=0, feature_norm="layer", dropout=0.0, epochs=2, lr=3e-3,
+                  decoder=decoder)  # fmt: skip
     ddp_config = tiny_config(demo_root, tmp_path / "ddp", batch_size=8, **common)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -257,8 +259,13 @@ def test_two_process_ddp_equals_one_process_with_the_whole_batch(demo_root, tmp_
     assert len(history["step_loss"]) == len(single["step_loss"])  # the same number of steps
     weights = load_checkpoint(tmp_path / "single" / "last.pt")["model"]
     assert load_checkpoint(tmp_path / "ddp" / "last.pt")["epoch"] == 1
+    # Scoring the 2x2 grid of a random frozen CNN, whose positions look alike, gets gradients
+    # near rounding level, which Adam scales up to full steps: those two parameters only
+    # agree to 1e-3 (all others to about 1e-6).
+    noisy = {"decoder.hidden_attention.weight", "decoder.grid_attention.bias"}
     for name, value in weights.items():
-        assert torch.allclose(ranks[0][name], value, rtol=1e-4, atol=1e-5), name
+        atol = 1e-3 if name in noisy else 1e-5
+        assert torch.allclose(ranks[0][name], value, rtol=1e-4, atol=atol), name
     assert history["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
     assert history["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
     assert not list((tmp_path / "ddp").glob(".*tmp*"))
