@@ -98,7 +98,8 @@ def build_model(config, vocab):
     if attention:
         decoder = AttentionDecoder(
             encoder.feature_size, config.embed_size, config.hidden_size, len(vocab),
-            attention_weight=config.attention_weight, **common,
+            attention_size=config.attention_size, attention_weight=config.attention_weight,
+            **common,
         )  # fmt: skip
     else:
         decoder = DecoderRNN(

@@ -60,6 +60,9 @@ class TrainConfig:
     grid_size: int | None = option(
         None, "attention: the CNN grid pooled to grid_size x grid_size; none: as it is", low=1
     )
+    attention_size: int | None = option(
+        None, "attention: size of the additive attention layer; none: hidden_size", low=1
+    )
     attention_weight: float = option(
         1.0, "attention: weight of the doubly stochastic attention regulariser", low=0
     )

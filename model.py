@@ -280,7 +280,8 @@ class DecoderRNN(nn.Module):
 class AttentionDecoder(nn.Module):
     """LSTM decoder with soft attention over the image grid at every word (Show, Attend and Tell).
 
-    At each step the previous hidden state scores every grid position (additive attention),
+    At each step the previous hidden state and the previous word score every grid position
+    (additive attention),
     the softmax of those scores weights the grid into a context vector, a gating scalar
     (sigmoid of the hidden state) scales it, and the LSTM reads the previous word's embedding
     with that context. The state starts from the mean grid feature.
@@ -296,7 +297,10 @@ class AttentionDecoder(nn.Module):
         # One bias before the tanh (two would be one parameter twice), none after it: softmax
         # ignores a shift, so that bias would get only rounding noise as its gradient.
         self.grid_attention = nn.Linear(feature_size, attention_size)
-        self.hidden_attention = nn.Linear(hidden_size, attention_size, bias=False)
+        # The query is the hidden state and the word just read: demo captions list objects in
+        # random order, so only the word says which object the next words describe (with the
+        # hidden state alone, 3-shape captions paired colours with the wrong shapes).
+        self.hidden_attention = nn.Linear(hidden_size + embed_size, attention_size, bias=False)
         self.attention_score = nn.Linear(attention_size, 1, bias=False)
         self.gate = nn.Linear(hidden_size, 1)
         self.init_h = nn.Linear(feature_size, hidden_size)
@@ -314,19 +318,21 @@ class AttentionDecoder(nn.Module):
         state = (torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)))
         return state, self.grid_attention(grid)  # (batch, positions, attention)
 
-    def attend(self, grid, projected, hidden):
-        """Gated context (batch, feature_size) and attention weights (batch, positions)."""
-        scores = self.attention_score(
-            torch.tanh(projected + self.hidden_attention(hidden).unsqueeze(1))
-        ).squeeze(2)  # (batch, positions)
+    def attend(self, grid, projected, hidden, word):
+        """Gated context (batch, feature_size) and attention weights (batch, positions), queried
+        by the hidden state and the embedded word (batch, embed_size)."""
+        query = self.hidden_attention(torch.cat([hidden, word], dim=1))  # (batch, attention)
+        energy = torch.tanh(projected + query.unsqueeze(1))  # (batch, positions, attention)
+        scores = self.attention_score(energy).squeeze(2)  # (batch, positions)
         weights = scores.softmax(dim=1)
         context = torch.bmm(weights.unsqueeze(1), grid).squeeze(1)  # (batch, feature_size)
         return torch.sigmoid(self.gate(hidden)) * context, weights
 
     def advance(self, words, state, grid, projected):
         """Attend, then one LSTM step on the words (batch,) and the context: state, weights."""
-        context, weights = self.attend(grid, projected, state[0])
-        state = self.lstm(torch.cat([self.dropout(self.embed(words)), context], dim=1), state)
+        word = self.dropout(self.embed(words))  # (batch, embed)
+        context, weights = self.attend(grid, projected, state[0], word)
+        state = self.lstm(torch.cat([word, context], dim=1), state)
         return state, weights
 
     def step(self, words, state, grid, projected):

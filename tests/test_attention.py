@@ -75,18 +75,22 @@ def test_padding_does_not_change_a_captions_scores():
     assert torch.allclose(batched[1, :3], alone[0], atol=1e-6)
 
 
-def test_attention_follows_the_hidden_state_and_the_gate_scales_the_context():
+def test_attention_follows_the_hidden_state_and_the_word_and_the_gate_scales_the_context():
     decoder = random_attention_decoder()
     grid = torch.randn(1, 6, FEATURES)
     state, projected = decoder.begin(grid)
-    context, weights = decoder.attend(grid, projected, state[0])
-    expected = decoder.attention_score(torch.tanh(projected + decoder.hidden_attention(state[0])))
+    word = decoder.embed(torch.tensor([3]))
+    context, weights = decoder.attend(grid, projected, state[0], word)
+    query = decoder.hidden_attention(torch.cat([state[0], word], dim=1))
+    expected = decoder.attention_score(torch.tanh(projected + query))
     assert torch.allclose(weights, expected.squeeze(2).softmax(dim=1))
     gate = torch.sigmoid(decoder.gate(state[0]))  # (1, 1): one scalar per image
     assert gate.shape == (1, 1) and 0 < float(gate.detach()) < 1
     assert torch.allclose(context, gate * (weights.unsqueeze(2) * grid).sum(dim=1), atol=1e-6)
-    other, _ = decoder.attend(grid, projected, torch.randn_like(state[0]))
+    other, _ = decoder.attend(grid, projected, torch.randn_like(state[0]), word)
     assert not torch.allclose(context, other)
+    other_word, _ = decoder.attend(grid, projected, state[0], decoder.embed(torch.tensor([4])))
+    assert not torch.allclose(context, other_word)
 
 
 def test_state_starts_from_the_mean_grid_feature():
