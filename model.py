@@ -284,7 +284,8 @@ class AttentionDecoder(nn.Module):
     (additive attention),
     the softmax of those scores weights the grid into a context vector, a gating scalar
     (sigmoid of the hidden state) scales it, and the LSTM reads the previous word's embedding
-    with that context. The state starts from the mean grid feature.
+    with that context. The word scores come from the new hidden state, the context and the
+    previous word (the paper's deep output). The state starts from the mean grid feature.
     """
 
     def __init__(self, feature_size, embed_size, hidden_size, vocab_size, attention_size=None,
@@ -307,7 +308,11 @@ class AttentionDecoder(nn.Module):
         self.init_c = nn.Linear(feature_size, hidden_size)
         self.lstm = nn.LSTMCell(embed_size + feature_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(hidden_size, vocab_size)
+        # Deep output (Xu et al., eq. 7): the context reaches the word scores directly, not only
+        # through the LSTM, so a shape word is read off the object that its colour word chose.
+        self.hidden_out = nn.Linear(hidden_size, embed_size)
+        self.context_out = nn.Linear(feature_size, embed_size, bias=False)
+        self.fc = nn.Linear(embed_size, vocab_size)
         with torch.no_grad():  # gates: input, forget, cell, output (as in DecoderRNN)
             self.lstm.bias_ih[hidden_size : 2 * hidden_size] = forget_bias
             self.lstm.bias_hh[hidden_size : 2 * hidden_size] = 0.0
@@ -329,16 +334,21 @@ class AttentionDecoder(nn.Module):
         return torch.sigmoid(self.gate(hidden)) * context, weights
 
     def advance(self, words, state, grid, projected):
-        """Attend, then one LSTM step on the words (batch,) and the context: state, weights."""
+        """Attend, then one LSTM step on the words (batch,) and the context: the new state, the
+        output's word-and-context term (batch, embed_size) and the weights (batch, positions)."""
         word = self.dropout(self.embed(words))  # (batch, embed)
         context, weights = self.attend(grid, projected, state[0], word)
         state = self.lstm(torch.cat([word, context], dim=1), state)
-        return state, weights
+        return state, word + self.context_out(context), weights
+
+    def output(self, hidden, reading):
+        """Word scores (..., vocab) from hidden states and `advance`'s terms (..., embed_size)."""
+        return self.fc(self.dropout(self.hidden_out(hidden) + reading))
 
     def step(self, words, state, grid, projected):
         """One word: ids (batch,) -> scores (batch, vocab), new state, attention (batch, positions)."""
-        state, weights = self.advance(words, state, grid, projected)
-        return self.fc(self.dropout(state[0])), state, weights
+        state, reading, weights = self.advance(words, state, grid, projected)
+        return self.output(state[0], reading), state, weights
 
     def forward(self, grid, captions, scored=None):
         """Word scores and attention weights for captions (batch, seq_len) that start with `<start>`.
@@ -350,18 +360,20 @@ class AttentionDecoder(nn.Module):
         unscored steps are zero.
         """
         state, projected = self.begin(grid)
-        hiddens, weights = [], []
+        hiddens, readings, weights = [], [], []
         for t in range(captions.size(1) - 1):
-            state, alpha = self.advance(captions[:, t], state, grid, projected)
+            state, reading, alpha = self.advance(captions[:, t], state, grid, projected)
             hiddens.append(state[0])
+            readings.append(reading)
             weights.append(alpha)
         hiddens = torch.stack(hiddens, dim=1)  # (batch, seq_len - 1, hidden)
+        readings = torch.stack(readings, dim=1)  # (batch, seq_len - 1, embed)
         weights = torch.stack(weights, dim=1)  # (batch, seq_len - 1, positions)
         if scored is None:
-            return self.fc(self.dropout(hiddens)), weights
+            return self.output(hiddens, readings), weights
         predicted = scored[:, 1:]  # (batch, seq_len - 1)
         weights = weights * predicted.unsqueeze(2)
-        return self.fc(self.dropout(hiddens[predicted])), weights  # (scored, vocab)
+        return self.output(hiddens[predicted], readings[predicted]), weights  # (scored, vocab)
 
     @staticmethod
     def attention_penalty(weights):
