@@ -20,7 +20,7 @@ class _Stepper:
 
     Show and Tell: `inputs` are image features (batch, embed), the state the LSTM's (h, c)
     with the batch on dim 1. Attention: `inputs` are grids (batch, positions, features), the
-    state (h, c, grid, projected grid) with the batch on dim 0, and each step's attention
+    state (the decoder's state, grid, projected grid) with the batch on dim 0, and each step's attention
     weights (batch, positions) come back too (None for Show and Tell).
     """
 
@@ -32,19 +32,19 @@ class _Stepper:
         """(state, `<start>` ids (batch,))."""
         if not self.attention:
             return self.decoder.begin(inputs)
-        (h, c), projected = self.decoder.begin(inputs)
+        state, projected = self.decoder.begin(inputs)
         word = torch.full((inputs.size(0),), self.decoder.start_id, dtype=torch.long,
                           device=inputs.device)  # fmt: skip
-        return (h, c, inputs, projected), word
+        return (*state, inputs, projected), word
 
     def step(self, word, state):
         """Scores (batch, vocab), the new state, attention weights (batch, positions) or None."""
         if not self.attention:
             scores, state = self.decoder.step(self.decoder.embed(word).unsqueeze(1), state)
             return scores, state, None
-        h, c, grid, projected = state
-        scores, (h, c), weights = self.decoder.step(word, (h, c), grid, projected)
-        return scores, (h, c, grid, projected), weights
+        *state, grid, projected = state
+        scores, state, weights = self.decoder.step(word, tuple(state), grid, projected)
+        return scores, (*state, grid, projected), weights
 
     def reorder(self, state, rows):
         """The state of rows `rows` (beam search follows the surviving beams)."""

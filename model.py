@@ -285,7 +285,8 @@ class AttentionDecoder(nn.Module):
     the softmax of those scores weights the grid into a context vector, a gating scalar
     (sigmoid of the hidden state) scales it, and the LSTM reads the previous word's embedding
     with that context. The word scores come from the new hidden state, the context and the
-    previous word (the paper's deep output). The state starts from the mean grid feature.
+    previous word (the paper's deep output). The state starts from the mean grid feature; it is
+    (h, c, coverage), the coverage being the attention each position has had so far.
     """
 
     def __init__(self, feature_size, embed_size, hidden_size, vocab_size, attention_size=None,
@@ -302,6 +303,10 @@ class AttentionDecoder(nn.Module):
         # random order, so only the word says which object the next words describe (with the
         # hidden state alone, 3-shape captions paired colours with the wrong shapes).
         self.hidden_attention = nn.Linear(hidden_size + embed_size, attention_size, bias=False)
+        # Coverage (Tu et al., 2016): the attention a position has already had enters its
+        # score, so that "a blue star and a blue square" can move on to the other blue object;
+        # the grid features hold no position, and without it demo captions named one twice.
+        self.coverage_attention = nn.Linear(1, attention_size, bias=False)
         self.attention_score = nn.Linear(attention_size, 1, bias=False)
         self.gate = nn.Linear(hidden_size, 1)
         self.init_h = nn.Linear(feature_size, hidden_size)
@@ -318,16 +323,19 @@ class AttentionDecoder(nn.Module):
             self.lstm.bias_hh[hidden_size : 2 * hidden_size] = 0.0
 
     def begin(self, grid):
-        """LSTM state from the mean grid feature, and the grid's projection for attention."""
+        """State (h, c, coverage) from the mean grid feature, and the grid's projection for
+        attention."""
         mean = grid.mean(dim=1)  # (batch, feature_size)
-        state = (torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)))
+        coverage = grid.new_zeros(grid.shape[:2])  # (batch, positions)
+        state = (torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), coverage)
         return state, self.grid_attention(grid)  # (batch, positions, attention)
 
-    def attend(self, grid, projected, hidden, word):
+    def attend(self, grid, projected, hidden, word, coverage):
         """Gated context (batch, feature_size) and attention weights (batch, positions), queried
-        by the hidden state and the embedded word (batch, embed_size)."""
+        by the hidden state and the embedded word (batch, embed_size), given the coverage."""
         query = self.hidden_attention(torch.cat([hidden, word], dim=1))  # (batch, attention)
-        energy = torch.tanh(projected + query.unsqueeze(1))  # (batch, positions, attention)
+        covered = self.coverage_attention(coverage.unsqueeze(2))  # (batch, positions, attention)
+        energy = torch.tanh(projected + query.unsqueeze(1) + covered)
         scores = self.attention_score(energy).squeeze(2)  # (batch, positions)
         weights = scores.softmax(dim=1)
         context = torch.bmm(weights.unsqueeze(1), grid).squeeze(1)  # (batch, feature_size)
@@ -336,10 +344,11 @@ class AttentionDecoder(nn.Module):
     def advance(self, words, state, grid, projected):
         """Attend, then one LSTM step on the words (batch,) and the context: the new state, the
         output's word-and-context term (batch, embed_size) and the weights (batch, positions)."""
+        hidden, cell, coverage = state
         word = self.dropout(self.embed(words))  # (batch, embed)
-        context, weights = self.attend(grid, projected, state[0], word)
-        state = self.lstm(torch.cat([word, context], dim=1), state)
-        return state, word + self.context_out(context), weights
+        context, weights = self.attend(grid, projected, hidden, word, coverage)
+        hidden, cell = self.lstm(torch.cat([word, context], dim=1), (hidden, cell))
+        return (hidden, cell, coverage + weights), word + self.context_out(context), weights
 
     def output(self, hidden, reading):
         """Word scores (..., vocab) from hidden states and `advance`'s terms (..., embed_size)."""
