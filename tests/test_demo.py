@@ -3,7 +3,8 @@
 import dataclasses
 import json
 
-from demo import DEMO_CONFIG, run_demo
+import demo
+from demo import ATTENTION_DEMO_CONFIG, DEMO_CONFIG, run_demo
 
 METRICS = {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
 OBJECTS = {"accuracy", "by_count", "n"}
@@ -40,8 +41,8 @@ def test_run_demo_writes_its_documented_outputs(demo_root, tmp_path, capsys):
 
 def test_run_demo_with_attention_adds_the_attention_measure_and_maps(demo_root, tmp_path):
     config = dataclasses.replace(
-        DEMO_CONFIG, data_dir=str(demo_root), image_size=32, embed_size=32, hidden_size=48,
-        epochs=1, val_images=10, progress=False, decoder="attention",
+        ATTENTION_DEMO_CONFIG, data_dir=str(demo_root), image_size=32, embed_size=32,
+        hidden_size=48, attention_size=16, epochs=1, val_images=10, progress=False,
     )  # fmt: skip
     options = dict(n_train=60, n_val=20, n_test=20, seed=1)
     summary = run_demo(tmp_path / "demo", config, grid_size=4, dataset_options=options)
@@ -49,3 +50,19 @@ def test_run_demo_with_attention_adds_the_attention_measure_and_maps(demo_root, 
     assert set(summary["attention"]) == {"on_object", "chance", "words"}
     drawn = sorted((tmp_path / "demo" / "attention").glob("*_attention.png"))
     assert len(drawn) == 4
+
+
+def test_demo_command_picks_each_decoders_preset_and_dataset(monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda *args, **kwargs: calls.append((args, kwargs)))
+    demo.main([])
+    demo.main(["--decoder", "attention", "--epochs", "3", "--dataset-seed", "2"])
+    (plain, plain_options), (attention, attention_options) = calls
+    assert plain == ("outputs/demo", DEMO_CONFIG) and plain_options["dataset_options"]["seed"] == 0
+    output_dir, config = attention
+    assert (
+        output_dir == "outputs/demo-attention" and attention_options["dataset_options"]["seed"] == 2
+    )
+    assert config == dataclasses.replace(
+        ATTENTION_DEMO_CONFIG, epochs=3, data_dir=f"{DEMO_CONFIG.data_dir}-seed2"
+    )
