@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt
 demo: venv
 	$(PY) demo.py
 
-# The attention decoder on the same data (its preset is not tuned yet: see the README).
+# The attention decoder (Show, Attend and Tell) on the same data, with its own preset.
 demo-attention: venv
 	$(PY) demo.py --decoder attention
 
