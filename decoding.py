@@ -20,8 +20,8 @@ class _Stepper:
 
     Show and Tell: `inputs` are image features (batch, embed), the state the LSTM's (h, c)
     with the batch on dim 1. Attention: `inputs` are grids (batch, positions, features), the
-    state (the decoder's state, grid, projected grid) with the batch on dim 0, and each step's attention
-    weights (batch, positions) come back too (None for Show and Tell).
+    state (the decoder's state, grid, projected grid) with the batch on dim 0, and each step's
+    attention weights (batch, positions) come back too (None for Show and Tell).
     """
 
     def __init__(self, decoder):

@@ -211,8 +211,7 @@ def main(argv=None):
     config = dataclasses.replace(config, epochs=args.epochs or config.epochs)
     if args.dataset_seed:
         config = dataclasses.replace(config, data_dir=f"{config.data_dir}-seed{args.dataset_seed}")
-    output_dir = args.output_dir or ("outputs/demo-attention" if args.decoder == "attention"
-                                     else "outputs/demo")  # fmt: skip
+    output_dir = args.output_dir or str(Path(config.output_dir).parent)  # the preset's
     return run_demo(output_dir, config, dataset_options={"seed": args.dataset_seed})
 
 
