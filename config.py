@@ -14,7 +14,7 @@ from model import BACKBONES
 # What a resumed run may change: how long and where it runs, never what it trains.
 RESUMABLE_CHANGES = (
     "epochs", "patience", "resume", "progress", "num_workers", "device", "amp",
-    "output_dir", "data_dir", "val_images", "skip_bad_images",
+    "output_dir", "data_dir", "val_images", "skip_bad_images", "scst_epochs",
 )  # fmt: skip
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 
@@ -98,6 +98,24 @@ class TrainConfig:
         "auto", "mixed precision on CUDA (auto: bf16 where supported)",
         choices=("auto", "bf16", "fp16", "off"),
     )  # fmt: skip
+    scst_epochs: int = option(
+        0, "self-critical epochs (SCST: CIDEr-D of sampled captions as the reward) after the "
+        "cross-entropy ones, starting from the best cross-entropy weights", low=0,
+    )  # fmt: skip
+    scst_lr: float = option(5e-5, "learning rate of the self-critical stage", low=0, low_open=True)
+    scst_samples: int = option(5, "self-critical: captions sampled per image", low=1)
+    scst_baseline: str = option(
+        "mean",
+        "self-critical baseline: mean, the mean reward of the image's other samples; greedy, the "
+        "reward of the greedy caption (Rennie et al.)",
+        choices=("mean", "greedy"),
+    )
+    scst_temperature: float = option(
+        1.0, "self-critical: sampling temperature", low=0, low_open=True
+    )
+    init_from: str | None = option(
+        None, "a cross-entropy checkpoint: skip that stage, start the self-critical one from it"
+    )
     max_caption_len: int = option(
         20, "longest generated caption, <start> and <end> included", low=2
     )
@@ -127,6 +145,15 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.device: {self.device!r} is not allowed; use auto, cpu, cuda, "
                 "cuda:N or mps"
+            )
+        if self.scst_epochs and self.scst_baseline == "mean" and self.scst_samples < 2:
+            raise ConfigError(
+                "TrainConfig.scst_samples: 1 is not allowed with scst_baseline='mean' (the "
+                "baseline is the mean of the image's other samples); use 2 or more, or 'greedy'"
+            )
+        if self.init_from is not None and not self.scst_epochs:
+            raise ConfigError(
+                "TrainConfig.init_from: it starts the self-critical stage; set scst_epochs >= 1"
             )
         if self.cache_images and self.augment:
             raise ConfigError(

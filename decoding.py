@@ -1,4 +1,4 @@
-"""Batched greedy and beam-search caption decoding for `model.DecoderRNN` and
+"""Batched greedy, beam-search and sampled caption decoding for `model.DecoderRNN` and
 `model.AttentionDecoder` (CPU or GPU).
 
 The decoder should be in eval mode (the caller's job: these functions never change the mode).
@@ -76,6 +76,47 @@ def greedy_decode(decoder, features, max_len=20, pad_id=PAD_ID, with_attention=F
     if not with_attention:
         return ids
     return ids, _stack_weights(weights, features)
+
+
+class Samples(NamedTuple):
+    """Sampled captions, image-major: row i * samples + k is image i's k-th sample."""
+
+    ids: torch.Tensor  # (rows, steps): `<start>` first, `pad_id` after `end_id`
+    log_probs: torch.Tensor  # (rows, steps - 1): of each generated token, 0 after `end_id`
+    mask: torch.Tensor  # (rows, steps - 1): True for generated tokens, `end_id` included
+
+
+def sampling_log_probs(scores, temperature=1.0, pad_id=PAD_ID):
+    """Log-probabilities (..., vocab) that `sample_decode` draws from: softmax(scores /
+    temperature) without `pad_id`, which marks finished rows and is never a word."""
+    scores = scores.float() / temperature
+    scores[..., pad_id] = float("-inf")
+    return scores.log_softmax(dim=-1)
+
+
+@torch.no_grad()
+def sample_decode(decoder, features, samples=1, temperature=1.0, max_len=20, pad_id=PAD_ID):
+    """`samples` captions per image drawn from `sampling_log_probs`, as `Samples`.
+
+    Sampling draws from torch's global generator (of the features' device), so a seeded run
+    samples the same captions again.
+    """
+    stepper = _Stepper(decoder)
+    state, word = stepper.start(features.repeat_interleave(samples, dim=0))  # (rows,) `<start>`
+    done = word == decoder.end_id
+    columns, log_probs = [word], []
+    while len(columns) < max_len and not bool(done.all()):
+        scores, state, _ = stepper.step(word, state)  # (rows, vocab)
+        logp = sampling_log_probs(scores, temperature, pad_id)  # (rows, vocab)
+        word = torch.multinomial(logp.exp(), 1).squeeze(1)  # (rows,)
+        log_probs.append(logp.gather(1, word.unsqueeze(1)).squeeze(1).masked_fill(done, 0.0))
+        word = word.masked_fill(done, pad_id)
+        columns.append(word)
+        done = done | (word == decoder.end_id)
+    ids = torch.stack(columns, dim=1)  # (rows, steps)
+    empty = torch.zeros(ids.size(0), 0, device=ids.device)
+    log_probs = torch.stack(log_probs, dim=1) if log_probs else empty  # (rows, steps - 1)
+    return Samples(ids, log_probs, ids[:, 1:] != pad_id)
 
 
 def _stack_weights(weights, grid):

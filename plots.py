@@ -23,14 +23,17 @@ def _save(fig, path, bbox_inches="tight"):
 
 
 def plot_learning_curves(history, path=None):
-    """Loss, perplexity and val CIDEr per epoch; saved to `path` (PNG) or returned as a figure."""
+    """Loss, perplexity and val CIDEr per epoch, and the self-critical stage's rewards if it ran;
+    saved to `path` (PNG) or returned as a figure."""
     epochs = history["epoch"]
+    rewards = [r is not None for r in history.get("reward", [])]
+    panels = 4 if any(rewards) else 3
     # Fixed margins, not tight_layout: training redraws this every epoch, and the layout
     # passes cost more than the drawing (0.5 s a plot on a CPU core).
     fig, axes = plt.subplots(
         1,
-        3,
-        figsize=(13, 3.6),
+        panels,
+        figsize=(13 if panels == 3 else 17, 3.6),
         gridspec_kw=dict(left=0.05, right=0.99, bottom=0.15, top=0.91, wspace=0.22),
     )
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
@@ -42,6 +45,20 @@ def plot_learning_curves(history, path=None):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+    if panels == 4:
+        # Cross-entropy epochs have no train loss in the self-critical stage: None is a gap.
+        for key, label in (("reward", "sampled captions"), ("baseline", "baseline")):
+            axes[3].plot(epochs, history[key], marker="o", label=label)
+        positive = axes[3].twinx()
+        positive.plot(epochs, history["positive_advantage"], ls=":", color="grey")
+        positive.set_ylabel("share of positive advantages (dotted)")
+        axes[3].set_title("self-critical reward (CIDEr-D)")
+        axes[3].set_xlabel("epoch")
+        axes[3].grid(alpha=0.3)
+        axes[3].legend()
+        first = epochs[rewards.index(True)]
+        for ax in axes[:3]:
+            ax.axvline(first - 0.5, color="grey", ls="--", lw=1)  # where self-critical starts
     axes[0].legend()
     axes[1].legend()
     axes[1].set_yscale("log")

@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -30,6 +31,7 @@ from coco_metrics import cider_score
 from config import TrainConfig, parse_config, resume_conflicts
 from data_loader import find_unreadable_images, load_or_build_vocab, resolve_data_dir
 from evaluate import predict_captions
+from self_critical import CaptionReward, run_self_critical_epoch
 from training_data import TrainingData
 from vocabulary import Vocabulary
 
@@ -154,6 +156,16 @@ def optimizer_step(model, loss, optimizer, scheduler, scaler, grad_clip):
     scheduler.step()
 
 
+def make_step(model, optimizer, scheduler, scaler, grad_clip):
+    """`step(loss, tokens)`: one update, each process's loss weighted by its share of the tokens."""
+
+    def step(loss, tokens):
+        objective = loss * ddp_share(tokens) if is_distributed() else loss
+        optimizer_step(model, objective, optimizer, scheduler, scaler, grad_clip)
+
+    return step
+
+
 def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=None, scaler=None,
               autocast=None, desc=""):  # fmt: skip
     """One pass over `loader`: trains when an optimizer is given, else evaluates.
@@ -225,24 +237,41 @@ def read_splits(config):
     return splits, skipped
 
 
+# Per-epoch figures of the self-critical stage (None in cross-entropy epochs).
+SELF_CRITICAL_FIGURES = ("reward", "baseline", "positive_advantage")
+
+
 class RunState:
     """What changes from epoch to epoch besides the weights: history, best CIDEr, patience."""
 
     def __init__(self):
         self.history = {
             key: []
-            for key in ("epoch", "train_loss", "train_perplexity", "val_loss", "val_perplexity",
-                        "val_cider", "lr", "epoch_seconds", "step_loss")
+            for key in ("epoch", "stage", "train_loss", "train_perplexity", "val_loss",
+                        "val_perplexity", "val_cider", "lr", "epoch_seconds",
+                        *SELF_CRITICAL_FIGURES, "step_loss")
         }  # fmt: skip
         self.next_epoch, self.best_cider, self.stale = 0, -1.0, 0
 
-    def record_epoch(self, epoch, train_loss, val_loss, cider, lr, seconds, step_losses):
-        """Append one epoch's figures; returns whether its CIDEr is the best so far."""
+    def record_epoch(self, epoch, train_loss, val_loss, cider, lr, seconds, step_losses,
+                     stage="xe", figures=None):  # fmt: skip
+        """Append one epoch's figures; returns whether its CIDEr is the best so far.
+
+        `train_loss` is None in the self-critical stage, whose `figures` are its mean reward,
+        mean baseline and share of positive advantages.
+        """
+        done = len(self.history["epoch"])
+        # Histories of runs started before the self-critical stage existed lack its columns.
+        self.history.setdefault("stage", ["xe"] * done)
+        for key in SELF_CRITICAL_FIGURES:
+            self.history.setdefault(key, [None] * done)
+        figures = figures or {}
         for key, value in (
-            ("epoch", epoch + 1), ("train_loss", train_loss),
-            ("train_perplexity", math.exp(train_loss)), ("val_loss", val_loss),
-            ("val_perplexity", math.exp(val_loss)), ("val_cider", cider), ("lr", lr),
-            ("epoch_seconds", seconds),
+            ("epoch", epoch + 1), ("stage", stage), ("train_loss", train_loss),
+            ("train_perplexity", None if train_loss is None else math.exp(train_loss)),
+            ("val_loss", val_loss), ("val_perplexity", math.exp(val_loss)),
+            ("val_cider", cider), ("lr", lr), ("epoch_seconds", seconds),
+            *((key, figures.get(key)) for key in SELF_CRITICAL_FIGURES),
         ):  # fmt: skip
             self.history[key].append(value)
         self.history["step_loss"].extend(step_losses)
@@ -269,7 +298,10 @@ def restore_run(state, path, config, model, optimizer, scheduler, scaler):
 
 
 def save_run(output_dir, config, vocab, model, optimizer, scheduler, scaler, run, improved):
-    """last.pt (all a resume needs), best.pt when this epoch is the best, and the history files."""
+    """last.pt (all a resume needs), best.pt when this epoch is the best, and the history files.
+
+    The optimizer and schedule are those of the stage of the last epoch (`history["stage"]`).
+    """
     state = {
         "config": asdict(config), "vocab": vocab.to_dict(), "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -307,9 +339,11 @@ def train(config):
     resume_state = load_checkpoint(last_path) if config.resume and last_path.exists() else None
     if resume_state:
         check_resumable(resume_state["config"], config, last_path)
+    init_state = load_checkpoint(config.init_from) if config.init_from else None
     (train_split, val_split), skipped = read_splits(config)
-    if resume_state:
-        vocab = Vocabulary.from_dict(resume_state["vocab"])
+    if resume_state or init_state:
+        # The cross-entropy checkpoint's weights only make sense with its vocabulary.
+        vocab = Vocabulary.from_dict((resume_state or init_state)["vocab"])
     else:
         vocab = load_or_build_vocab(
             vocab_file=None, vocab_threshold=config.vocab_threshold, vocab_from_file=False,
@@ -318,9 +352,23 @@ def train(config):
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     model = build_model(config, vocab).to(device)
+    if init_state and not resume_state:
+        load_model_state(
+            model, init_state["model"], config.init_from, f"config {config.output_dir}"
+        )
     data = TrainingData(config, model, vocab, train_split, val_split, rank, world, device)
-    optimizer = make_optimizer(config, model)
-    scheduler = make_scheduler(config, optimizer, config.epochs * len(data.train))
+    reward = CaptionReward(train_split, vocab) if config.scst_epochs else None
+    xe_epochs = 0 if config.init_from else config.epochs
+    stage_of = lambda epoch: "xe" if epoch < xe_epochs else "scst"  # noqa: E731
+    last_done = resume_state["epoch"] if resume_state else 0
+    stage = stage_of(last_done)
+    optimizer, scheduler = make_stage(
+        config,
+        model,
+        stage,
+        len(data.train),
+        len(data.images) if data.images is not None else 0,
+    )
     autocast, scaler = autocast_for(config, device)
     run = RunState()
     if resume_state:
@@ -335,32 +383,84 @@ def train(config):
         remove_temporaries(output_dir)
         vocab.save(output_dir / "vocab.json")
         write_json(asdict(config), output_dir / "config.json")
-    for epoch in range(run.next_epoch, config.epochs):
+    total_epochs = xe_epochs + config.scst_epochs
+    epoch = run.next_epoch
+    while epoch < total_epochs:
+        if stage_of(epoch) != stage:
+            stage = "scst"
+            optimizer, scheduler = begin_self_critical(
+                config, model, run, output_dir, rank, world, len(data.images)
+            )
         if config.patience is not None and run.stale >= config.patience:
+            if stage == "xe" and config.scst_epochs:
+                epoch = xe_epochs  # cross-entropy has converged: on to the self-critical stage
+                continue
             break
         started = time.time()
         data.start_epoch(epoch)
-        step_losses, train_loss = run_epoch(
-            ddp_model, data.train, vocab, config, device, optimizer, scheduler, scaler, autocast,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-        )  # fmt: skip
+        desc = f"epoch {epoch + 1}/{total_epochs}" + (" (self-critical)" if stage == "scst" else "")
+        figures = None
+        if stage == "xe":
+            step_losses, train_loss = run_epoch(
+                ddp_model, data.train, vocab, config, device, optimizer, scheduler, scaler,
+                autocast, desc=desc,
+            )  # fmt: skip
+        else:
+            step = make_step(ddp_model, optimizer, scheduler, scaler, config.grad_clip)
+            step_losses, figures = run_self_critical_epoch(
+                model, ddp_model, data.images, reward, vocab, config, device, step, autocast, desc
+            )
+            train_loss = None
         _, val_loss = run_epoch(
             model, data.val, vocab, config, device, autocast=autocast, desc="val loss"
         )
         cider = validation_cider(model, vocab, data, config, device, rank, world)
         improved = run.record_epoch(
             epoch, train_loss, val_loss, cider, scheduler.get_last_lr()[0],
-            time.time() - started, step_losses,
+            time.time() - started, step_losses, stage, figures,
         )  # fmt: skip
         if rank == 0:
             save_run(output_dir, config, vocab, model, optimizer, scheduler, scaler, run, improved)
+            trained = (
+                f"train loss {train_loss:.3f}" if stage == "xe"
+                else f"reward {figures['reward']:.3f} (baseline {figures['baseline']:.3f})"
+            )  # fmt: skip
             tqdm.write(
-                f"epoch {epoch + 1}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
+                f"epoch {epoch + 1}: {trained}, val loss {val_loss:.3f}, "
                 f"val CIDEr {cider:.3f}{' (best)' if improved else ''}"
             )
+        epoch += 1
     if world > 1:
         dist.barrier()
     return run.history
+
+
+def make_stage(config, model, stage, xe_steps, scst_steps):
+    """Optimizer and learning-rate schedule of one stage: cross-entropy ("xe") or self-critical."""
+    if stage == "xe":
+        optimizer = make_optimizer(config, model)
+        return optimizer, make_scheduler(config, optimizer, config.epochs * xe_steps)
+    # The self-critical stage fine-tunes: its own rate (the CNN's scaled alike), no warm-up.
+    scst = dataclasses.replace(
+        config, lr=config.scst_lr, backbone_lr=config.backbone_lr * config.scst_lr / config.lr,
+        warmup_steps=0,
+    )  # fmt: skip
+    optimizer = make_optimizer(scst, model)
+    return optimizer, make_scheduler(scst, optimizer, config.scst_epochs * scst_steps)
+
+
+def begin_self_critical(config, model, run, output_dir, rank, world, steps):
+    """Leave cross-entropy: keep its best checkpoint as best_cross_entropy.pt, go on from its
+    weights with the self-critical optimizer; patience counts afresh, the best CIDEr does not."""
+    best = output_dir / "best.pt"
+    if rank == 0 and best.exists():
+        save_checkpoint(load_checkpoint(best), output_dir / "best_cross_entropy.pt")
+    if world > 1:
+        dist.barrier()
+    if best.exists():
+        load_model_state(model, load_checkpoint(best)["model"], best, f"config {output_dir}")
+    run.stale = 0
+    return make_stage(config, model, "scst", 0, steps)
 
 
 if __name__ == "__main__":

@@ -68,10 +68,16 @@ class TrainingData:
         transform = make_transform(config.image_size, train=False)
         self.grouped, self.seed = config.batch_by == "image", config.seed
         sharding = dict(num_replicas=world, rank=rank)
+        train_captions = CaptionDataset(train_split, vocab, train_transform, **train_inputs)
         self.train = self.make_loader(
-            config, CaptionDataset(train_split, vocab, train_transform, **train_inputs), True,
-            config.captions_per_image, **sharding,
-        )  # fmt: skip
+            config, train_captions, True, config.captions_per_image, **sharding
+        )
+        # The self-critical stage reads images (each with its index, for its references).
+        self.images = None
+        if config.scst_epochs:
+            from self_critical import make_image_loader
+
+            self.images = make_image_loader(train_captions, config, **sharding)
         self.val = self.make_loader(
             config,
             CaptionDataset(val_split, vocab, transform, **val_inputs),
@@ -119,3 +125,5 @@ class TrainingData:
         else:
             self.train.batch_sampler.set_epoch(epoch)
         self.train.generator.manual_seed(self.seed * 100003 + epoch)
+        if self.images is not None:
+            self.images.sampler.set_epoch(epoch)

@@ -1,0 +1,165 @@
+"""Self-critical sequence training (Rennie et al., 2017): captions sampled from the model are
+rewarded by their CIDEr-D against the image's references, minus a baseline, and the model
+follows the policy gradient of that advantage."""
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from cider_d import TokenMap, ptb_tokens, select_sentences, training_scorer
+from decoding import greedy_decode, sample_decode, sampling_log_probs
+
+
+class CaptionReward:
+    """CIDEr-D of caption ids against a split's references, with the split's document
+    frequencies (cached on disk): the self-critical reward."""
+
+    def __init__(self, split, vocab, cache_dir=None):
+        self.scorer, (self.ref_ids, self.ref_offsets) = training_scorer(split, cache_dir)
+        owners = np.asarray(split.caption_image, np.int64)
+        self.captions_by_image = np.argsort(owners, kind="stable")  # (captions,)
+        self.first_caption = np.searchsorted(
+            owners[self.captions_by_image], np.arange(len(split.image_ids) + 1)
+        )  # (images + 1,)
+        # Special tokens are no words: `vocab.decode` drops them from a caption too.
+        special = {vocab.start_id, vocab.end_id, vocab.pad_id, vocab.unk_id}
+        words = [vocab.idx2word[i] for i in range(len(vocab))]
+        self.vocab_words = TokenMap(
+            [[] if i in special else [self.scorer.words.add(t) for t in tokens]
+             for i, tokens in enumerate(ptb_tokens(words))]
+        )  # fmt: skip
+        self.end_id = vocab.end_id
+
+    def __call__(self, ids, images):
+        """CIDEr-D (rows,) of caption ids (rows, steps), `<start>` first, as the decoders give
+        them; row k describes image `images[k]` (an index into the split's images)."""
+        ids = ids.cpu().numpy()
+        ended = np.cumsum(ids == self.end_id, axis=1) > 0  # (rows, steps) from `<end>` on
+        keep = ~ended
+        keep[:, 0] = False  # `<start>`
+        hyp_offsets = np.concatenate(([0], np.cumsum(keep.sum(axis=1))))
+        hyp_ids, hyp_offsets = self.vocab_words(ids[keep], hyp_offsets)
+        distinct, hyp_image = np.unique(np.asarray(images, np.int64), return_inverse=True)
+        first, last = self.first_caption[distinct], self.first_caption[distinct + 1]
+        counts = last - first  # references per image (distinct,)
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        captions = self.captions_by_image[np.repeat(first, counts) + within]
+        ref_ids, ref_offsets = select_sentences(self.ref_ids, self.ref_offsets, captions)
+        ref_image = np.repeat(np.arange(len(distinct)), counts)
+        return self.scorer.score_ids(
+            hyp_ids, hyp_offsets, hyp_image, ref_ids, ref_offsets, ref_image
+        )
+
+
+class IndexedImages(torch.utils.data.Dataset):
+    """(image input, image index) for every image of a `CaptionDataset` that has captions."""
+
+    def __init__(self, captions):
+        self.captions = captions
+        self.images = np.unique(captions.split.caption_image)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image = int(self.images[index])
+        return self.captions.image_input(image), image
+
+
+def make_image_loader(captions, config, num_replicas=1, rank=0):
+    """Batches of `config.batch_size` training images with their indices, shuffled per epoch."""
+    dataset = IndexedImages(captions)
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas, rank, shuffle=True, seed=config.seed
+    )
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(config.seed),
+    )  # fmt: skip
+
+
+def advantages(rewards, baseline_rewards, samples):
+    """Baseline (rows,) and advantage (rows,) per sample, rows image-major.
+
+    `baseline_rewards` (images,) are the greedy captions' rewards; None: each sample's baseline
+    is the mean reward of the image's other samples.
+    """
+    rewards = rewards.reshape(-1, samples)  # (images, samples)
+    if baseline_rewards is not None:
+        baseline = np.repeat(np.asarray(baseline_rewards)[:, None], samples, axis=1)
+    else:
+        baseline = (rewards.sum(axis=1, keepdims=True) - rewards) / (samples - 1)
+    return baseline.reshape(-1), (rewards - baseline).reshape(-1)
+
+
+def self_critical_loss(model, forward, inputs, images, reward, config, pad_id):
+    """Policy-gradient loss of one batch of images, the tokens it scores, and its figures
+    (summed rewards, baselines, positive advantages, and the number of samples).
+
+    `forward` is the model, or its DistributedDataParallel wrapper, that computes the scores
+    to differentiate; `model` itself only samples.
+    """
+    k = config.scst_samples
+    with torch.no_grad():
+        features = model.encode(inputs)
+        samples = sample_decode(model.decoder, features, k, config.scst_temperature,
+                                config.max_caption_len, pad_id)  # fmt: skip
+        greedy = None
+        if config.scst_baseline == "greedy":
+            greedy = greedy_decode(model.decoder, features, config.max_caption_len, pad_id)
+    rewards = reward(samples.ids, np.repeat(np.asarray(images), k))  # (rows,)
+    greedy_rewards = reward(greedy, images) if greedy is not None else None
+    baseline, advantage = advantages(rewards, greedy_rewards, k)
+    scored = torch.cat([torch.zeros_like(samples.mask[:, :1]), samples.mask], dim=1)
+    owners = torch.arange(features.size(0), device=inputs.device).repeat_interleave(k)
+    output = forward(inputs, samples.ids, owners, scored)
+    scores = output[0] if isinstance(output, tuple) else output  # (scored, vocab)
+    log_probs = sampling_log_probs(scores, config.scst_temperature, pad_id)
+    token_log_probs = log_probs.gather(1, samples.ids[scored].unsqueeze(1)).squeeze(1)
+    weight = torch.as_tensor(advantage, dtype=torch.float32, device=inputs.device)  # (rows,)
+    weight = weight.unsqueeze(1).expand_as(scored)[scored]  # (scored,) per token
+    tokens = scored.sum()
+    loss = -(weight * token_log_probs).sum() / tokens.clamp(min=1)
+    figures = (rewards.sum(), baseline.sum(), (advantage > 0).sum(), len(rewards))
+    return loss, tokens, figures
+
+
+def run_self_critical_epoch(model, forward, loader, reward, vocab, config, device, step,
+                            autocast=None, desc=""):  # fmt: skip
+    """One self-critical pass over the training images; `step(loss, tokens)` updates the model.
+
+    Returns each step's loss and the epoch's mean reward, mean baseline and share of positive
+    advantages over all processes.
+    """
+    # No dropout and fixed batch-norm statistics: the captions are sampled from, and the
+    # gradient taken of, the very model that captions at test time.
+    model.train(False)
+    step_losses, sums = [], np.zeros(4)
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not config.progress, leave=False)
+    for inputs, images in bar:
+        inputs = inputs.to(device, non_blocking=True)
+        with autocast or contextlib.nullcontext():
+            loss, tokens, figures = self_critical_loss(
+                model, forward, inputs, images.numpy(), reward, config, vocab.pad_id
+            )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{desc}: self-critical loss became {loss.item()} at step {len(step_losses)} of "
+                "this epoch; lower scst_lr. The last checkpoint is intact."
+            )
+        step(loss, tokens)
+        step_losses.append(loss.item())
+        sums += figures
+        bar.set_postfix(reward=f"{figures[0] / figures[3]:.3f}")
+    if dist.is_available() and dist.is_initialized():
+        total = torch.tensor(sums, dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        sums = total.cpu().numpy()
+    samples = max(sums[3], 1)
+    means = {"reward": sums[0] / samples, "baseline": sums[1] / samples,
+             "positive_advantage": sums[2] / samples}  # fmt: skip
+    return step_losses, {k: float(v) if math.isfinite(v) else None for k, v in means.items()}

@@ -1,0 +1,266 @@
+"""Self-critical training: sampling, reward, baselines, loss, the training stage, resume and DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+import train as train_module
+from annotations import read_split
+from checkpoint import CheckpointError, build_model, load_checkpoint, load_trained
+from cider_d import training_scorer
+from coco_metrics import _tokenize_like_ptb
+from config import ConfigError
+from decoding import greedy_decode, sample_decode, sampling_log_probs
+from model import AttentionDecoder, DecoderRNN
+from self_critical import CaptionReward, advantages, self_critical_loss
+from tests.helpers import ROOT, tiny_config
+from train import train
+from vocabulary import Vocabulary
+
+EMBED, HIDDEN, VOCAB, PAD, END = 8, 16, 10, 3, 1
+
+
+def random_decoder(kind, seed=0):
+    """A decoder with random weights, scaled up so that its word scores differ, and inputs for
+    it (4 images)."""
+    torch.manual_seed(seed)
+    if kind == "showtell":
+        decoder, inputs = DecoderRNN(EMBED, HIDDEN, VOCAB).eval(), torch.randn(4, EMBED)
+    else:
+        decoder, inputs = AttentionDecoder(12, EMBED, HIDDEN, VOCAB).eval(), torch.randn(4, 5, 12)
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.mul_(3)
+    return decoder, inputs
+
+
+@pytest.mark.parametrize("kind", ["showtell", "attention"])
+def test_sampled_log_probs_equal_the_decoders_own_scores(kind):
+    decoder, features = random_decoder(kind)
+    torch.manual_seed(1)
+    samples = sample_decode(decoder, features, samples=6, temperature=0.7, max_len=9)
+    ids, mask = samples.ids, samples.mask
+    assert ids.shape[0] == 24 and samples.log_probs.shape == mask.shape == (24, ids.shape[1] - 1)
+    ended = (ids[:, 1:] == END).cumsum(dim=1)
+    # The mask holds the generated words through the first `<end>`, then padding follows.
+    assert torch.equal(mask, (ended - (ids[:, 1:] == END).long()) == 0)
+    assert torch.equal(ids[:, 1:] == PAD, ~mask)
+    assert 0 < int((ended[:, -1] > 0).sum()) < 24  # some rows end early, some run to max_len
+    assert len({tuple(r) for r in ids[:6].tolist()}) > 1  # one image's samples differ
+
+    scored = torch.cat([torch.zeros_like(mask[:, :1]), mask], dim=1)
+    output = decoder(features.repeat_interleave(6, dim=0), ids, scored)
+    scores = output[0] if isinstance(output, tuple) else output  # (scored, vocab)
+    own = sampling_log_probs(scores, 0.7, PAD).gather(1, ids[scored].unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(samples.log_probs[mask], own, rtol=1e-5, atol=1e-5)
+    assert torch.all(samples.log_probs[~mask] == 0)
+
+
+def test_sampling_follows_the_temperature_and_never_draws_padding():
+    decoder, features = random_decoder("showtell")
+    torch.manual_seed(0)
+    cold = sample_decode(decoder, features, samples=4, temperature=1e-3, max_len=6)
+    greedy = greedy_decode(decoder, features, max_len=6)  # (4, steps)
+    assert torch.equal(cold.ids.view(4, 4, -1)[:, :, : greedy.shape[1]],
+                       greedy.unsqueeze(1).expand(4, 4, -1))  # fmt: skip
+    hot = sample_decode(decoder, features, samples=4, temperature=1.0, max_len=6)
+    assert len({tuple(r) for r in hot.ids.tolist()}) > 8
+    with torch.no_grad():
+        decoder.fc.bias[PAD] += 50.0  # padding would be drawn almost always if it could be
+    padded = sample_decode(decoder, features, samples=4, max_len=6)
+    assert not (padded.ids[:, 1:][padded.mask] == PAD).any()
+
+
+def test_baselines_mean_of_the_other_samples_and_greedy():
+    rewards = np.array([1.0, 2.0, 3.0, 4.0, 4.0, 4.0])  # two images, three samples each
+    baseline, advantage = advantages(rewards, None, 3)
+    np.testing.assert_allclose(baseline, [2.5, 2.0, 1.5, 4.0, 4.0, 4.0])
+    np.testing.assert_allclose(advantage, [-1.5, 0.0, 1.5, 0.0, 0.0, 0.0])
+    baseline, advantage = advantages(rewards, np.array([2.0, 5.0]), 3)
+    np.testing.assert_allclose(baseline, [2.0, 2.0, 2.0, 5.0, 5.0, 5.0])
+    np.testing.assert_allclose(advantage, [-1.0, 0.0, 1.0, -1.0, -1.0, -1.0])
+
+
+@pytest.fixture(scope="module")
+def demo_train(demo_root):
+    """The demo test dataset's training split and a vocabulary of it."""
+    split = read_split(demo_root, "train")
+    vocab = Vocabulary(vocab_threshold=1, vocab_file=None, captions=split.tokenized())
+    return split, vocab
+
+
+def test_reward_of_caption_ids_equals_cider_d_of_their_words(demo_train, tmp_path):
+    split, vocab = demo_train
+    reward = CaptionReward(split, vocab, tmp_path)
+    scorer, (ref_ids, ref_offsets) = training_scorer(split, tmp_path)
+    images = np.array([0, 0, 5, 7, 7, 2])
+    rng = np.random.default_rng(0)
+    rows = []
+    for image in images:  # one of the image's captions, of another's, or a jumble of words
+        caption = split.captions[rng.choice(np.flatnonzero(split.caption_image == image))]
+        ids = vocab.encode(caption)
+        if rng.random() < 0.5:
+            ids = [ids[0], *rng.permutation(ids[1:-1]).tolist(), vocab.unk_id, ids[-1]]
+        rows.append(ids + [vocab.pad_id] * 3 + [vocab("red")])  # nothing after `<end>` counts
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [vocab.pad_id] * (width - len(r)) for r in rows])
+    words = [_tokenize_like_ptb(vocab.decode(r)).split() for r in ids.tolist()]
+    references = [
+        [_tokenize_like_ptb(split.captions[c]).split()
+         for c in np.flatnonzero(split.caption_image == image)]
+        for image in sorted(set(images))
+    ]  # fmt: skip
+    position = {image: k for k, image in enumerate(sorted(set(images)))}
+    expected = scorer.score(words, references, [position[i] for i in images])
+    np.testing.assert_allclose(reward(ids, images), expected, rtol=0, atol=1e-12)
+    assert expected.max() > 2 * expected.min() > 0
+
+
+def tiny_model(demo_root, tmp_path, **changes):
+    """A tiny model and the config it was built from (random weights)."""
+    config = tiny_config(demo_root, tmp_path, **changes)
+    split = read_split(demo_root, "train")
+    vocab = Vocabulary(vocab_threshold=1, vocab_file=None, captions=split.tokenized())
+    torch.manual_seed(0)
+    return build_model(config, vocab).eval(), vocab, config, split
+
+
+@pytest.mark.parametrize("baseline,samples", [("mean", 2), ("greedy", 3)])
+def test_loss_is_zero_when_every_sample_equals_its_baseline(demo_root, tmp_path, baseline, samples):
+    model, vocab, config, split = tiny_model(
+        demo_root, tmp_path, scst_epochs=1, scst_baseline=baseline, scst_samples=samples,
+        scst_temperature=1e-6,
+    )  # fmt: skip
+    reward = CaptionReward(split, vocab, tmp_path)
+    images = np.arange(6)
+    inputs = torch.randn(6, 3, 32, 32)
+    # Nearly zero temperature: every sample is the greedy caption, so no advantage anywhere.
+    loss, tokens, figures = self_critical_loss(model, model, inputs, images, reward, config, 3)
+    loss.backward()
+    assert loss.item() == 0.0 and figures[2] == 0 and int(tokens) > 0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    model.zero_grad()
+    hot = tiny_config(demo_root, tmp_path, scst_epochs=1, scst_baseline=baseline,
+                      scst_samples=samples)  # fmt: skip
+    loss, _, figures = self_critical_loss(model, model, inputs, images, reward, hot, 3)
+    loss.backward()
+    assert loss.item() != 0.0 and figures[2] > 0
+    assert model.decoder.fc.weight.grad.abs().sum() > 0
+
+
+def training_reward(checkpoint, demo_root, samples=8):
+    """Mean CIDEr-D of captions sampled from a checkpoint for every training image (seeded): the
+    training-set CIDEr that the self-critical stage maximises."""
+    from data_loader import ImageDataset, make_transform
+
+    model, vocab, config = load_trained(checkpoint)
+    split = read_split(demo_root, "train")
+    images = ImageDataset(split, make_transform(config.image_size))
+    inputs = torch.stack([images[i][0] for i in range(len(images))])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ids = sample_decode(model.decoder, model.encode(inputs), samples,
+                            max_len=config.max_caption_len).ids  # fmt: skip
+    rewards = CaptionReward(split, vocab)(ids, np.repeat(np.arange(len(images)), samples))
+    return float(rewards.mean())
+
+
+def test_tiny_self_critical_run_raises_training_cider_without_java(
+    demo_root, tmp_path, monkeypatch
+):
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError("the self-critical stage started a subprocess (Java?)")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", no_subprocess)
+    config = tiny_config(demo_root, tmp_path, epochs=6, lr=1e-2, scst_epochs=4, scst_lr=3e-3,
+                         dropout=0.0)  # fmt: skip
+    history = train(config)
+    assert history["stage"] == ["xe"] * 6 + ["scst"] * 4
+    assert history["reward"][:6] == [None] * 6 and None not in history["reward"][6:]
+    assert history["train_loss"][6:] == [None] * 4
+    before = training_reward(tmp_path / "best_cross_entropy.pt", demo_root)
+    after = training_reward(tmp_path / "last.pt", demo_root)
+    assert after > before * 1.1, (before, after)
+    assert history["reward"][-1] > history["reward"][6]
+
+
+def interrupt_self_critical_at_epoch(monkeypatch, epoch):
+    """Make the `epoch`-th self-critical pass raise, as a kill between epochs would end the run."""
+    real, calls = train_module.run_self_critical_epoch, []
+
+    def run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_self_critical_epoch", run)
+
+
+def test_resume_in_the_self_critical_stage_equals_an_uninterrupted_run(
+    demo_root, tmp_path, monkeypatch
+):
+    changes = dict(epochs=1, scst_epochs=2, scst_lr=1e-3)
+    full = train(tiny_config(demo_root, tmp_path / "full", **changes))
+    with monkeypatch.context() as m:
+        interrupt_self_critical_at_epoch(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(demo_root, tmp_path / "cut", **changes))
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1  # one self-critical epoch
+    resumed = train(tiny_config(demo_root, tmp_path / "cut", resume=True, **changes))
+    assert resumed["stage"] == ["xe", "scst", "scst"]
+    assert resumed["step_loss"] == full["step_loss"] and len(full["step_loss"]) > 8
+    assert resumed["reward"] == full["reward"] and resumed["val_loss"] == full["val_loss"]
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_starts_the_self_critical_stage_from_a_checkpoint(demo_root, tmp_path):
+    train(tiny_config(demo_root, tmp_path / "xe", epochs=1, vocab_threshold=2))
+    source = load_checkpoint(tmp_path / "xe" / "best.pt")
+    history = train(tiny_config(demo_root, tmp_path / "scst", init_from=str(tmp_path / "xe" /
+                                "best.pt"), scst_epochs=1, scst_lr=1e-9))  # fmt: skip
+    assert history["stage"] == ["scst"]
+    state = load_checkpoint(tmp_path / "scst" / "last.pt")
+    assert state["vocab"] == source["vocab"]  # not rebuilt with this config's threshold
+    assert all(torch.allclose(state["model"][k].float(), source["model"][k].float(), atol=1e-6)
+               for k in source["model"])  # fmt: skip
+    with pytest.raises(CheckpointError, match="best.pt"):
+        train(tiny_config(demo_root, tmp_path / "other", decoder="attention", scst_epochs=1,
+                          init_from=str(tmp_path / "xe" / "best.pt")))  # fmt: skip
+
+
+def test_config_refuses_a_stage_it_cannot_run(demo_root, tmp_path):
+    with pytest.raises(ConfigError, match="scst_samples"):
+        tiny_config(demo_root, tmp_path, scst_epochs=1, scst_samples=1)
+    tiny_config(demo_root, tmp_path, scst_epochs=1, scst_samples=1, scst_baseline="greedy")
+    with pytest.raises(ConfigError, match="init_from"):
+        tiny_config(demo_root, tmp_path, init_from="x.pt")
+
+
+def test_two_process_ddp_self_critical_stage(demo_root, tmp_path):
+    config = tiny_config(demo_root, tmp_path / "ddp", batch_size=8, epochs=1, scst_epochs=1,
+                         trainable_blocks=0, feature_norm="layer")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "tests" / "ddp_worker.py"), json.dumps(asdict(config)),
+               str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # gradients shared
+    xe = load_checkpoint(tmp_path / "ddp" / "best_cross_entropy.pt")["model"]
+    assert any(not torch.equal(xe[k], ranks[0][k]) for k in xe)  # the stage changed the weights
+    history = json.loads((tmp_path / "ddp" / "history.json").read_text())
+    assert history["stage"] == ["xe", "scst"] and history["reward"][1] > 0
+    images = len(read_split(demo_root, "train").image_ids)
+    reads = [json.loads((tmp_path / f"rank{r}_scst_reads.json").read_text()) for r in (0, 1)]
+    assert len(reads[0]) == len(reads[1]) == images // 2  # each rank its own half
+    assert not set(reads[0]) & set(reads[1]) and set(reads[0]) | set(reads[1]) == set(range(images))
