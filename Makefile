@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo demo-attention test bench lint
+.PHONY: venv demo demo-attention demo-scst demo-attention-scst test bench lint
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -20,6 +20,13 @@ demo: venv
 # The attention decoder (Show, Attend and Tell) on the same data, with its own preset.
 demo-attention: venv
 	$(PY) demo.py --decoder attention
+
+# Cross-entropy, then self-critical training (SCST, CIDEr-D reward); both checkpoints scored.
+demo-scst: venv
+	$(PY) demo.py --scst
+
+demo-attention-scst: venv
+	$(PY) demo.py --decoder attention --scst
 
 test: venv
 	$(PY) -m pytest

@@ -247,9 +247,9 @@ class RunState:
     def __init__(self):
         self.history = {
             key: []
-            for key in ("epoch", "stage", "train_loss", "train_perplexity", "val_loss",
-                        "val_perplexity", "val_cider", "lr", "epoch_seconds",
-                        *SELF_CRITICAL_FIGURES, "step_loss")
+            for key in ("epoch", "train_loss", "train_perplexity", "val_loss", "val_perplexity",
+                        "val_cider", "lr", "epoch_seconds", "stage", *SELF_CRITICAL_FIGURES,
+                        "step_loss")
         }  # fmt: skip
         self.next_epoch, self.best_cider, self.stale = 0, -1.0, 0
 

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import torch
 
-from bench import common, decoding, loader, memory, training
+from bench import common, decoding, loader, memory, reward, training
 
-BENCHMARKS = {"loader": loader, "training": training, "decoding": decoding, "memory": memory}
+BENCHMARKS = {
+    "loader": loader, "training": training, "decoding": decoding, "memory": memory,
+    "reward": reward,
+}  # fmt: skip
 
 
 def parse_args(argv=None):

@@ -110,6 +110,7 @@ def test_notebooks_run_in_order(demo_root, tmp_path, monkeypatch, decoder):
             DECODER=decoder,
             EPOCHS=1,
             MORE_EPOCHS=1,
+            SCST_EPOCHS=1,
             BATCH_SIZE=32,
             VAL_IMAGES=8,
             NUM_WORKERS=0,
@@ -144,7 +145,15 @@ def test_notebooks_run_in_order(demo_root, tmp_path, monkeypatch, decoder):
                 assert len(images) == 2, kinds  # N_SHOW images, each with its words' maps
             else:
                 assert not images and "no attention maps" in str(cell.outputs)
+            # Both checkpoints of the self-critical run, scored side by side.
+            cell = next(
+                c for c in nb.cells if c.cell_type == "code" and "cross_entropy" in c.source
+            )
+            printed = "".join(o.get("text", "") for o in cell.outputs)
+            assert "best_cross_entropy.pt" in printed and "CIDEr" in printed, printed
     assert (checkpoint_dir / "best.pt").exists() and (checkpoint_dir / "last.pt").exists()
+    assert (checkpoint_dir / "best_cross_entropy.pt").exists()
     history = (checkpoint_dir / "history.csv").read_text().splitlines()
-    assert len(history) == 1 + 2, "one epoch, then one more after resuming"
+    assert len(history) == 1 + 3, "one epoch, one more after resuming, one self-critical"
+    assert [row.split(",")[8] for row in history[1:]] == ["xe", "xe", "scst"]
     assert (tmp_path / "outputs" / "inference" / "results_test.json").exists()

@@ -264,3 +264,21 @@ def test_two_process_ddp_self_critical_stage(demo_root, tmp_path):
     reads = [json.loads((tmp_path / f"rank{r}_scst_reads.json").read_text()) for r in (0, 1)]
     assert len(reads[0]) == len(reads[1]) == images // 2  # each rank its own half
     assert not set(reads[0]) & set(reads[1]) and set(reads[0]) | set(reads[1]) == set(range(images))
+
+
+def test_learning_curves_show_the_self_critical_stage():
+    from plots import plot_learning_curves
+
+    history = {
+        "epoch": [1, 2, 3], "train_loss": [2.0, 1.5, None], "train_perplexity": [7.4, 4.5, None],
+        "val_loss": [2.1, 1.7, 1.8], "val_perplexity": [8.2, 5.5, 6.0], "val_cider": [0.2, 0.4, 0.6],
+        "reward": [None, None, 0.7], "baseline": [None, None, 0.65],
+        "positive_advantage": [None, None, 0.4],
+    }  # fmt: skip
+    fig = plot_learning_curves(history)
+    reward_axes = [ax for ax in fig.axes if "reward" in ax.get_title()]
+    assert len(reward_axes) == 1
+    lines = {line.get_label(): list(line.get_ydata()) for line in reward_axes[0].get_lines()}
+    assert lines["sampled captions"][2] == 0.7 and lines["baseline"][2] == 0.65
+    history.update(reward=[None] * 3, baseline=[None] * 3, positive_advantage=[None] * 3)
+    assert not any("reward" in ax.get_title() for ax in plot_learning_curves(history).axes)
