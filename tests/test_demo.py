@@ -4,7 +4,13 @@ import dataclasses
 import json
 
 import demo
-from demo import ATTENTION_DEMO_CONFIG, DEMO_CONFIG, run_demo
+from demo import (
+    ATTENTION_DEMO_CONFIG,
+    ATTENTION_SCST_DEMO_CONFIG,
+    DEMO_CONFIG,
+    SCST_DEMO_CONFIG,
+    run_demo,
+)
 
 METRICS = {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
 OBJECTS = {"accuracy", "by_count", "n"}
@@ -52,12 +58,33 @@ def test_run_demo_with_attention_adds_the_attention_measure_and_maps(demo_root, 
     assert len(drawn) == 4
 
 
+def test_run_demo_with_self_critical_stage_scores_both_checkpoints(demo_root, tmp_path, capsys):
+    config = dataclasses.replace(
+        SCST_DEMO_CONFIG, data_dir=str(demo_root), image_size=32, embed_size=32, hidden_size=48,
+        epochs=1, scst_epochs=1, val_images=10, progress=False,
+    )  # fmt: skip
+    options = dict(n_train=60, n_val=20, n_test=20, seed=1)
+    summary = run_demo(tmp_path / "demo", config, grid_size=4, dataset_options=options)
+    assert "blind_greedy" not in summary and summary["epochs"] == 2
+    for name in ("cross_entropy_greedy", "cross_entropy_beam3", "greedy", "beam3"):
+        assert summary[name]["n"] == 20 and "CIDEr" in summary[name]
+    assert summary["best_epoch_stage"] in ("xe", "scst")
+    assert (tmp_path / "demo" / "model" / "best_cross_entropy.pt").exists()
+    printed = capsys.readouterr().out
+    assert "XE greedy" in printed and "SCST greedy" in printed and "self-critical stage" in printed
+
+
 def test_demo_command_picks_each_decoders_preset_and_dataset(monkeypatch):
     calls = []
     monkeypatch.setattr(demo, "run_demo", lambda *args, **kwargs: calls.append((args, kwargs)))
     demo.main([])
     demo.main(["--decoder", "attention", "--epochs", "3", "--dataset-seed", "2"])
-    (plain, plain_options), (attention, attention_options) = calls
+    demo.main(["--scst"])
+    demo.main(["--scst", "--decoder", "attention"])
+    (plain, plain_options), (attention, attention_options), (scst, _), (attention_scst, _) = calls
+    assert scst == ("outputs/demo-scst", SCST_DEMO_CONFIG) and SCST_DEMO_CONFIG.scst_epochs
+    assert attention_scst == ("outputs/demo-attention-scst", ATTENTION_SCST_DEMO_CONFIG)
+    assert ATTENTION_SCST_DEMO_CONFIG.decoder == "attention"
     assert plain == ("outputs/demo", DEMO_CONFIG) and plain_options["dataset_options"]["seed"] == 0
     output_dir, config = attention
     assert (

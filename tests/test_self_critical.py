@@ -282,3 +282,22 @@ def test_learning_curves_show_the_self_critical_stage():
     assert lines["sampled captions"][2] == 0.7 and lines["baseline"][2] == 0.65
     history.update(reward=[None] * 3, baseline=[None] * 3, positive_advantage=[None] * 3)
     assert not any("reward" in ax.get_title() for ax in plot_learning_curves(history).axes)
+
+
+def test_the_stage_starts_from_the_best_cross_entropy_epoch(demo_root, tmp_path, monkeypatch):
+    # Validation CIDEr 1.0 after epoch 1, then lower: epoch 1 is the best, not the last.
+    scores = iter([1.0, 0.5, 0.4])
+    monkeypatch.setattr(train_module, "validation_cider", lambda *args: next(scores))
+    snapshots = []
+    real = train_module.run_self_critical_epoch
+
+    def run(model, *args, **kwargs):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_self_critical_epoch", run)
+    history = train(tiny_config(demo_root, tmp_path, epochs=2, scst_epochs=1, lr=1e-2))
+    assert history["val_cider"] == [1.0, 0.5, 0.4]
+    best = load_checkpoint(tmp_path / "best_cross_entropy.pt")
+    assert best["epoch"] == 0 and load_checkpoint(tmp_path / "best.pt")["epoch"] == 0
+    assert all(torch.equal(snapshots[0][k], best["model"][k]) for k in best["model"])
