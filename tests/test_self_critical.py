@@ -248,7 +248,9 @@ def test_config_refuses_a_stage_it_cannot_run(demo_root, tmp_path):
 def test_two_process_ddp_self_critical_stage(demo_root, tmp_path):
     config = tiny_config(demo_root, tmp_path / "ddp", batch_size=8, epochs=1, scst_epochs=1,
                          trainable_blocks=0, feature_norm="layer")  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # Its own feature cache: other tests count the files in the session's.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "CAPTIONING_CACHE": str(tmp_path / "cache")}  # fmt: skip
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "tests" / "ddp_worker.py"), json.dumps(asdict(config)),
                str(tmp_path)]  # fmt: skip
