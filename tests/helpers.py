@@ -1,5 +1,11 @@
-"""Helpers shared by the test modules: where the data is, and a tiny training configuration."""
+"""Helpers shared by the test modules: where the data is, a tiny training configuration, and
+runs that interrupt training or spread it over two processes."""
 
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import train as train_module
@@ -34,3 +40,13 @@ def interrupt_training_at_epoch(monkeypatch, epoch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "run_epoch", run_epoch)
+
+
+def run_two_processes(config, out_dir, **env):
+    """Train `config` in two gloo processes (torchrun, tests/ddp_worker.py writing into
+    `out_dir`); the finished process, its output checked by the caller."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "tests" / "ddp_worker.py"), json.dumps(asdict(config)),
+               str(out_dir)]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -1,10 +1,7 @@
 """Self-critical training: sampling, reward, baselines, loss, the training stage, resume and DDP."""
 
 import json
-import os
 import subprocess
-import sys
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -19,7 +16,7 @@ from config import ConfigError
 from decoding import greedy_decode, sample_decode, sampling_log_probs
 from model import AttentionDecoder, DecoderRNN
 from self_critical import CaptionReward, advantages, self_critical_loss
-from tests.helpers import ROOT, tiny_config
+from tests.helpers import run_two_processes, tiny_config
 from train import train
 from vocabulary import Vocabulary
 
@@ -249,12 +246,7 @@ def test_two_process_ddp_self_critical_stage(demo_root, tmp_path):
     config = tiny_config(demo_root, tmp_path / "ddp", batch_size=8, epochs=1, scst_epochs=1,
                          trainable_blocks=0, feature_norm="layer")  # fmt: skip
     # Its own feature cache: other tests count the files in the session's.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "CAPTIONING_CACHE": str(tmp_path / "cache")}  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "tests" / "ddp_worker.py"), json.dumps(asdict(config)),
-               str(tmp_path)]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = run_two_processes(config, tmp_path, CAPTIONING_CACHE=str(tmp_path / "cache"))
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # gradients shared

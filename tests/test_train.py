@@ -4,9 +4,6 @@ real COCO fit."""
 import json
 import os
 import shutil
-import subprocess
-import sys
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -18,7 +15,7 @@ import train as train_module
 from annotations import read_split
 from checkpoint import CheckpointError, load_checkpoint, load_trained, save_checkpoint
 from config import TrainConfig
-from tests.helpers import ROOT, interrupt_training_at_epoch, tiny_config
+from tests.helpers import interrupt_training_at_epoch, run_two_processes, tiny_config
 from train import train
 
 
@@ -237,11 +234,7 @@ def test_two_process_ddp_equals_one_process_with_the_whole_batch(demo_root, tmp_
     common = dict(trainable_blocks=0, feature_norm="layer", dropout=0.0, epochs=2, lr=3e-3,
                   decoder=decoder)  # fmt: skip
     ddp_config = tiny_config(demo_root, tmp_path / "ddp", batch_size=8, **common)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "tests" / "ddp_worker.py"), json.dumps(asdict(ddp_config)),
-               str(tmp_path)]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = run_two_processes(ddp_config, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
