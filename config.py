@@ -37,7 +37,12 @@ class TrainConfig:
     layout: str = option("auto", "annotation layout of data_dir", choices=LAYOUTS)
     output_dir: str = option("runs/latest", "where checkpoints, history and curves go")
     vocab_threshold: int = option(5, "keep words seen at least this often", low=1)
-    backbone: str = option("resnet50", "CNN; smallcnn for small images", choices=BACKBONES)
+    backbone: str = option(
+        "resnet50",
+        "image network: a torchvision classification network by name (resnet50, vgg16, "
+        "efficientnet_b0, convnext_tiny, vit_b_16, ...: model.BACKBONES), smallcnn for small images",
+        choices=BACKBONES,
+    )
     pretrained: bool = option(True, "ImageNet weights for the CNN (downloaded once)")
     weights_path: str | None = option(None, "local CNN weights file instead of a download")
     trainable_blocks: int = option(
@@ -243,7 +248,8 @@ def parse_config(cls, argv=None, description=None):
             )
         else:
             choices = f.metadata.get("choices")
-            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+            listed = choices and len(choices) <= 10  # the backbones are named in the help text
+            metavar = "{" + ",".join(choices) + "}" if listed else f.name.upper()
             parser.add_argument(
                 flag, default=f.default, type=_flag_type(f), metavar=metavar, help=help_text
             )

@@ -8,7 +8,17 @@ import torch.nn as nn
 import torchvision
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-BACKBONES = RESNETS + ("smallcnn",)
+# torchvision classification networks whose last feature map (ViT: patch tokens) we know how to
+# take: residual nets, RegNets, every `features` stack, Swin and ViT. Not GoogLeNet, Inception
+# (auxiliary heads), MNASNet, ShuffleNet or MaxViT.
+FAMILIES = ("resnet", "resnext", "wide_resnet", "regnet", "vgg", "alexnet", "efficientnet",
+            "mobilenet", "convnext", "densenet", "squeezenet", "swin", "vit_")  # fmt: skip
+TORCHVISION_BACKBONES = tuple(
+    name
+    for name in torchvision.models.list_models(module=torchvision.models)
+    if name.startswith(FAMILIES)
+)
+BACKBONES = TORCHVISION_BACKBONES + ("smallcnn",)
 
 
 class SmallCNN(nn.Module):
@@ -45,36 +55,21 @@ class SmallCNN(nn.Module):
         )  # (batch, out_features)
 
 
-def build_resnet(name, pretrained=True, weights_path=None):
-    """A torchvision ResNet without its classifier, and its feature size."""
-    if name not in RESNETS:
-        raise ValueError(f"backbone must be one of {BACKBONES}, not {name!r}")
-    make = getattr(torchvision.models, name)
+def build_backbone(name, pretrained=True, weights_path=None):
+    """A torchvision classification network by name without its classifier, its feature size,
+    and its last 4 blocks (`net.blocks`, for `trainable_blocks`)."""
+    if name not in TORCHVISION_BACKBONES:
+        raise ValueError(
+            f"backbone {name!r} is not one this project can use; choose smallcnn or one of "
+            f"torchvision's: {', '.join(TORCHVISION_BACKBONES)}"
+        )
     if weights_path is not None:
-        net = make(weights=None)
-        try:
-            # weights_only: tensors and plain data only; a file that would run code is refused.
-            state = torch.load(weights_path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-            net.load_state_dict(state)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{weights_path}: weights file not found") from None
-        except Exception as e:  # UnpicklingError, RuntimeError, EOFError... by cause
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            # torch's refusal is a page of advice (including how to load it anyway); the
-            # reason is one line of it.
-            refused = [line for line in lines if line.startswith("WeightsUnpickler error:")]
-            detail = refused[0].split(". ")[0] if refused else " ".join(lines) or "empty"
-            detail = detail if len(detail) <= 300 else detail[:300] + " ..."
-            raise RuntimeError(
-                f"{weights_path}: not usable {name} weights ({type(e).__name__}: {detail}). "
-                "Weights files are read with weights_only=True, so files holding code are "
-                "refused; give a state dict saved with torch.save(model.state_dict(), path)."
-            ) from None
+        net = torchvision.models.get_model(name, weights=None)
+        load_weights(net, name, weights_path)
     elif pretrained:
         weights = torchvision.models.get_model_weights(name).DEFAULT
         try:
-            net = make(weights=weights)
+            net = torchvision.models.get_model(name, weights=weights)
         except (urllib.error.URLError, OSError) as e:
             raise RuntimeError(
                 f"Could not download the ImageNet weights for {name} from {weights.url} ({e}). "
@@ -83,11 +78,102 @@ def build_resnet(name, pretrained=True, weights_path=None):
                 "weights."
             ) from None
     else:
-        net = make(weights=None)
-    features = net.fc.in_features
-    net.fc = nn.Identity()
-    net.blocks = [net.layer1, net.layer2, net.layer3, net.layer4]
-    return net, features
+        net = torchvision.models.get_model(name, weights=None)
+    return strip_classifier(net)
+
+
+def load_weights(net, name, weights_path):
+    """Load a local state dict into `net`, with an error that names the file and the cause."""
+    try:
+        # weights_only: tensors and plain data only; a file that would run code is refused.
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        net.load_state_dict(state)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{weights_path}: weights file not found") from None
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError... by cause
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # torch's refusal is a page of advice (including how to load it anyway); the
+        # reason is one line of it.
+        refused = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+        detail = refused[0].split(". ")[0] if refused else " ".join(lines) or "empty"
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+        raise RuntimeError(
+            f"{weights_path}: not usable {name} weights ({type(e).__name__}: {detail}). "
+            "Weights files are read with weights_only=True, so files holding code are "
+            "refused; give a state dict saved with torch.save(model.state_dict(), path)."
+        ) from None
+
+
+def strip_classifier(net):
+    """(net without its classifier, feature size); `net.blocks` are its last 4 stages.
+
+    The net stays torchvision's own module, so its weights keep torchvision's names.
+    """
+    if isinstance(net, torchvision.models.VisionTransformer):
+        net.heads = nn.Identity()
+        layers = list(net.encoder.layers)
+        size = -(-len(layers) // 4)  # (the encoder's layers in 4 groups)
+        net.blocks = [nn.Sequential(*layers[k * size : (k + 1) * size]) for k in range(4)]
+        return net, net.hidden_dim
+    if hasattr(net, "layer4"):  # ResNet, ResNeXt, Wide ResNet
+        features = net.fc.in_features
+        net.fc = nn.Identity()
+        net.blocks = [net.layer1, net.layer2, net.layer3, net.layer4]
+        return net, features
+    if hasattr(net, "trunk_output"):  # RegNet
+        features = net.fc.in_features
+        net.fc = nn.Identity()
+        net.blocks = list(net.trunk_output.children())[-4:]
+        return net, features
+    # A `features` stack (VGG, AlexNet, EfficientNet, MobileNet, ConvNeXt, DenseNet, SqueezeNet,
+    # Swin): the classifier (VGG's holds 120M of its 138M weights) goes.
+    for head in ("classifier", "head"):
+        if hasattr(net, head):
+            setattr(net, head, nn.Identity())
+    stages = list(net.features.children())
+    if isinstance(net, (torchvision.models.VGG, torchvision.models.AlexNet)):
+        # Flat layers: a block is what lies between two max-pooling layers.
+        bounds = [0] + [k + 1 for k, m in enumerate(stages) if isinstance(m, nn.MaxPool2d)]
+        stages = [nn.Sequential(*stages[a:b]) for a, b in zip(bounds, bounds[1:])]
+    net.blocks = stages[-4:]
+    with torch.no_grad():
+        features = torchvision_feature_map(net.eval(), torch.zeros(1, 3, 224, 224)).shape[1]
+    return net.train(), features
+
+
+def torchvision_feature_map(net, images):
+    """The last feature map (batch, channels, h, w) of a torchvision net from `strip_classifier`;
+    for a ViT, its patch tokens laid out as their grid."""
+    if isinstance(net, torchvision.models.VisionTransformer):
+        if images.shape[-1] != net.image_size or images.shape[-2] != net.image_size:
+            raise ValueError(
+                f"a ViT takes {net.image_size}x{net.image_size} images, not "
+                f"{images.shape[-2]}x{images.shape[-1]}: set image_size={net.image_size}"
+            )
+        tokens = net._process_input(images)  # (batch, patches, hidden)
+        tokens = torch.cat([net.class_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        patches = net.encoder(tokens)[:, 1:]  # (batch, patches, hidden), class token dropped
+        side = net.image_size // net.patch_size
+        return patches.transpose(1, 2).reshape(patches.shape[0], -1, side, side)
+    if hasattr(net, "layer4"):
+        x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+    if hasattr(net, "trunk_output"):
+        return net.trunk_output(net.stem(images))
+    x = net.features(images)
+    if isinstance(net, torchvision.models.SwinTransformer):
+        return net.permute(net.norm(x))  # (batch, h, w, channels) -> (batch, channels, h, w)
+    if isinstance(net, torchvision.models.DenseNet):
+        return nn.functional.relu(x)
+    return x
+
+
+def torchvision_pooled(net, images):
+    """The pooled feature (batch, feature_size) that the net's classifier would read."""
+    if isinstance(net, torchvision.models.VisionTransformer) or hasattr(net, "fc"):
+        return net(images)  # ResNet, RegNet: avgpool then fc=Identity; ViT: the class token
+    return torchvision_feature_map(net, images).mean(dim=(2, 3))
 
 
 class EncoderCNN(nn.Module):
@@ -113,7 +199,7 @@ class EncoderCNN(nn.Module):
             self.backbone = SmallCNN()
             feature_size = self.backbone.out_features
         else:
-            self.backbone, feature_size = build_resnet(backbone, pretrained, weights_path)
+            self.backbone, feature_size = build_backbone(backbone, pretrained, weights_path)
         self.feature_size = feature_size
         self.trainable_blocks = trainable_blocks
         self.backbone.requires_grad_(trainable_blocks < 0)
@@ -150,7 +236,9 @@ class EncoderCNN(nn.Module):
     def extract(self, images):
         """Pooled backbone features: (batch, 3, H, W) -> (batch, feature_size)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            return self.backbone(images).flatten(1)  # (batch, feature_size)
+            if isinstance(self.backbone, SmallCNN):
+                return self.backbone(images)  # (batch, feature_size)
+            return torchvision_pooled(self.backbone, images).flatten(1)  # (batch, feature_size)
 
     def project(self, features):
         """Backbone features -> (batch, embed_size); a grid passes unchanged."""
@@ -182,8 +270,7 @@ class EncoderCNN(nn.Module):
         net = self.backbone
         if isinstance(net, SmallCNN):
             return net.net[:-2](images.contiguous(memory_format=torch.channels_last))
-        x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
-        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        return torchvision_feature_map(net, images)
 
     def extract_grid(self, images, grid_size=None):
         """Spatial features (batch, positions, feature_size), for attention.
