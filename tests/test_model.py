@@ -122,8 +122,10 @@ def test_weights_download_failure_says_how_to_proceed(monkeypatch):
 
 
 def test_unknown_backbone():
-    with pytest.raises(ValueError, match="backbone must be one of"):
-        EncoderCNN(EMBED, backbone="vgg16")
+    # A torchvision network without a feature map to take (auxiliary heads), and no network.
+    for name in ("googlenet", "vgg17"):
+        with pytest.raises(ValueError, match=f"'{name}' is not one this project can use"):
+            EncoderCNN(EMBED, backbone=name, pretrained=False)
 
 
 def test_forget_gate_bias_initialised():
