@@ -14,7 +14,7 @@ from model import BACKBONES
 # What a resumed run may change: how long and where it runs, never what it trains.
 RESUMABLE_CHANGES = (
     "epochs", "patience", "resume", "progress", "num_workers", "device", "amp",
-    "output_dir", "data_dir", "val_images", "skip_bad_images", "scst_epochs",
+    "output_dir", "data_dir", "val_images", "skip_bad_images", "scst_epochs", "log_every",
 )  # fmt: skip
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 
@@ -130,6 +130,10 @@ class TrainConfig:
     patience: int | None = option(
         3, "epochs without a better validation CIDEr before stopping; none: never stop", low=1
     )
+    log_every: int = option(
+        50, "training steps between reads of the loss from the device (progress bar, the check "
+        "for a non-finite loss); each read waits for the GPU", low=1,
+    )  # fmt: skip
     skip_bad_images: bool = option(False, "drop unreadable images (reported) instead of stopping")
     blind: bool = option(False, "zero image features: how much of a caption comes from the image")
     seed: int = option(0, "random seed", low=0)

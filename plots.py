@@ -23,45 +23,51 @@ def _save(fig, path, bbox_inches="tight"):
 
 
 def plot_learning_curves(history, path=None):
-    """Loss, perplexity and val CIDEr per epoch, and the self-critical stage's rewards if it ran;
-    saved to `path` (PNG) or returned as a figure."""
+    """Loss, perplexity, val CIDEr and token accuracy per epoch, and the self-critical stage's
+    rewards if it ran; saved to `path` (PNG) or returned as a figure."""
     epochs = history["epoch"]
     rewards = [r is not None for r in history.get("reward", [])]
-    panels = 4 if any(rewards) else 3
+    accuracy = any(a is not None for a in history.get("val_accuracy", []))
+    panels = ["loss", "perplexity", "cider"] + ["accuracy"] * accuracy + ["reward"] * any(rewards)
     # Fixed margins, not tight_layout: training redraws this every epoch, and the layout
     # passes cost more than the drawing (0.5 s a plot on a CPU core).
     fig, axes = plt.subplots(
         1,
-        panels,
-        figsize=(13 if panels == 3 else 17, 3.6),
+        len(panels),
+        figsize=(4.3 * len(panels), 3.6),
         gridspec_kw=dict(left=0.05, right=0.99, bottom=0.15, top=0.91, wspace=0.22),
     )
+    ax = dict(zip(panels, axes))
+    # None (no train loss in self-critical epochs) is drawn as a gap.
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
-        axes[0].plot(epochs, history[key], marker="o", label=label)
+        ax["loss"].plot(epochs, history[key], marker="o", label=label)
     for key, label in (("train_perplexity", "train"), ("val_perplexity", "val")):
-        axes[1].plot(epochs, history[key], marker="o", label=label)
-    axes[2].plot(epochs, history["val_cider"], marker="o", color="tab:green")
-    for ax, title in zip(axes, ("cross-entropy loss", "perplexity", "val CIDEr (greedy)")):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    if panels == 4:
-        # Cross-entropy epochs have no train loss in the self-critical stage: None is a gap.
+        ax["perplexity"].plot(epochs, history[key], marker="o", label=label)
+    ax["cider"].plot(epochs, history["val_cider"], marker="o", color="tab:green")
+    titles = {"loss": "cross-entropy loss", "perplexity": "perplexity",
+              "cider": "val CIDEr (greedy)", "accuracy": "token accuracy (teacher forcing)",
+              "reward": "self-critical reward (CIDEr-D)"}  # fmt: skip
+    if accuracy:
+        for key, label in (("train_accuracy", "train"), ("val_accuracy", "val")):
+            ax["accuracy"].plot(epochs, history[key], marker="o", label=label)
+        ax["accuracy"].legend()
+    if any(rewards):
         for key, label in (("reward", "sampled captions"), ("baseline", "baseline")):
-            axes[3].plot(epochs, history[key], marker="o", label=label)
-        positive = axes[3].twinx()
+            ax["reward"].plot(epochs, history[key], marker="o", label=label)
+        positive = ax["reward"].twinx()
         positive.plot(epochs, history["positive_advantage"], ls=":", color="grey")
         positive.set_ylabel("share of positive advantages (dotted)")
-        axes[3].set_title("self-critical reward (CIDEr-D)")
-        axes[3].set_xlabel("epoch")
-        axes[3].grid(alpha=0.3)
-        axes[3].legend()
+        ax["reward"].legend()
         first = epochs[rewards.index(True)]
-        for ax in axes[:3]:
-            ax.axvline(first - 0.5, color="grey", ls="--", lw=1)  # where self-critical starts
-    axes[0].legend()
-    axes[1].legend()
-    axes[1].set_yscale("log")
+        for name in ("loss", "perplexity", "cider"):
+            ax[name].axvline(first - 0.5, color="grey", ls="--", lw=1)  # self-critical from here
+    for name, a in ax.items():
+        a.set_title(titles[name])
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+    ax["loss"].legend()
+    ax["perplexity"].legend()
+    ax["perplexity"].set_yscale("log")
     return _save(fig, path, bbox_inches=None)
 
 

@@ -9,6 +9,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,9 +37,17 @@ from training_data import TrainingData
 from vocabulary import Vocabulary
 
 
+class CaptionLoss(NamedTuple):
+    """One batch's teacher-forced loss terms, all tensors on the batch's device."""
+
+    loss: torch.Tensor  # mean cross-entropy per scored token
+    tokens: torch.Tensor  # tokens scored
+    penalty: torch.Tensor | float  # attention regulariser to add when training (0: Show and Tell)
+    correct: torch.Tensor  # tokens whose highest score is the reference word
+
+
 def caption_loss(model, batch, pad_id):
-    """Teacher-forced cross-entropy per token (padding ignored), the number of tokens scored, and
-    the attention regulariser to add when training (0 for Show and Tell).
+    """Teacher-forced cross-entropy per token (padding ignored), as a `CaptionLoss`.
 
     `batch` is (inputs, captions) or (inputs, captions, owners): images or cached features,
     caption ids (captions, seq_len), and for grouped batches the input row of each caption.
@@ -50,7 +59,9 @@ def caption_loss(model, batch, pad_id):
     scored[:, 0] = False
     output = model(inputs, captions, owners, scored)
     scores, penalty = output if isinstance(output, tuple) else (output, 0.0)  # (scored, vocab)
-    return F.cross_entropy(scores.float(), captions[scored]), scored.sum(), penalty
+    targets = captions[scored]
+    correct = (scores.detach().argmax(dim=1) == targets).sum()
+    return CaptionLoss(F.cross_entropy(scores.float(), targets), scored.sum(), penalty, correct)
 
 
 def autocast_for(config, device):
@@ -170,34 +181,55 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
               autocast=None, desc=""):  # fmt: skip
     """One pass over `loader`: trains when an optimizer is given, else evaluates.
 
-    Returns each step's loss and the epoch's token-weighted mean loss over all processes.
+    Returns each step's loss, and the epoch's token-weighted mean loss and token accuracy (the
+    share of next words predicted right) over all processes. The losses stay on the device and
+    are read every `config.log_every` steps and at the end: reading one makes the host wait for
+    the GPU, which could otherwise be queueing the next steps.
     """
     training = optimizer is not None
     model.train(training)
-    step_losses, total, tokens = [], 0.0, 0
+    step_losses, pending = [], []
+    # Loss x tokens, tokens, right tokens: float64 sums, in the order the host summed them before.
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     bar = tqdm(loader, desc=desc, unit="batch", disable=not config.progress, leave=False)
     with torch.set_grad_enabled(training):
         for batch in bar:
             batch = [t.to(device, non_blocking=True) for t in batch]
             with autocast or contextlib.nullcontext():
-                loss, n, penalty = caption_loss(model, batch, vocab.pad_id)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{desc}: loss became {loss.item()} at step {len(step_losses)} of this epoch; "
-                    "lower the learning rate or check the data. The last checkpoint is intact."
-                )
+                loss, n, penalty, correct = caption_loss(model, batch, vocab.pad_id)
             if training:
                 objective = (loss * ddp_share(n) if is_distributed() else loss) + penalty
                 optimizer_step(model, objective, optimizer, scheduler, scaler, config.grad_clip)
-            step_losses.append(loss.item())
-            total, tokens = total + loss.item() * int(n), tokens + int(n)
-            bar.set_postfix(loss=f"{loss.item():.3f}", ppl=f"{math.exp(min(loss.item(), 50)):.1f}")
+            loss = loss.detach()
+            sums += torch.stack([loss.double() * n, n.double(), correct.double()])
+            pending.append(loss)
+            if len(pending) == config.log_every:
+                read_losses(pending, step_losses, bar, desc)
+    read_losses(pending, step_losses, bar, desc)
     if is_distributed():
-        # Each rank saw its own shard: the epoch's loss is the token-weighted mean over all.
-        sums = torch.tensor([total, float(tokens)], dtype=torch.float64, device=device)
+        # Each rank saw its own shard: the epoch's figures are token-weighted over all.
         dist.all_reduce(sums)
-        total, tokens = sums.tolist()
-    return step_losses, total / max(tokens, 1)
+    total, tokens, correct = sums.tolist()
+    return step_losses, total / max(tokens, 1), correct / max(tokens, 1)
+
+
+def read_losses(pending, step_losses, bar, desc):
+    """Move the losses of the steps since the last read to `step_losses` (one wait for the
+    device); stop with the steps that went wrong if any is not finite."""
+    if not pending:
+        return
+    values = torch.stack(pending).tolist()
+    first = len(step_losses)
+    step_losses.extend(values)
+    pending.clear()
+    bad = [first + k for k, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(
+            f"{desc}: loss became {step_losses[bad[0]]} at step {bad[0]} of this epoch (non-finite "
+            f"at steps {bad[:10]}); lower the learning rate or check the data. The last "
+            "checkpoint is intact."
+        )
+    bar.set_postfix(loss=f"{values[-1]:.3f}", ppl=f"{math.exp(min(values[-1], 50)):.1f}")
 
 
 def write_history(history, output_dir):
@@ -237,8 +269,11 @@ def read_splits(config):
     return splits, skipped
 
 
-# Per-epoch figures of the self-critical stage (None in cross-entropy epochs).
+# Per-epoch figures of the self-critical stage (None in cross-entropy epochs), and the token
+# accuracies (share of next words predicted right under teacher forcing; no train figure in
+# self-critical epochs).
 SELF_CRITICAL_FIGURES = ("reward", "baseline", "positive_advantage")
+ACCURACY_FIGURES = ("train_accuracy", "val_accuracy")
 
 
 class RunState:
@@ -249,7 +284,7 @@ class RunState:
             key: []
             for key in ("epoch", "train_loss", "train_perplexity", "val_loss", "val_perplexity",
                         "val_cider", "lr", "epoch_seconds", "stage", *SELF_CRITICAL_FIGURES,
-                        "step_loss")
+                        *ACCURACY_FIGURES, "step_loss")
         }  # fmt: skip
         self.next_epoch, self.best_cider, self.stale = 0, -1.0, 0
 
@@ -257,13 +292,13 @@ class RunState:
                      stage="xe", figures=None):  # fmt: skip
         """Append one epoch's figures; returns whether its CIDEr is the best so far.
 
-        `train_loss` is None in the self-critical stage, whose `figures` are its mean reward,
-        mean baseline and share of positive advantages.
+        `train_loss` is None in the self-critical stage. `figures` hold the token accuracies
+        and, in that stage, its mean reward, mean baseline and share of positive advantages.
         """
         done = len(self.history["epoch"])
         # Histories of runs started before the self-critical stage existed lack its columns.
         self.history.setdefault("stage", ["xe"] * done)
-        for key in SELF_CRITICAL_FIGURES:
+        for key in SELF_CRITICAL_FIGURES + ACCURACY_FIGURES:
             self.history.setdefault(key, [None] * done)
         figures = figures or {}
         for key, value in (
@@ -271,7 +306,7 @@ class RunState:
             ("train_perplexity", None if train_loss is None else math.exp(train_loss)),
             ("val_loss", val_loss), ("val_perplexity", math.exp(val_loss)),
             ("val_cider", cider), ("lr", lr), ("epoch_seconds", seconds),
-            *((key, figures.get(key)) for key in SELF_CRITICAL_FIGURES),
+            *((key, figures.get(key)) for key in SELF_CRITICAL_FIGURES + ACCURACY_FIGURES),
         ):  # fmt: skip
             self.history[key].append(value)
         self.history["step_loss"].extend(step_losses)
@@ -401,7 +436,7 @@ def train(config):
         desc = f"epoch {epoch + 1}/{total_epochs}" + (" (self-critical)" if stage == "scst" else "")
         figures = None
         if stage == "xe":
-            step_losses, train_loss = run_epoch(
+            step_losses, train_loss, train_accuracy = run_epoch(
                 ddp_model, data.train, vocab, config, device, optimizer, scheduler, scaler,
                 autocast, desc=desc,
             )  # fmt: skip
@@ -410,11 +445,13 @@ def train(config):
             step_losses, figures = run_self_critical_epoch(
                 model, ddp_model, data.images, reward, vocab, config, device, step, autocast, desc
             )
-            train_loss = None
-        _, val_loss = run_epoch(
+            train_loss = train_accuracy = None
+        _, val_loss, val_accuracy = run_epoch(
             model, data.val, vocab, config, device, autocast=autocast, desc="val loss"
         )
         cider = validation_cider(model, vocab, data, config, device, rank, world)
+        figures = {**(figures or {}), "train_accuracy": train_accuracy,
+                   "val_accuracy": val_accuracy}  # fmt: skip
         improved = run.record_epoch(
             epoch, train_loss, val_loss, cider, scheduler.get_last_lr()[0],
             time.time() - started, step_losses, stage, figures,

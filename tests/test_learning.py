@@ -57,7 +57,7 @@ def validation_loss(model, vocab, split, owner_of_image):
         for images, ids, owners in loader:
             n = len(images)
             rows = torch.as_tensor(owner_of_image[start : start + n]) - start  # (images,)
-            loss, _, _ = caption_loss(model, (images, ids, rows[owners]), vocab.pad_id)
+            loss = caption_loss(model, (images, ids, rows[owners]), vocab.pad_id).loss
             losses.append(float(loss))
             start += n
     return float(np.mean(losses))

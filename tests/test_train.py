@@ -32,14 +32,13 @@ def test_caption_loss_does_not_score_the_start_output():
 
     captions = torch.tensor([[0, 3, 4, 1], [0, 2, 1, pad]])
     scores = torch.randn(2, 4, vocab)
-    loss, scored, penalty = train_module.caption_loss(
+    loss, scored, penalty, correct = train_module.caption_loss(
         FixedScores(scores), (torch.zeros(2, 3), captions), pad
     )
     assert int(scored) == 5 and penalty == 0.0
-    expected = torch.nn.functional.cross_entropy(
-        torch.cat([scores[0, 1:], scores[1, 1:3]]), torch.tensor([3, 4, 1, 2, 1])
-    )
-    assert torch.allclose(loss, expected)
+    predicted, targets = torch.cat([scores[0, 1:], scores[1, 1:3]]), torch.tensor([3, 4, 1, 2, 1])
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(predicted, targets))
+    assert int(correct) == int((predicted.argmax(dim=1) == targets).sum())
     changed = scores.clone()
     changed[:, 0] = torch.randn(2, vocab) * 10  # output 0 would predict the given <start>
     assert torch.allclose(
@@ -106,14 +105,52 @@ def test_resume_refuses_other_architecture(demo_root, tmp_path):
 def test_nan_loss_stops_with_clear_message(demo_root, tmp_path, monkeypatch):
     train(tiny_config(demo_root, tmp_path, epochs=1))
     before = (tmp_path / "last.pt").read_bytes()
-    monkeypatch.setattr(
-        train_module,
-        "caption_loss",
-        lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), torch.tensor(1), 0.0),
-    )
-    with pytest.raises(FloatingPointError, match="loss became nan"):
-        train(tiny_config(demo_root, tmp_path, epochs=2, resume=True))
-    assert (tmp_path / "last.pt").read_bytes() == before
+    real, calls = train_module.caption_loss, []
+
+    def nan_at_third_step(*args, **kwargs):
+        calls.append(1)
+        terms = real(*args, **kwargs)
+        return terms._replace(loss=terms.loss * float("nan")) if len(calls) == 3 else terms
+
+    monkeypatch.setattr(train_module, "caption_loss", nan_at_third_step)
+    # Read every step or once at the end of the epoch: the message names the step either way.
+    for log_every in (1, 50):
+        calls.clear()
+        with pytest.raises(FloatingPointError, match=r"loss became nan at step 2 .*steps \[2[],]"):
+            train(tiny_config(demo_root, tmp_path, epochs=2, resume=True, log_every=log_every))
+        assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_losses_are_read_once_per_interval_and_equal_reading_every_step(
+    demo_root, tmp_path, monkeypatch
+):
+    # What the loop did before it kept losses on the device: loss.item() after every step, the
+    # epoch's loss the host's float64 sum of item * tokens over the tokens.
+    real, seen = train_module.caption_loss, []
+
+    def recording(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        seen.append((terms.loss.item(), int(terms.tokens), int(terms.correct)))
+        return terms
+
+    reads, real_read = [], train_module.read_losses
+    monkeypatch.setattr(train_module, "caption_loss", recording)
+    monkeypatch.setattr(train_module, "read_losses",
+                        lambda pending, *a: (reads.append(len(pending)), real_read(pending, *a)))  # fmt: skip
+    history = train(tiny_config(demo_root, tmp_path / "a", epochs=2, log_every=3))
+    steps = len(history["step_loss"]) // 2  # per epoch; the validation passes come in between
+    assert steps == 4 and [n for n in reads if n] == [3, 1, 2, 3, 1, 2]  # (val: 2 steps)
+    train_steps = [s for k, s in enumerate(seen) if k % (steps + 2) < steps]
+    assert history["step_loss"] == [loss for loss, _, _ in train_steps]  # exactly
+    first = train_steps[:steps]
+    total = 0.0
+    for loss, tokens, _ in first:
+        total = total + loss * tokens
+    assert history["train_loss"][0] == total / sum(t for _, t, _ in first)  # exactly
+    assert history["train_accuracy"][0] == sum(c for *_, c in first) / sum(t for _, t, _ in first)
+    assert 0 < history["val_accuracy"][1] < 1
+    other = train(tiny_config(demo_root, tmp_path / "b", epochs=2, log_every=1))
+    assert other["step_loss"] == history["step_loss"] and other["val_loss"] == history["val_loss"]
 
 
 def test_atomic_checkpoint_write_keeps_old_file(tmp_path, monkeypatch):
@@ -298,3 +335,17 @@ def test_fits_real_coco_captions(coco_sample, tmp_path):
     assert history["val_cider"][-1] > 3 * history["val_cider"][0]
     assert history["val_cider"][-1] > 1.0
     assert history["train_loss"][-1] < 0.5 * history["train_loss"][0]
+
+
+def test_learning_curves_show_token_accuracy():
+    from plots import plot_learning_curves
+
+    history = {
+        "epoch": [1, 2], "train_loss": [2.0, 1.5], "train_perplexity": [7.4, 4.5],
+        "val_loss": [2.1, 1.7], "val_perplexity": [8.2, 5.5], "val_cider": [0.2, 0.4],
+        "train_accuracy": [0.30, 0.41], "val_accuracy": [0.28, 0.39],
+    }  # fmt: skip
+    fig = plot_learning_curves(history)
+    panel = next(ax for ax in fig.axes if "token accuracy" in ax.get_title())
+    lines = {line.get_label(): list(line.get_ydata()) for line in panel.get_lines()}
+    assert lines == {"train": [0.30, 0.41], "val": [0.28, 0.39]}
