@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from annotations import default_cache_dir
@@ -57,28 +58,64 @@ def image_loader(dataset, batch_size, num_workers):
     )
 
 
-def build_cache(path, shape, dtype, batches, desc, progress=True):
-    """Write the rows that `batches` yields to `path` (.npy) under a temporary name, then rename."""
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        start = 0
-        for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-            out[start : start + len(rows)] = rows
-            start += len(rows)
-        out.flush()
-        del out
+def build_cache(path, shape, dtype, batches_between, batch_size, desc, progress=True, rank=0,
+                world=1):  # fmt: skip
+    """Write `shape` rows to `path` (.npy) under a temporary name, then rename; an open memmap.
+
+    `batches_between(first, last)` yields the rows of batches first to last - 1 (each
+    `batch_size` rows). With several processes (`world` > 1) each computes and writes its own
+    contiguous share of the batches into one shared file, so none waits on the others' share
+    (a build by rank 0 alone can outlast the collective timeout), and every batch is the one a
+    single process would compute: the file is byte for byte the same.
+    """
+    path = Path(path)
+    batches = -(-shape[0] // batch_size)
+    first, last = rank * batches // world, (rank + 1) * batches // world
+    if world == 1:
+        with atomic_path(path) as tmp:
+            _write_rows(tmp, True, shape, dtype, batches_between(0, batches), 0, batch_size, desc,
+                        progress)  # fmt: skip
+        return np.load(path, mmap_mode="r")
+    # Every rank writes into the same temporary file: its name must not depend on the process.
+    tmp = path.with_name(f".{path.stem}.tmp-shared{path.suffix}")
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_rows(tmp, True, shape, dtype, (), 0, batch_size, desc, False)  # header, no rows
+    dist.barrier()
+    _write_rows(tmp, False, shape, dtype, batches_between(first, last), first, batch_size,
+                f"{desc} (rank {rank})", progress)  # fmt: skip
+    dist.barrier()  # every share is on disk
+    if rank == 0:
+        os.replace(tmp, path)
+    dist.barrier()
     return np.load(path, mmap_mode="r")
 
 
-def open_cache(path, shape, write):
-    """The cache at `path` if it is complete and `shape`d, else None (or an error if not `write`)."""
+def _write_rows(tmp, create, shape, dtype, batches, first_batch, batch_size, desc, progress):
+    """Write batches, from batch `first_batch` on, into the .npy memmap at `tmp` (made if
+    `create`)."""
+    mode = "w+" if create else "r+"
+    out = np.lib.format.open_memmap(tmp, mode=mode, dtype=dtype, shape=shape if create else None)
+    start = first_batch * batch_size
+    for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        out[start : start + len(rows)] = rows
+        start += len(rows)
+    out.flush()
+    del out
+
+
+def open_cache(path, shape, world=1):
+    """The cache at `path` if it is complete and `shape`d, else None; with several processes,
+    None unless every one of them finds it (they then build it together)."""
+    rows = None
     if path.exists():
         rows = np.load(path, mmap_mode="r")
-        if rows.shape == shape:
-            return rows
-    if not write:
-        raise FileNotFoundError(f"{path}: cache missing (rank 0 writes it first)")
-    return None
+        rows = rows if rows.shape == shape else None
+    if world > 1:
+        missing = torch.tensor([float(rows is None)])
+        dist.all_reduce(missing, op=dist.ReduceOp.MAX)
+        rows = None if missing.item() else rows
+    return rows
 
 
 def feature_shape(encoder, transform):
@@ -104,12 +141,13 @@ def cached_features(
     num_workers=0,
     device="cpu",
     progress=True,
-    write=True,
+    rank=0,
+    world=1,
 ):
     """(num_images, feature_size) float16 memmap of `split`'s images, computed on first use;
     (num_images, positions, feature_size) for an encoder that gives the grid (attention).
 
-    With `write=False` (distributed ranks other than 0) the cache must already exist.
+    With several processes (`rank` of `world`), each computes its share (`build_cache`).
     """
     path = (
         Path(cache_dir or default_cache_dir())
@@ -117,33 +155,40 @@ def cached_features(
         / f"{cache_key(encoder, split, transform)}.npy"
     )
     shape = (len(split.image_ids), *feature_shape(encoder, transform))
-    features = open_cache(path, shape, write)
+    features = open_cache(path, shape, world)
     if features is not None:
         return features
-    loader = image_loader(ImageDataset(split, transform), batch_size, num_workers)
+    dataset = ImageDataset(split, transform)
+
+    def batches_between(first, last):
+        loader = image_loader(_rows(dataset, first, last, batch_size), batch_size, num_workers)
+        for images, _ in loader:
+            yield encoder.backbone_features(images.to(device)).float().cpu().numpy()
+
     was_training = encoder.training
     encoder.eval()
     try:
         with torch.no_grad():
-            batches = (
-                encoder.backbone_features(images.to(device)).float().cpu().numpy()
-                for images, _ in loader
-            )
-            return build_cache(
-                path, shape, np.float16, batches, f"caching {split.name} features", progress
-            )
+            return build_cache(path, shape, np.float16, batches_between, batch_size,
+                               f"caching {split.name} features", progress, rank, world)  # fmt: skip
     finally:
         encoder.train(was_training)
 
 
+def _rows(dataset, first_batch, last_batch, batch_size):
+    """The items of batches first_batch to last_batch - 1."""
+    stop = min(last_batch * batch_size, len(dataset))
+    return torch.utils.data.Subset(dataset, range(first_batch * batch_size, stop))
+
+
 def cached_images(
-    split, image_size, cache_dir=None, batch_size=64, num_workers=0, progress=True, write=True
+    split, image_size, cache_dir=None, batch_size=64, num_workers=0, progress=True, rank=0, world=1
 ):
     """(num_images, 3, image_size, image_size) uint8 memmap of `split`'s images, resized and
     centre-cropped, decoded on first use; `data_loader.pixels_to_input` makes model inputs of it.
 
     For a CNN trained on images without augmentation: each epoch then reads these rows instead
-    of decoding and resizing every file again. `write` as in `cached_features`.
+    of decoding and resizing every file again. `rank` and `world` as in `cached_features`.
     """
     transform = make_pixel_transform(image_size)
     path = (
@@ -152,15 +197,14 @@ def cached_images(
         / f"{cache_key(None, split, transform)}.npy"
     )
     shape = (len(split.image_ids), 3, image_size, image_size)
-    pixels = open_cache(path, shape, write)
+    pixels = open_cache(path, shape, world)
     if pixels is not None:
         return pixels
-    loader = image_loader(ImageDataset(split, transform), batch_size, num_workers)
-    return build_cache(
-        path,
-        shape,
-        np.uint8,
-        (images.numpy() for images, _ in loader),
-        f"caching {split.name} images",
-        progress,
-    )
+    dataset = ImageDataset(split, transform)
+
+    def batches_between(first, last):
+        loader = image_loader(_rows(dataset, first, last, batch_size), batch_size, num_workers)
+        return (images.numpy() for images, _ in loader)
+
+    return build_cache(path, shape, np.uint8, batches_between, batch_size,
+                       f"caching {split.name} images", progress, rank, world)  # fmt: skip

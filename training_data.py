@@ -2,7 +2,6 @@
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from data_loader import (
     CaptionDataset,
@@ -15,15 +14,6 @@ from data_loader import (
 from feature_cache import cached_features, cached_images
 
 
-def build_caches(make, splits, rank, world):
-    """`make(split, write)` per split: rank 0 writes or opens each cache; the others wait, then open."""
-    caches = [make(split, True) for split in splits] if rank == 0 else None
-    if world > 1:
-        dist.barrier()
-    # Rank 0 keeps what it has: opening again would re-stat every image and re-hash the CNN.
-    return caches if caches is not None else [make(split, False) for split in splits]
-
-
 def image_inputs(config, encoder, splits, rank, world, device):
     """Per split, {"features": ...} or {"pixels": ...} that replace reading image files, or {}."""
     if config.blind:
@@ -34,24 +24,14 @@ def image_inputs(config, encoder, splits, rank, world, device):
     options = dict(
         batch_size=config.batch_size, num_workers=config.num_workers, progress=config.progress
     )
+    # Every process computes its share of a missing cache (feature_cache.build_cache).
+    options.update(rank=rank, world=world)
     if encoder.frozen:
         transform = make_transform(config.image_size, train=False)
-        caches = build_caches(
-            lambda s, write: cached_features(
-                encoder, s, transform, device=device, write=write, **options
-            ),
-            splits,
-            rank,
-            world,
-        )
+        caches = [cached_features(encoder, s, transform, device=device, **options) for s in splits]
         return [{"features": c} for c in caches]
     if config.cache_images:
-        caches = build_caches(
-            lambda s, write: cached_images(s, config.image_size, write=write, **options),
-            splits,
-            rank,
-            world,
-        )
+        caches = [cached_images(s, config.image_size, **options) for s in splits]
         return [{"pixels": c} for c in caches]
     return [{} for _ in splits]
 
