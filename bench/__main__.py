@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from bench import common, decoding, loader, memory, reward, training
+from bench import common, decoding, limit, loader, memory, reward, training
 
 BENCHMARKS = {
     "loader": loader, "training": training, "decoding": decoding, "memory": memory,
-    "reward": reward,
+    "reward": reward, "limit": limit,
 }  # fmt: skip
 
 
@@ -37,6 +37,11 @@ def parse_args(argv=None):
         type=int,
         help="torch threads (default: torch's own choice); "
         "1 gives steadier figures on a busy machine",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the limit benchmark runs (cpu, cuda); the others run on the CPU",
     )
     parser.add_argument(
         "--workdir",
@@ -94,7 +99,8 @@ def main(argv=None):
             print(f"[{name}]", flush=True)
             bench_start = time.perf_counter()
             try:
-                for r in BENCHMARKS[name].run(workdir, args.quick):
+                extra = {"device": args.device} if name == "limit" else {}
+                for r in BENCHMARKS[name].run(workdir, args.quick, **extra):
                     print("  " + common.describe(r), flush=True)
                     rows.append({"benchmark": name, **r})
             except Exception as e:  # report and go on: benchmarks never stop the others
