@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo demo-attention demo-scst demo-attention-scst test bench lint
+.PHONY: venv demo demo-attention demo-scst demo-attention-scst test bench lint gpu-check
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -33,6 +33,10 @@ test: venv
 
 bench: venv
 	$(PY) -m bench
+
+# On a machine with CUDA: the tests that use it, the demo with bf16 autocast, GPU benchmarks.
+gpu-check: venv
+	$(PY) gpu_check.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

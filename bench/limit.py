@@ -1,7 +1,7 @@
 """Against the machine's own limit: its matrix-multiply peak, then decoder training from the
 feature cache and batched greedy decoding as achieved FLOP/s (counted from the model's shapes)
-and as a share of that peak; and a COCO-scale epoch from the cache (timed in part, then
-extrapolated)."""
+and as a share of that peak; a COCO-scale epoch from the cache (timed in part, then
+extrapolated); and ResNet-50 feature extraction, the cache's one pass over the images."""
 
 import json
 import time
@@ -148,3 +148,19 @@ def run(workdir, quick, device="cpu"):
     flops = repeats * 64 * 19 * per_word / seconds  # 19 words after `<start>`
     yield row("greedy decoding (batch 64, 19 words), share of the peak", flops / 1e9, peak / 1e9,
               "GFLOP/s", higher_is_better=True, note=f"{flops / peak:.0%} of the peak")  # fmt: skip
+
+    batch = 8 if quick else (128 if device.type == "cuda" else 16)
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    with torch.no_grad():
+        model.encoder.backbone_features(images)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        rounds = 1 if quick else (20 if device.type == "cuda" else 3)
+        for _ in range(rounds):
+            model.encoder.backbone_features(images)
+        sync(device)
+        rate = rounds * batch / (time.perf_counter() - start)
+    yield row(f"ResNet-50 feature extraction, 224 px, batch {batch} (fp32)", rate, rate,
+              "images/s", higher_is_better=True,
+              note=f"the feature cache's pass: {KARPATHY_TRAIN_IMAGES:,} images in "
+              f"{KARPATHY_TRAIN_IMAGES / rate / 60:.0f} min; one column")  # fmt: skip
