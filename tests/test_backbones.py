@@ -51,6 +51,10 @@ def test_each_family_gives_pooled_features_and_grid_and_captions_a_coco_image(na
     scale = grid.abs().max()
     if name != "vit_b_16":  # the pooled vector is the grid's average (ViT: its class token)
         assert (pooled - grid.mean(dim=1)).abs().max() <= 1e-4 * scale
+    if name != "vgg16":  # and what torchvision's own forward gives its classifier (VGG: 7x7)
+        with torch.no_grad():
+            own = encoder.backbone(images).flatten(1)
+        assert (pooled - own).abs().max() <= 1e-4 * own.abs().max()
     assert (grid[0] - grid[1]).abs().max() > 1e-2 * scale  # two images, two grids
     for decoder in ("showtell", "attention"):
         config = TrainConfig(backbone=name, pretrained=False, decoder=decoder, embed_size=32,

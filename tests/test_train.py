@@ -32,13 +32,16 @@ def test_caption_loss_does_not_score_the_start_output():
 
     captions = torch.tensor([[0, 3, 4, 1], [0, 2, 1, pad]])
     scores = torch.randn(2, 4, vocab)
+    # Three of the five scored words right (3, 4 and the last 1), two wrong (the first 1, and 2).
+    scores[0, 1, 3] = scores[0, 2, 4] = scores[1, 2, 1] = 10.0
+    scores[0, 3, 2] = scores[1, 1, 4] = 10.0
     loss, scored, penalty, correct = train_module.caption_loss(
         FixedScores(scores), (torch.zeros(2, 3), captions), pad
     )
     assert int(scored) == 5 and penalty == 0.0
     predicted, targets = torch.cat([scores[0, 1:], scores[1, 1:3]]), torch.tensor([3, 4, 1, 2, 1])
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(predicted, targets))
-    assert int(correct) == int((predicted.argmax(dim=1) == targets).sum())
+    assert int(correct) == 3
     changed = scores.clone()
     changed[:, 0] = torch.randn(2, vocab) * 10  # output 0 would predict the given <start>
     assert torch.allclose(
