@@ -34,7 +34,7 @@ def test_caption_loss_does_not_score_the_start_output():
     scores = torch.randn(2, 4, vocab)
     # Three of the five scored words right (3, 4 and the last 1), two wrong (the first 1, and 2).
     scores[0, 1, 3] = scores[0, 2, 4] = scores[1, 2, 1] = 10.0
-    scores[0, 3, 2] = scores[1, 1, 4] = 10.0
+    scores[0, 3, 0] = scores[1, 1, 5] = 10.0
     loss, scored, penalty, correct = train_module.caption_loss(
         FixedScores(scores), (torch.zeros(2, 3), captions), pad
     )
