@@ -162,8 +162,7 @@ class CiderD:
         lo = np.searchsorted(sorted_r, join_h, "left")
         matches = np.searchsorted(sorted_r, join_h, "right") - lo  # (hyp n-grams,)
         h = np.repeat(np.arange(len(join_h)), matches)  # (matched pairs,)
-        run_start = np.repeat(np.cumsum(matches) - matches, matches)
-        r = by_join[np.repeat(lo, matches) + np.arange(len(h)) - run_start]
+        r = by_join[concatenated_ranges(lo, matches)]
         clipped = np.minimum(vec_h[h], vec_r[r]) * vec_r[r]
         # pair = (hypothesis, reference slot, n - 1)
         pair = (sentence_h[h] * slots + slot[sentence_r[r]]) * MAX_N + order[gram_h[h]] - 1
@@ -227,20 +226,24 @@ class TokenMap:
     def __call__(self, ids, offsets):
         """(new flat ids, new offsets) of sentences given as flat ids and offsets."""
         per_token = self.counts[ids]  # (tokens,)
-        ends = np.cumsum(per_token)
-        new_offsets = np.concatenate(([0], ends))[offsets]
-        within = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(
-            ends - per_token, per_token
-        )
-        return self.flat[np.repeat(self.start[ids], per_token) + within], new_offsets
+        new_offsets = np.concatenate(([0], np.cumsum(per_token)))[offsets]
+        return self.flat[concatenated_ranges(self.start[ids], per_token)], new_offsets
 
 
 def select_sentences(ids, offsets, which):
     """Sentences `which` (in that order) of flat sentences: (flat ids, offsets)."""
     lengths = offsets[1:][which] - offsets[:-1][which]  # (selected,)
+    selected = ids[concatenated_ranges(offsets[:-1][which], lengths)]
+    return selected, np.concatenate(([0], np.cumsum(lengths)))
+
+
+def concatenated_ranges(starts, lengths):
+    """starts[0] to starts[0] + lengths[0] - 1, then the same for starts[1], ..., as one array."""
+    lengths = np.asarray(lengths, np.int64)
     ends = np.cumsum(lengths)
-    within = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - lengths, lengths)
-    return ids[np.repeat(offsets[:-1][which], lengths) + within], np.concatenate(([0], ends))
+    return np.repeat(np.asarray(starts, np.int64) - (ends - lengths), lengths) + np.arange(
+        int(ends[-1]) if len(ends) else 0
+    )
 
 
 def training_scorer(split, cache_dir=None):

@@ -10,7 +10,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from cider_d import TokenMap, ptb_tokens, select_sentences, training_scorer
+from cider_d import (
+    TokenMap,
+    concatenated_ranges,
+    ptb_tokens,
+    select_sentences,
+    training_scorer,
+)
 from decoding import greedy_decode, sample_decode, sampling_log_probs
 
 
@@ -46,8 +52,7 @@ class CaptionReward:
         distinct, hyp_image = np.unique(np.asarray(images, np.int64), return_inverse=True)
         first, last = self.first_caption[distinct], self.first_caption[distinct + 1]
         counts = last - first  # references per image (distinct,)
-        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        captions = self.captions_by_image[np.repeat(first, counts) + within]
+        captions = self.captions_by_image[concatenated_ranges(first, counts)]
         ref_ids, ref_offsets = select_sentences(self.ref_ids, self.ref_offsets, captions)
         ref_image = np.repeat(np.arange(len(distinct)), counts)
         return self.scorer.score_ids(
