@@ -168,10 +168,11 @@ def optimizer_step(model, loss, optimizer, scheduler, scaler, grad_clip):
 
 
 def make_step(model, optimizer, scheduler, scaler, grad_clip):
-    """`step(loss, tokens)`: one update, each process's loss weighted by its share of the tokens."""
+    """`step(loss, tokens, penalty=0)`: one update, each process's loss weighted by its share of
+    the tokens, plus a regulariser (the attention decoder's) as it is."""
 
-    def step(loss, tokens):
-        objective = loss * ddp_share(tokens) if is_distributed() else loss
+    def step(loss, tokens, penalty=0.0):
+        objective = (loss * ddp_share(tokens) if is_distributed() else loss) + penalty
         optimizer_step(model, objective, optimizer, scheduler, scaler, grad_clip)
 
     return step
@@ -188,6 +189,7 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
     """
     training = optimizer is not None
     model.train(training)
+    step = make_step(model, optimizer, scheduler, scaler, config.grad_clip) if training else None
     step_losses, pending = [], []
     # Loss x tokens, tokens, right tokens: float64 sums, in the order the host summed them before.
     sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -198,8 +200,7 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
             with autocast or contextlib.nullcontext():
                 loss, n, penalty, correct = caption_loss(model, batch, vocab.pad_id)
             if training:
-                objective = (loss * ddp_share(n) if is_distributed() else loss) + penalty
-                optimizer_step(model, objective, optimizer, scheduler, scaler, config.grad_clip)
+                step(loss, n, penalty)
             loss = loss.detach()
             sums += torch.stack([loss.double() * n, n.double(), correct.double()])
             pending.append(loss)
@@ -489,13 +490,14 @@ def make_stage(config, model, stage, xe_steps, scst_steps):
 def begin_self_critical(config, model, run, output_dir, rank, world, steps):
     """Leave cross-entropy: keep its best checkpoint as best_cross_entropy.pt, go on from its
     weights with the self-critical optimizer; patience counts afresh, the best CIDEr does not."""
-    best = output_dir / "best.pt"
-    if rank == 0 and best.exists():
-        save_checkpoint(load_checkpoint(best), output_dir / "best_cross_entropy.pt")
     if world > 1:
-        dist.barrier()
-    if best.exists():
-        load_model_state(model, load_checkpoint(best)["model"], best, f"config {output_dir}")
+        dist.barrier()  # rank 0 has written the last epoch's files
+    best = output_dir / "best.pt"
+    state = load_checkpoint(best) if best.exists() else None  # read once, copied and loaded
+    if rank == 0 and state:
+        save_checkpoint(state, output_dir / "best_cross_entropy.pt")
+    if state:
+        load_model_state(model, state["model"], best, f"config {output_dir}")
     run.stale = 0
     return make_stage(config, model, "scst", 0, steps)
 
