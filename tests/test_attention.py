@@ -338,3 +338,16 @@ def test_caption_command_draws_each_words_attention(demo_root, tmp_path):
     train(tiny_config(demo_root, tmp_path / "showtell", epochs=1))
     with pytest.raises(CheckpointError, match="not 'attention'"):
         attention_maps(tmp_path / "showtell" / "best.pt", paths)
+
+
+def test_training_minimises_the_weighted_regulariser(demo_root, tmp_path):
+    # The same run with the regulariser weighted 0 and 5: only the penalty differs, so the
+    # weights differ only if training adds it to the loss it minimises.
+    weights = []
+    for k, weight in enumerate((0.0, 5.0)):
+        train(tiny_config(demo_root, tmp_path / str(k), decoder="attention", epochs=1,
+                          attention_weight=weight))  # fmt: skip
+        weights.append(load_trained(tmp_path / str(k) / "last.pt")[0].decoder.state_dict())
+    assert not torch.equal(
+        weights[0]["attention_score.weight"], weights[1]["attention_score.weight"]
+    )
