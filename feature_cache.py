@@ -158,13 +158,10 @@ def cached_features(
     features = open_cache(path, shape, world)
     if features is not None:
         return features
-    dataset = ImageDataset(split, transform)
-
-    def batches_between(first, last):
-        loader = image_loader(_rows(dataset, first, last, batch_size), batch_size, num_workers)
-        for images, _ in loader:
-            yield encoder.backbone_features(images.to(device)).float().cpu().numpy()
-
+    batches_between = _batches_between(
+        ImageDataset(split, transform), batch_size, num_workers,
+        lambda images: encoder.backbone_features(images.to(device)).float().cpu().numpy(),
+    )  # fmt: skip
     was_training = encoder.training
     encoder.eval()
     try:
@@ -175,10 +172,15 @@ def cached_features(
         encoder.train(was_training)
 
 
-def _rows(dataset, first_batch, last_batch, batch_size):
-    """The items of batches first_batch to last_batch - 1."""
-    stop = min(last_batch * batch_size, len(dataset))
-    return torch.utils.data.Subset(dataset, range(first_batch * batch_size, stop))
+def _batches_between(dataset, batch_size, num_workers, convert):
+    """`build_cache`'s `batches_between` over `dataset`: each batch of images, `convert`ed."""
+
+    def batches_between(first, last):
+        stop = min(last * batch_size, len(dataset))
+        rows = torch.utils.data.Subset(dataset, range(first * batch_size, stop))
+        return (convert(images) for images, _ in image_loader(rows, batch_size, num_workers))
+
+    return batches_between
 
 
 def cached_images(
@@ -200,11 +202,8 @@ def cached_images(
     pixels = open_cache(path, shape, world)
     if pixels is not None:
         return pixels
-    dataset = ImageDataset(split, transform)
-
-    def batches_between(first, last):
-        loader = image_loader(_rows(dataset, first, last, batch_size), batch_size, num_workers)
-        return (images.numpy() for images, _ in loader)
-
+    batches_between = _batches_between(
+        ImageDataset(split, transform), batch_size, num_workers, lambda images: images.numpy()
+    )
     return build_cache(path, shape, np.uint8, batches_between, batch_size,
                        f"caching {split.name} images", progress, rank, world)  # fmt: skip
