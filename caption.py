@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from decoding import LENGTH_PENALTY
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -33,7 +35,13 @@ def image_batches(paths, image_size, batch_size, device):
 
 @torch.no_grad()
 def caption_images(
-    checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None, length_penalty=1.0
+    checkpoint,
+    paths,
+    beam_size=1,
+    max_len=None,
+    batch_size=32,
+    device=None,
+    length_penalty=LENGTH_PENALTY,
 ):
     """{path: caption} for image files, using the model saved in `checkpoint`."""
     from checkpoint import load_trained
@@ -53,7 +61,15 @@ def caption_images(
 
 
 @torch.no_grad()
-def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None):
+def attention_maps(
+    checkpoint,
+    paths,
+    beam_size=1,
+    max_len=None,
+    batch_size=32,
+    device=None,
+    length_penalty=LENGTH_PENALTY,
+):
     """{path: (words, weights (words, positions))}: each generated word of an attention model's
     caption, `<end>` included, and where it looked."""
     from checkpoint import load_trained
@@ -68,8 +84,8 @@ def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
         if beam_size == 1:
             ids, weights = greedy_decode(model.decoder, grids, max_len, vocab.pad_id, True)
         else:
-            ids, weights = beam_search(model.decoder, grids, beam_size, max_len,
-                                       pad_id=vocab.pad_id, with_attention=True)  # fmt: skip
+            ids, weights = beam_search(model.decoder, grids, beam_size, max_len, length_penalty,
+                                       vocab.pad_id, with_attention=True)  # fmt: skip
         for path, row, row_weights in zip(chunk, ids.tolist(), weights.cpu()):
             words = [vocab.idx2word[i] for i in row[1:]]
             words = words[: words.index(vocab.end_word) + 1] if vocab.end_word in words else words
@@ -110,6 +126,10 @@ def main(argv=None):
     parser.add_argument("checkpoint")
     parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     parser.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+    parser.add_argument(
+        "--length-penalty", type=float, default=LENGTH_PENALTY,
+        help="beam: rank by log-prob / length ** this (default 0: the raw sum)",
+    )  # fmt: skip
     parser.add_argument("--max-len", type=int)
     parser.add_argument(
         "--json", help="write {path: caption} here (default captions.json when a folder is given)"
@@ -125,7 +145,9 @@ def main(argv=None):
     paths = find_images(args.inputs)
     if not paths:
         parser.error("no images found in " + " ".join(args.inputs))
-    captions = caption_images(args.checkpoint, paths, args.beam, args.max_len)
+    captions = caption_images(
+        args.checkpoint, paths, args.beam, args.max_len, length_penalty=args.length_penalty
+    )
     for path, text in captions.items():
         print(f"{path}: {text}")
     json_path = args.json or (
@@ -137,8 +159,12 @@ def main(argv=None):
         draw_captions(captions, args.draw)
         if args.attention:
             draw_attention(
-                attention_maps(args.checkpoint, paths, args.beam, args.max_len), args.draw
-            )
+                attention_maps(
+                    args.checkpoint, paths, args.beam, args.max_len,
+                    length_penalty=args.length_penalty,
+                ),
+                args.draw,
+            )  # fmt: skip
         print(f"captioned images saved in {args.draw}/")
     return captions
 

@@ -13,6 +13,9 @@ import torch
 from model import AttentionDecoder
 
 PAD_ID = 3  # `<pad>` in vocabulary.Vocabulary
+# Beam search ranks by the raw summed log-probability by default, as im2txt does: length
+# normalisation (1.0) preferred longer phrasings and cost CIDEr on the demo (README, "Beam search").
+LENGTH_PENALTY = 0.0
 
 
 class _Stepper:
@@ -127,17 +130,18 @@ def _stack_weights(weights, grid):
 
 
 @torch.no_grad()
-def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=1.0, pad_id=PAD_ID,
-                with_attention=False):  # fmt: skip
+def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=LENGTH_PENALTY,
+                pad_id=PAD_ID, with_attention=False):  # fmt: skip
     """Best beam-search ids (batch, steps) per image, `pad_id` after `end_id`.
 
     Scores are summed log-probabilities; a hypothesis is ranked at the end by simple length
     normalisation, score / length ** length_penalty, with length counting every emitted token
-    (`<start>` and `<end>` included); length_penalty=0 ranks by the raw sum. An image stops once
-    `beam_size` hypotheses have finished (those that were among its `beam_size` best candidates
-    when they emitted `end_id`); otherwise the unfinished beams at `max_len` compete too.
-    beam_size=1 gives exactly `greedy_decode`. With_attention (attention decoders): also the
-    attention weights of the returned hypothesis's words (batch, steps - 1, positions).
+    (`<start>` and `<end>` included); length_penalty=0 (the default) ranks by the raw sum.
+    An image stops once `beam_size` hypotheses have finished (those that were among its
+    `beam_size` best candidates when they emitted `end_id`); otherwise the unfinished beams at
+    `max_len` compete too. beam_size=1 gives exactly `greedy_decode`. With_attention (attention
+    decoders): also the attention weights of the returned hypothesis's words (batch, steps - 1,
+    positions).
     """
     batch, k = features.size(0), beam_size
     # At most k of the 2k best candidates end (one per beam), so k unfinished ones always remain.
@@ -270,7 +274,7 @@ def _lengths(ids, end_id):
 
 @torch.no_grad()
 def decode_captions(
-    decoder, features, vocab, beam_size=1, max_len=20, length_penalty=1.0
+    decoder, features, vocab, beam_size=1, max_len=20, length_penalty=LENGTH_PENALTY
 ) -> tuple[list[list[int]], list[str]]:
     """Per-image id lists (through `end_id`, no padding) and their sentences via `vocab.decode`."""
     if beam_size == 1:

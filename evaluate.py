@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from atomic_file import write_json
-from decoding import decode_captions
+from decoding import LENGTH_PENALTY, decode_captions
 
 
 @torch.no_grad()
@@ -18,7 +18,7 @@ def predict_captions(
     device="cpu",
     beam_size=1,
     max_len=20,
-    length_penalty=1.0,
+    length_penalty=LENGTH_PENALTY,
     progress=False,
 ):
     """{image id: caption} for a loader of (images or cached features, image ids)."""
@@ -40,7 +40,7 @@ def evaluate(
     layout=None,
     beam_size=1,
     max_len=None,
-    length_penalty=1.0,
+    length_penalty=LENGTH_PENALTY,
     batch_size=64,
     num_workers=2,
     limit=None,
@@ -106,6 +106,10 @@ def main(argv=None):
     parser.add_argument("--data-dir")
     parser.add_argument("--layout", choices=("auto", "coco", "karpathy", "csv"))
     parser.add_argument("--beam", type=int, default=1)
+    parser.add_argument(
+        "--length-penalty", type=float, default=LENGTH_PENALTY,
+        help="beam: rank by log-prob / length ** this (default 0: the raw sum)",
+    )  # fmt: skip
     parser.add_argument("--limit", type=int, help="score only the first N images")
     parser.add_argument("--output-dir", help="where results and metrics JSON go")
     parser.add_argument("--spice", action="store_true", help="also SPICE (needs its CoreNLP jars)")
@@ -119,7 +123,8 @@ def main(argv=None):
         result = {"metrics": metrics, "per_image": per_image}
     elif args.checkpoint:
         result = evaluate(
-            args.checkpoint, args.split, args.data_dir, args.layout, args.beam, limit=args.limit,
+            args.checkpoint, args.split, args.data_dir, args.layout, args.beam,
+            length_penalty=args.length_penalty, limit=args.limit,
             output_dir=args.output_dir, spice=args.spice,
         )  # fmt: skip
     else:

@@ -110,3 +110,25 @@ def test_caption_greedy_default_and_missing_file(checkpoint, coco_sample, tmp_pa
     assert not (tmp_path / "captions.json").exists()  # one file given: no JSON unless asked
     with pytest.raises(FileNotFoundError, match="nope.jpg: no such image file or folder"):
         caption.main([str(checkpoint), str(tmp_path / "nope.jpg")])
+
+
+def test_length_penalty_flags_reach_the_beam_search(checkpoint, coco_sample, monkeypatch):
+    import caption
+    import decoding
+    import evaluate
+
+    seen, decode = [], decoding.decode_captions
+
+    def recording_decode(*args, **kwargs):
+        seen.append(args[5] if len(args) > 5 else kwargs["length_penalty"])
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(decoding, "decode_captions", recording_decode)
+    grayscale = coco_sample / "val2017" / GRAYSCALE
+    caption.main([str(checkpoint), str(grayscale), "--beam", "2", "--length-penalty", "0.7"])
+    assert seen == [0.7]
+    runs = []
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: runs.append(k) or {"metrics": {}})
+    evaluate.main([str(checkpoint), "--beam", "3", "--length-penalty", "1.5"])
+    evaluate.main([str(checkpoint), "--beam", "3"])
+    assert [k["length_penalty"] for k in runs] == [1.5, decoding.LENGTH_PENALTY]

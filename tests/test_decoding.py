@@ -155,13 +155,18 @@ def test_beam_beats_greedy_where_greedy_is_suboptimal(beam_size, penalty):
         )
 
 
-def test_length_penalty_favours_the_longer_caption():
+def test_length_penalty_favours_the_longer_caption(tmp_path):
     # After <start>: <end> at once (0.45), or 16 (0.5), 17 (0.6), <end>: shorter by raw sum,
     # longer per token.
     decoder, features = bigram_decoder({END: 0.45, 16: 0.5})
     short = beam_search(decoder, features[:1], beam_size=2, length_penalty=0.0)
     long = beam_search(decoder, features[:1], beam_size=2, length_penalty=1.0)
     assert short.tolist() == [[0, END]] and long.tolist() == [[0, 16, 17, END]]
+    # The default ranks by the raw sum, in beam_search and in decode_captions (evaluate, caption).
+    assert beam_search(decoder, features[:1], beam_size=2).tolist() == short.tolist()
+    words = " ".join(f"w{i}" for i in range(BIGRAM))
+    vocab = Vocabulary(1, vocab_file=str(tmp_path / "v.json"), captions=[words])
+    assert decode_captions(decoder, features[:1], vocab, beam_size=2)[0] == [[0, END]]
     raw = [sequence_logprob(decoder, features[0], ids) for ids in ([0, END], [0, 16, 17, END])]
     assert raw[0] > raw[1] and raw[0] / 2 < raw[1] / 4  # length counts <start> and <end>
 
