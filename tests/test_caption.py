@@ -1,5 +1,6 @@
 """The caption command: own image files and folders, greedy and beam, JSON and drawn output."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -117,6 +118,11 @@ def test_length_penalty_flags_reach_the_beam_search(checkpoint, coco_sample, mon
     import decoding
     import evaluate
 
+    # The functions behind the commands (and the demo's evaluation) default to the same ranking.
+    for function in (evaluate.evaluate, evaluate.predict_captions, caption.caption_images,
+                     caption.attention_maps):  # fmt: skip
+        penalty = inspect.signature(function).parameters["length_penalty"].default
+        assert penalty == decoding.LENGTH_PENALTY, function.__name__
     seen, decode = [], decoding.decode_captions
 
     def recording_decode(*args, **kwargs):
