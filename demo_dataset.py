@@ -356,6 +356,28 @@ def object_accuracy(predictions: dict[int, str], annotations_file) -> dict:
     }
 
 
+def redraw_references(annotations_file, rng) -> dict[int, list[str]]:
+    """Each image's five captions written afresh from its stored objects: references the
+    generator could as well have drawn."""
+    images = json.loads(Path(annotations_file).read_text())["images"]
+    return {image["id"]: write_captions(image["objects"], image["width"], rng) for image in images}
+
+
+def cider_over_redrawn_references(predictions: dict, annotations_file, draws=60, seed=0,
+                                  progress=True) -> dict[str, list[float]]:  # fmt: skip
+    """{name: corpus CIDEr per draw} for named sets of predictions ({image id: caption}), each
+    draw against freshly written references: the spread is what the choice of phrasings alone
+    does to a CIDEr difference on this data (Python tokenisation, as `cider_score`)."""
+    from coco_metrics import cider_score
+
+    scores = {name: [] for name in predictions}
+    for draw in tqdm(range(draws), desc="reference draws", disable=not progress):
+        references = redraw_references(annotations_file, np.random.default_rng([seed, draw]))
+        for name, captions in predictions.items():
+            scores[name].append(cider_score({int(i): c for i, c in captions.items()}, references))
+    return scores
+
+
 def attention_on_objects(maps: dict, annotations_file) -> dict:
     """How often the attention of a word that names an object looks at that object.
 

@@ -215,6 +215,44 @@ def test_object_accuracy_rejects_unknown_ids(demo_root):
         object_accuracy({987654321: "a red circle"}, annotations_file)
 
 
+def test_redrawn_references_name_the_same_objects_in_new_phrasings(demo_root):
+    from demo_dataset import redraw_references
+
+    path = demo_root / "annotations" / "captions_test2017.json"
+    coco = json.loads(path.read_text())
+    objects = {image["id"]: image["objects"] for image in coco["images"]}
+    original = {}
+    for a in coco["annotations"]:
+        original.setdefault(a["image_id"], []).append(a["caption"])
+    first = redraw_references(path, np.random.default_rng(0))
+    assert first == redraw_references(path, np.random.default_rng(0))
+    second = redraw_references(path, np.random.default_rng(1))
+    assert sorted(first) == sorted(objects)
+    for image_id, captions in first.items():
+        assert len(set(captions)) == 5
+        assert all(names_objects_correctly(c, objects[image_id]) for c in captions)
+    assert first != second and first != original
+
+
+def test_cider_over_redrawn_references_ranks_right_objects_above_wrong(demo_root):
+    from demo_dataset import cider_over_redrawn_references
+
+    path = demo_root / "annotations" / "captions_test2017.json"
+    images = json.loads(path.read_text())["images"]
+    right = {im["id"]: " and ".join(f"a {o['color']} {o['shape']}" for o in im["objects"])
+             for im in images}  # fmt: skip
+    # The same captions, each given to the next image: fluent, but the wrong objects.
+    ids = list(right)
+    wrong = {i: right[ids[(k + 1) % len(ids)]] for k, i in enumerate(ids)}
+    scores = cider_over_redrawn_references(
+        {"right": right, "wrong": wrong}, path, draws=3, progress=False
+    )
+    assert all(r > w + 1.0 for r, w in zip(scores["right"], scores["wrong"]))
+    assert len(set(scores["right"])) == 3  # each draw writes other references
+    again = cider_over_redrawn_references({"right": right}, path, draws=3, progress=False)
+    assert again["right"] == scores["right"]
+
+
 def test_command_line_writes_dataset(tmp_path, capsys):
     main(
         [
