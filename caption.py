@@ -34,15 +34,8 @@ def image_batches(paths, image_size, batch_size, device):
 
 
 @torch.no_grad()
-def caption_images(
-    checkpoint,
-    paths,
-    beam_size=1,
-    max_len=None,
-    batch_size=32,
-    device=None,
-    length_penalty=LENGTH_PENALTY,
-):
+def caption_images(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None,
+                   length_penalty=LENGTH_PENALTY):  # fmt: skip
     """{path: caption} for image files, using the model saved in `checkpoint`."""
     from checkpoint import load_trained
     from decoding import decode_captions
@@ -61,15 +54,8 @@ def caption_images(
 
 
 @torch.no_grad()
-def attention_maps(
-    checkpoint,
-    paths,
-    beam_size=1,
-    max_len=None,
-    batch_size=32,
-    device=None,
-    length_penalty=LENGTH_PENALTY,
-):
+def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None,
+                   length_penalty=LENGTH_PENALTY):  # fmt: skip
     """{path: (words, weights (words, positions))}: each generated word of an attention model's
     caption, `<end>` included, and where it looked."""
     from checkpoint import load_trained
