@@ -356,10 +356,9 @@ def object_accuracy(predictions: dict[int, str], annotations_file) -> dict:
     }
 
 
-def redraw_references(annotations_file, rng) -> dict[int, list[str]]:
-    """Each image's five captions written afresh from its stored objects: references the
-    generator could as well have drawn."""
-    images = json.loads(Path(annotations_file).read_text())["images"]
+def redraw_references(images, rng) -> dict[int, list[str]]:
+    """Each image's five captions written afresh from its stored objects (`images`: the
+    annotations file's "images"): references the generator could as well have drawn."""
     return {image["id"]: write_captions(image["objects"], image["width"], rng) for image in images}
 
 
@@ -370,11 +369,15 @@ def cider_over_redrawn_references(predictions: dict, annotations_file, draws=60,
     does to a CIDEr difference on this data (Python tokenisation, as `cider_score`)."""
     from coco_metrics import cider_score
 
+    images = json.loads(Path(annotations_file).read_text())["images"]
+    by_id = {
+        name: {int(i): c for i, c in captions.items()} for name, captions in predictions.items()
+    }
     scores = {name: [] for name in predictions}
     for draw in tqdm(range(draws), desc="reference draws", disable=not progress):
-        references = redraw_references(annotations_file, np.random.default_rng([seed, draw]))
-        for name, captions in predictions.items():
-            scores[name].append(cider_score({int(i): c for i, c in captions.items()}, references))
+        references = redraw_references(images, np.random.default_rng([seed, draw]))
+        for name, captions in by_id.items():
+            scores[name].append(cider_score(captions, references))
     return scores
 
 

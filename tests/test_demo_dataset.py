@@ -224,9 +224,9 @@ def test_redrawn_references_name_the_same_objects_in_new_phrasings(demo_root):
     original = {}
     for a in coco["annotations"]:
         original.setdefault(a["image_id"], []).append(a["caption"])
-    first = redraw_references(path, np.random.default_rng(0))
-    assert first == redraw_references(path, np.random.default_rng(0))
-    second = redraw_references(path, np.random.default_rng(1))
+    first = redraw_references(coco["images"], np.random.default_rng(0))
+    assert first == redraw_references(coco["images"], np.random.default_rng(0))
+    second = redraw_references(coco["images"], np.random.default_rng(1))
     assert sorted(first) == sorted(objects)
     for image_id, captions in first.items():
         assert len(set(captions)) == 5
