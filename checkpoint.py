@@ -41,7 +41,11 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def rng_state():
-    """Python, NumPy and torch RNG states as plain data and tensors (weights_only-safe)."""
+    """Python, NumPy and torch RNG states as plain data and tensors (weights_only-safe).
+
+    Of CUDA, only the current device's generator: a run resumed on a machine with another
+    number of GPUs restores the one it uses.
+    """
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -49,7 +53,7 @@ def rng_state():
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -60,8 +64,13 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        # Older checkpoints hold every GPU of the saving machine: take ours, or the first.
+        if isinstance(cuda, (list, tuple)):
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda)
 
 
 def load_model_state(model, state_dict, path, expected):

@@ -137,7 +137,10 @@ class TrainConfig:
     skip_bad_images: bool = option(False, "drop unreadable images (reported) instead of stopping")
     blind: bool = option(False, "zero image features: how much of a caption comes from the image")
     seed: int = option(0, "random seed", low=0)
-    num_workers: int = option(2, "data-loading processes", low=0)
+    num_workers: int | None = option(
+        None, "data-loading processes per training process; none: the CPUs this process may "
+        "use (shared among the processes of a machine), at most 8", low=0,
+    )  # fmt: skip
     device: str = option("auto", "auto (CUDA when available), cpu, cuda, cuda:N or mps")
     resume: bool = option(False, "continue from output_dir/last.pt if it exists")
     progress: bool = option(True, "progress bars")

@@ -7,9 +7,9 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
+import distributed
 from cider_d import (
     TokenMap,
     concatenated_ranges,
@@ -17,7 +17,10 @@ from cider_d import (
     select_sentences,
     training_scorer,
 )
+from data_loader import resolve_num_workers
 from decoding import greedy_decode, sample_decode, sampling_log_probs
+from loss_log import LossLog
+from training_data import to_device
 
 
 class CaptionReward:
@@ -81,9 +84,11 @@ def make_image_loader(captions, config, num_replicas=1, rank=0):
     sampler = torch.utils.data.DistributedSampler(
         dataset, num_replicas, rank, shuffle=True, seed=config.seed
     )
+    workers = resolve_num_workers(config.num_workers)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
-        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(config.seed),
+        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(config.seed),
     )  # fmt: skip
 
 
@@ -121,7 +126,8 @@ def self_critical_loss(model, forward, inputs, images, reward, config, pad_id):
     baseline, advantage = advantages(rewards, greedy_rewards, k)
     scored = torch.cat([torch.zeros_like(samples.mask[:, :1]), samples.mask], dim=1)
     owners = torch.arange(features.size(0), device=inputs.device).repeat_interleave(k)
-    output = forward(inputs, samples.ids, owners, scored)
+    with recurrent_layers_training(model):
+        output = forward(inputs, samples.ids, owners, scored)
     scores = output[0] if isinstance(output, tuple) else output  # (scored, vocab)
     log_probs = sampling_log_probs(scores, config.scst_temperature, pad_id)
     token_log_probs = log_probs.gather(1, samples.ids[scored].unsqueeze(1)).squeeze(1)
@@ -131,6 +137,27 @@ def self_critical_loss(model, forward, inputs, images, reward, config, pad_id):
     loss = -(weight * token_log_probs).sum() / tokens.clamp(min=1)
     figures = (rewards.sum(), baseline.sum(), (advantage > 0).sum(), len(rewards))
     return loss, tokens, figures
+
+
+@contextlib.contextmanager
+def recurrent_layers_training(model):
+    """Every `nn.LSTM` (any `nn.RNNBase`) of `model` in training mode with its dropout off.
+
+    cuDNN takes an RNN's gradient only from a forward pass made in training mode ("cudnn RNN
+    backward can only be called in training mode"); with dropout zeroed, that pass computes
+    what the model computes in eval mode, so the gradient is still the test-time model's.
+    """
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.RNNBase)]
+    saved = [(m.training, m.dropout) for m in layers]
+    for m in layers:
+        m.train(True)
+        m.dropout = 0.0
+    try:
+        yield
+    finally:
+        for m, (training, dropout) in zip(layers, saved):
+            m.train(training)
+            m.dropout = dropout
 
 
 def run_self_critical_epoch(model, forward, loader, reward, vocab, config, device, step,
@@ -143,27 +170,24 @@ def run_self_critical_epoch(model, forward, loader, reward, vocab, config, devic
     # No dropout and fixed batch-norm statistics: the captions are sampled from, and the
     # gradient taken of, the very model that captions at test time.
     model.train(False)
-    step_losses, sums = [], np.zeros(4)
+    sums = np.zeros(4)
     bar = tqdm(loader, desc=desc, unit="batch", disable=not config.progress, leave=False)
+    # Read every step: each step waits for the device anyway (the reward is computed on the host
+    # from the sampled captions), and a non-finite update must stop the run before the next
+    # sampling draws from NaN probabilities (a device-side assert on CUDA).
+    losses = LossLog(1, bar, desc, "lower scst_lr", show_perplexity=False)
     for inputs, images in bar:
-        inputs = inputs.to(device, non_blocking=True)
+        (inputs,) = to_device([inputs], device)
         with autocast or contextlib.nullcontext():
             loss, tokens, figures = self_critical_loss(
                 model, forward, inputs, images.numpy(), reward, config, vocab.pad_id
             )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{desc}: self-critical loss became {loss.item()} at step {len(step_losses)} of "
-                "this epoch; lower scst_lr. The last checkpoint is intact."
-            )
         step(loss, tokens)
-        step_losses.append(loss.item())
-        sums += figures
+        losses.add(loss)
+        sums += figures  # host figures: the rewards were computed on the host
         bar.set_postfix(reward=f"{figures[0] / figures[3]:.3f}")
-    if dist.is_available() and dist.is_initialized():
-        total = torch.tensor(sums, dtype=torch.float64, device=device)
-        dist.all_reduce(total)
-        sums = total.cpu().numpy()
+    step_losses = losses.close()
+    sums = np.asarray(distributed.sum_values(sums))
     samples = max(sums[3], 1)
     means = {"reward": sums[0] / samples, "baseline": sums[1] / samples,
              "positive_advantage": sums[2] / samples}  # fmt: skip

@@ -5,7 +5,7 @@ import csv
 import dataclasses
 import io
 import math
-import os
+import secrets
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -13,10 +13,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import distributed
 from annotations import read_split
 from atomic_file import remove_temporaries, write_json, write_text
 from checkpoint import (
@@ -30,10 +30,16 @@ from checkpoint import (
 )
 from coco_metrics import cider_score
 from config import TrainConfig, parse_config, resume_conflicts
-from data_loader import find_unreadable_images, load_or_build_vocab, resolve_data_dir
+from data_loader import (
+    find_unreadable_images,
+    load_or_build_vocab,
+    resolve_data_dir,
+    resolve_num_workers,
+)
 from evaluate import predict_captions
+from loss_log import LossLog
 from self_critical import CaptionReward, run_self_critical_epoch
-from training_data import TrainingData
+from training_data import TrainingData, to_device
 from vocabulary import Vocabulary
 
 
@@ -64,19 +70,25 @@ def caption_loss(model, batch, pad_id):
     return CaptionLoss(F.cross_entropy(scores.float(), targets), scored.sum(), penalty, correct)
 
 
-def autocast_for(config, device):
-    """Mixed-precision context for CUDA (bf16 where supported), else a no-op."""
+def amp_dtype(config, device):
+    """The autocast dtype on CUDA, or None (no mixed precision): `auto` takes bf16 only where
+    the GPU computes it natively (compute capability 8.0 on, Ampere and later), else fp16."""
     if device.type != "cuda" or config.amp == "off":
+        return None
+    if config.amp == "auto":
+        # is_bf16_supported() also counts emulated bf16 (T4, V100): slow, and no better than fp16.
+        native = torch.cuda.get_device_capability(device) >= (8, 0)
+        return torch.bfloat16 if native else torch.float16
+    return torch.bfloat16 if config.amp == "bf16" else torch.float16
+
+
+def autocast_for(config, device):
+    """Mixed-precision context and gradient scaler (fp16 only) for CUDA, else a no-op and None."""
+    dtype = amp_dtype(config, device)
+    if dtype is None:
         return contextlib.nullcontext(), None
-    dtype = (
-        torch.bfloat16
-        if config.amp == "bf16" or (config.amp == "auto" and torch.cuda.is_bf16_supported())
-        else torch.float16
-    )
-    return (
-        torch.autocast("cuda", dtype=dtype),
-        torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
-    )
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
 
 
 def make_optimizer(config, model):
@@ -113,17 +125,7 @@ def make_scheduler(config, optimizer, total_steps):
 
 def init_distributed(config):
     """(rank, world size, device); joins the torchrun process group when there is one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if config.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    return distributed.start(config.device)
 
 
 def check_resumable(saved_config, config, path):
@@ -136,20 +138,14 @@ def check_resumable(saved_config, config, path):
         )  # fmt: skip
 
 
-def is_distributed():
-    """Whether this process is one of several (torchrun)."""
-    return dist.is_available() and dist.is_initialized()
-
-
 def ddp_share(tokens):
     """Factor for this process's mean loss so that DDP's gradient average weights every token alike.
 
     DDP averages the processes' gradients; a process holding more tokens than another must
     count for more, so that the update is that of one batch holding all of them.
     """
-    total = tokens.detach().clone()
-    dist.all_reduce(total)
-    return tokens * dist.get_world_size() / total
+    total = distributed.sum_tensor(tokens.detach().clone())
+    return tokens * distributed.world_size() / total
 
 
 def optimizer_step(model, loss, optimizer, scheduler, scaler, grad_clip):
@@ -172,7 +168,7 @@ def make_step(model, optimizer, scheduler, scaler, grad_clip):
     the tokens, plus a regulariser (the attention decoder's) as it is."""
 
     def step(loss, tokens, penalty=0.0):
-        objective = (loss * ddp_share(tokens) if is_distributed() else loss) + penalty
+        objective = (loss * ddp_share(tokens) if distributed.active() else loss) + penalty
         optimizer_step(model, objective, optimizer, scheduler, scaler, grad_clip)
 
     return step
@@ -190,47 +186,24 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
     training = optimizer is not None
     model.train(training)
     step = make_step(model, optimizer, scheduler, scaler, config.grad_clip) if training else None
-    step_losses, pending = [], []
     # Loss x tokens, tokens, right tokens: float64 sums, in the order the host summed them before.
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     bar = tqdm(loader, desc=desc, unit="batch", disable=not config.progress, leave=False)
+    losses = LossLog(config.log_every, bar, desc, "lower the learning rate or check the data")
     with torch.set_grad_enabled(training):
         for batch in bar:
-            batch = [t.to(device, non_blocking=True) for t in batch]
+            batch = to_device(batch, device)
             with autocast or contextlib.nullcontext():
                 loss, n, penalty, correct = caption_loss(model, batch, vocab.pad_id)
             if training:
                 step(loss, n, penalty)
             loss = loss.detach()
             sums += torch.stack([loss.double() * n, n.double(), correct.double()])
-            pending.append(loss)
-            if len(pending) == config.log_every:
-                read_losses(pending, step_losses, bar, desc)
-    read_losses(pending, step_losses, bar, desc)
-    if is_distributed():
-        # Each rank saw its own shard: the epoch's figures are token-weighted over all.
-        dist.all_reduce(sums)
-    total, tokens, correct = sums.tolist()
+            losses.add(loss)
+    step_losses = losses.close()
+    # Each rank saw its own shard: the epoch's figures are token-weighted over all.
+    total, tokens, correct = distributed.sum_tensor(sums).tolist()
     return step_losses, total / max(tokens, 1), correct / max(tokens, 1)
-
-
-def read_losses(pending, step_losses, bar, desc):
-    """Move the losses of the steps since the last read to `step_losses` (one wait for the
-    device); stop with the steps that went wrong if any is not finite."""
-    if not pending:
-        return
-    values = torch.stack(pending).tolist()
-    first = len(step_losses)
-    step_losses.extend(values)
-    pending.clear()
-    bad = [first + k for k, v in enumerate(values) if not math.isfinite(v)]
-    if bad:
-        raise FloatingPointError(
-            f"{desc}: loss became {step_losses[bad[0]]} at step {bad[0]} of this epoch (non-finite "
-            f"at steps {bad[:10]}); lower the learning rate or check the data. The last "
-            "checkpoint is intact."
-        )
-    bar.set_postfix(loss=f"{values[-1]:.3f}", ppl=f"{math.exp(min(values[-1], 50)):.1f}")
 
 
 def write_history(history, output_dir):
@@ -248,31 +221,37 @@ def write_history(history, output_dir):
     plot_learning_curves(history, output_dir / "learning_curves.png")
 
 
-def drop_unreadable_images(split, config):
-    """`split` without the images that cannot be read, and how many were dropped."""
-    bad = find_unreadable_images(split, config.num_workers, config.progress)
+def drop_unreadable_images(split, config, rank=0, world=1):
+    """`split` without the images that cannot be read, and how many were dropped. Each of
+    `world` processes reads its own share of the images; all drop what any found."""
+    n = len(split.image_ids)
+    start, stop = rank * n // world, (rank + 1) * n // world
+    share = split.without_images([*range(start), *range(stop, n)]) if world > 1 else split
+    found = find_unreadable_images(share, resolve_num_workers(config.num_workers), config.progress)
+    found = {start + k: message for k, message in found.items()}
+    bad = distributed.union_of_indices(found, n)
     if bad:
-        tqdm.write(
-            f"skipping {len(bad)} unreadable {split.name} image(s); first: "
-            f"{next(iter(bad.values()))}"
-        )
+        owner = next(r for r in range(world) if bad[0] < (r + 1) * n // world)
+        first = distributed.broadcast_text(found.get(bad[0], ""), owner)
+        tqdm.write(f"skipping {len(bad)} unreadable {split.name} image(s); first: {first}")
     return split.without_images(bad), len(bad)
 
 
-def read_splits(config):
+def read_splits(config, rank=0, world=1):
     """The training and validation splits, without unreadable images if asked; and how many."""
     data_dir = resolve_data_dir(config.data_dir)
     splits = [read_split(data_dir, name, config.layout) for name in ("train", "val")]
     skipped = {}
     if config.skip_bad_images:
         for k, split in enumerate(splits):
-            splits[k], skipped[split.name] = drop_unreadable_images(split, config)
+            splits[k], skipped[split.name] = drop_unreadable_images(split, config, rank, world)
     return splits, skipped
 
 
 # Per-epoch figures of the self-critical stage (None in cross-entropy epochs), and the token
 # accuracies (share of next words predicted right under teacher forcing; no train figure in
 # self-critical epochs).
+RANKS_CHECK = ".ranks-check"  # written by rank 0, read by every rank: one shared output_dir
 SELF_CRITICAL_FIGURES = ("reward", "baseline", "positive_advantage")
 ACCURACY_FIGURES = ("train_accuracy", "val_accuracy")
 
@@ -353,30 +332,63 @@ def save_run(output_dir, config, vocab, model, optimizer, scheduler, scaler, run
 
 
 def validation_cider(model, vocab, data, config, device, rank, world):
-    """Greedy CIDEr of the validation images, computed on rank 0 and shared with every rank."""
+    """Greedy CIDEr of the validation images, computed on rank 0 and shared with every rank
+    (it decides `best.pt` and early stopping, so every rank must hold the same value)."""
     cider = 0.0
     if rank == 0:
         predictions = predict_captions(
             model, vocab, data.val_images, device, max_len=config.max_caption_len
         )
         cider = cider_score(predictions, data.val_references)
-    if world > 1:
-        shared = torch.tensor([cider], device=device)
-        dist.broadcast(shared, 0)
-        cider = float(shared.item())
-    return cider
+    return distributed.broadcast_value(cider)
+
+
+def check_shared_output_dir(output_dir, rank):
+    """Stop every rank with an error naming `output_dir` unless all see rank 0's folder: with
+    their own folders, ranks would resume or start the self-critical stage from other files."""
+    token = f"{secrets.randbits(48)}"  # exact in the float64 broadcast
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text(output_dir / RANKS_CHECK, token)
+    token = f"{int(distributed.broadcast_value(int(token) if rank == 0 else 0))}"
+    seen = None
+    for _ in range(50):  # a network file system may show the new file a moment later
+        with contextlib.suppress(OSError):
+            seen = (output_dir / RANKS_CHECK).read_text()
+        if seen == token:
+            break
+        time.sleep(0.1)
+    if distributed.any_rank(seen != token):
+        raise distributed.DistributedError(
+            f"{output_dir}: the processes do not all see the same output_dir (a rank did not "
+            "find the file rank 0 wrote there); on several machines output_dir must be a "
+            "folder they share"
+        )
+
+
+def check_same_start(epoch, path):
+    """Stop every rank unless all resume from the same epoch of `path` (or none resumes)."""
+    if distributed.min_value(epoch) != distributed.max_value(epoch):
+        raise distributed.DistributedError(
+            f"{path}: the processes found different checkpoints to resume from; they must "
+            "share output_dir"
+        )
 
 
 def train(config):
     """Train a captioning model as `config` says; returns the history (per-epoch metrics)."""
     rank, world, device = init_distributed(config)
     output_dir = Path(config.output_dir)
+    if world > 1:
+        check_shared_output_dir(output_dir, rank)
     last_path = output_dir / "last.pt"
     resume_state = load_checkpoint(last_path) if config.resume and last_path.exists() else None
     if resume_state:
         check_resumable(resume_state["config"], config, last_path)
+    if world > 1:
+        check_same_start(resume_state["epoch"] if resume_state else -1, last_path)
     init_state = load_checkpoint(config.init_from) if config.init_from else None
-    (train_split, val_split), skipped = read_splits(config)
+    (train_split, val_split), skipped = read_splits(config, rank, world)
     if resume_state or init_state:
         # The cross-entropy checkpoint's weights only make sense with its vocabulary.
         vocab = Vocabulary.from_dict((resume_state or init_state)["vocab"])
@@ -469,7 +481,7 @@ def train(config):
             )
         epoch += 1
     if world > 1:
-        dist.barrier()
+        distributed.barrier()
     return run.history
 
 
@@ -491,13 +503,15 @@ def begin_self_critical(config, model, run, output_dir, rank, world, steps):
     """Leave cross-entropy: keep its best checkpoint as best_cross_entropy.pt, go on from its
     weights with the self-critical optimizer; patience counts afresh, the best CIDEr does not."""
     if world > 1:
-        dist.barrier()  # rank 0 has written the last epoch's files
+        distributed.barrier()  # rank 0 has written the last epoch's files
     best = output_dir / "best.pt"
     state = load_checkpoint(best) if best.exists() else None  # read once, copied and loaded
     if rank == 0 and state:
         save_checkpoint(state, output_dir / "best_cross_entropy.pt")
     if state:
         load_model_state(model, state["model"], best, f"config {output_dir}")
+    # The stage starts from rank 0's weights on every rank, whatever each one read.
+    distributed.broadcast_module(model)
     run.stale = 0
     return make_stage(config, model, "scst", 0, steps)
 

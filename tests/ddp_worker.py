@@ -1,9 +1,14 @@
-"""Run by torchrun in test_train: trains, then saves this rank's weights and the images it read.
+"""Run by torchrun in the two-process tests: trains, then saves this rank's weights and what it saw.
 
 Usage: torchrun ... tests/ddp_worker.py CONFIG_JSON OUT_DIR
+
+Environment switches for the failure tests: NAN_ON_RANK=r makes that rank's third training
+loss NaN; OUTPUT_DIR_PER_RANK=1 gives every rank its own output_dir; SKEW_BEST_ON_RANK=r makes
+that rank read other weights from best.pt (as a stale copy on another machine would).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,13 +20,33 @@ from config import TrainConfig
 from data_loader import ImageCaptionsDataset
 from self_critical import IndexedImages
 
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "reduce", "gather", "scatter", "barrier")
+
+
+def record_collectives(calls):
+    """Wrap torch.distributed's collectives: each call appends (name, device, dtype)."""
+    for name in COLLECTIVES:
+        real = getattr(dist, name)
+
+        def wrapper(*args, _real=real, _name=name, **kwargs):
+            tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            calls.append((_name, str(tensor.device) if tensor is not None else None,
+                          str(tensor.dtype) if tensor is not None else None))  # fmt: skip
+            return _real(*args, **kwargs)
+
+        setattr(dist, name, wrapper)
+
 
 def main(config_json, out_dir):
-    """Train with `config_json`; write rank<r>.pt (weights), rank<r>_reads.json (epoch, image)
-    and rank<r>_scst_reads.json (images read by the self-critical stage)."""
-    models, reads, scst_reads = [], [], []
+    """Train with `config_json`; write rank<r>.pt (weights), rank<r>_reads.json (epoch, image),
+    rank<r>_scst_reads.json (images read by the self-critical stage), rank<r>_scst_start.pt
+    (weights the self-critical stage started from), rank<r>_collectives.json and, if training
+    failed, rank<r>_error.txt."""
+    rank = int(os.environ["RANK"])
+    out = Path(out_dir)
+    models, reads, scst_reads, calls = [], [], [], []
     build_model, get_item = train_module.build_model, ImageCaptionsDataset.__getitem__
-    get_image = IndexedImages.__getitem__
+    get_image, run_scst = IndexedImages.__getitem__, train_module.run_self_critical_epoch
 
     def keep_model(*args, **kwargs):
         models.append(build_model(*args, **kwargs))
@@ -36,13 +61,48 @@ def main(config_json, out_dir):
         scst_reads.append(int(dataset.images[index]))
         return get_image(dataset, index)
 
+    def record_scst_start(model, *args, **kwargs):
+        if not (out / f"rank{rank}_scst_start.pt").exists():
+            torch.save(model.state_dict(), out / f"rank{rank}_scst_start.pt")
+        return run_scst(model, *args, **kwargs)
+
     train_module.build_model, ImageCaptionsDataset.__getitem__ = keep_model, record_read
     IndexedImages.__getitem__ = record_image
-    train_module.train(TrainConfig(**json.loads(config_json)))
-    rank = dist.get_rank()
-    torch.save(models[0].state_dict(), Path(out_dir) / f"rank{rank}.pt")
-    (Path(out_dir) / f"rank{rank}_reads.json").write_text(json.dumps(reads))
-    (Path(out_dir) / f"rank{rank}_scst_reads.json").write_text(json.dumps(scst_reads))
+    train_module.run_self_critical_epoch = record_scst_start
+    config = json.loads(config_json)
+    if os.environ.get("NAN_ON_RANK") == str(rank):
+        real_loss, steps = train_module.caption_loss, []
+
+        def nan_at_third_step(*args, **kwargs):
+            steps.append(1)
+            terms = real_loss(*args, **kwargs)
+            return terms._replace(loss=terms.loss * float("nan")) if len(steps) == 3 else terms
+
+        train_module.caption_loss = nan_at_third_step
+    if os.environ.get("OUTPUT_DIR_PER_RANK"):
+        config["output_dir"] = str(Path(config["output_dir"]) / f"rank{rank}")
+    if os.environ.get("SKEW_BEST_ON_RANK") == str(rank):
+        real_load = train_module.load_checkpoint
+
+        def skewed(path, *args, **kwargs):
+            state = real_load(path, *args, **kwargs)
+            if Path(path).name == "best.pt":
+                state["model"] = {k: v + 1 if v.is_floating_point() else v
+                                  for k, v in state["model"].items()}  # fmt: skip
+            return state
+
+        train_module.load_checkpoint = skewed
+    record_collectives(calls)
+    try:
+        train_module.train(TrainConfig(**config))
+    except Exception as e:
+        (out / f"rank{rank}_error.txt").write_text(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        (out / f"rank{rank}_collectives.json").write_text(json.dumps(calls))
+    torch.save(models[0].state_dict(), out / f"rank{rank}.pt")
+    (out / f"rank{rank}_reads.json").write_text(json.dumps(reads))
+    (out / f"rank{rank}_scst_reads.json").write_text(json.dumps(scst_reads))
     dist.destroy_process_group()
 
 

@@ -1,5 +1,6 @@
 """Self-critical training: sampling, reward, baselines, loss, the training stage, resume and DDP."""
 
+import contextlib
 import json
 import subprocess
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import self_critical
 import train as train_module
 from annotations import read_split
 from checkpoint import CheckpointError, build_model, load_checkpoint, load_trained
@@ -149,6 +151,47 @@ def test_loss_is_zero_when_every_sample_equals_its_baseline(demo_root, tmp_path,
     loss.backward()
     assert loss.item() != 0.0 and figures[2] > 0
     assert model.decoder.fc.weight.grad.abs().sum() > 0
+
+
+def test_gradient_pass_runs_every_lstm_in_training_mode_with_dropout_off(
+    demo_root, tmp_path, monkeypatch
+):
+    # cuDNN refuses an RNN's backward after an eval-mode forward; CPU does not, so a hook looks.
+    model, vocab, config, split = tiny_model(demo_root, tmp_path, scst_epochs=1, num_layers=2,
+                                             dropout=0.5)  # fmt: skip
+    assert model.decoder.lstm.dropout == 0.5  # between the two layers, in training mode
+    seen = []
+    model.decoder.lstm.register_forward_hook(
+        lambda m, args, out: seen.append((m.training, torch.is_grad_enabled(), m.dropout))
+    )
+    reward = CaptionReward(split, vocab, tmp_path)
+    inputs, images = torch.randn(6, 3, 32, 32), np.arange(6)
+    torch.manual_seed(1)
+    loss, _, _ = self_critical_loss(model, model, inputs, images, reward, config, vocab.pad_id)
+    loss.backward()
+    assert seen and all(training and dropout == 0 for training, grad, dropout in seen if grad)
+    assert any(grad for _, grad, _ in seen) and not model.decoder.lstm.training
+    assert model.decoder.lstm.dropout == 0.5  # restored
+    # Dropout truly off: the same loss as the model wholly in eval mode.
+    monkeypatch.setattr(self_critical, "recurrent_layers_training", contextlib.nullcontext)
+    torch.manual_seed(1)
+    eval_loss, _, _ = self_critical_loss(model, model, inputs, images, reward, config,
+                                         vocab.pad_id)  # fmt: skip
+    assert torch.allclose(loss, eval_loss, rtol=1e-5, atol=1e-7) and loss.item() != 0
+
+
+def test_a_non_finite_self_critical_loss_stops_the_run(demo_root, tmp_path, monkeypatch):
+    real = self_critical.self_critical_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, tokens, figures = real(*args, **kwargs)
+        return loss * float("nan"), tokens, figures
+
+    monkeypatch.setattr(self_critical, "self_critical_loss", nan_loss)
+    with pytest.raises(
+        FloatingPointError, match=r"self-critical.*loss became nan at step 0.*scst_lr"
+    ):
+        train(tiny_config(demo_root, tmp_path, epochs=1, scst_epochs=1))
 
 
 def training_reward(checkpoint, demo_root, samples=8):

@@ -13,8 +13,16 @@ import data_loader
 import feature_cache
 import train as train_module
 from annotations import read_split
-from checkpoint import CheckpointError, load_checkpoint, load_trained, save_checkpoint
+from checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_trained,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from config import TrainConfig
+from loss_log import LossLog
 from tests.helpers import interrupt_training_at_epoch, run_two_processes, tiny_config
 from train import train
 
@@ -136,10 +144,11 @@ def test_losses_are_read_once_per_interval_and_equal_reading_every_step(
         seen.append((terms.loss.item(), int(terms.tokens), int(terms.correct)))
         return terms
 
-    reads, real_read = [], train_module.read_losses
+    reads, real_read = [], LossLog.read
     monkeypatch.setattr(train_module, "caption_loss", recording)
-    monkeypatch.setattr(train_module, "read_losses",
-                        lambda pending, *a: (reads.append(len(pending)), real_read(pending, *a)))  # fmt: skip
+    monkeypatch.setattr(
+        LossLog, "read", lambda log: (reads.append(len(log.pending)), real_read(log))
+    )
     history = train(tiny_config(demo_root, tmp_path / "a", epochs=2, log_every=3))
     steps = len(history["step_loss"]) // 2  # per epoch; the validation passes come in between
     assert steps == 4 and [n for n in reads if n] == [3, 1, 2, 3, 1, 2]  # (val: 2 steps)
@@ -154,6 +163,60 @@ def test_losses_are_read_once_per_interval_and_equal_reading_every_step(
     assert 0 < history["val_accuracy"][1] < 1
     other = train(tiny_config(demo_root, tmp_path / "b", epochs=2, log_every=1))
     assert other["step_loss"] == history["step_loss"] and other["val_loss"] == history["val_loss"]
+
+
+def test_a_checkpoint_with_every_gpus_rng_resumes_where_one_is_visible(monkeypatch):
+    # A machine with one GPU: torch.cuda stands in (no CUDA here), set_rng_state records.
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.full((16,), 7))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append(s))
+    state = rng_state()
+    assert torch.equal(state["cuda"], torch.full((16,), 7))  # this device's only
+    set_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0], torch.full((16,), 7))
+    # Written by an older version on a machine with eight GPUs: one state each.
+    state["cuda"] = [torch.full((16,), k, dtype=torch.uint8) for k in range(8)]
+    set_rng_state(state)
+    assert len(restored) == 2 and torch.equal(restored[1], state["cuda"][0])
+
+
+@pytest.mark.parametrize("capability,amp,dtype", [
+    ((7, 5), "auto", torch.float16), ((7, 0), "auto", torch.float16),
+    ((8, 0), "auto", torch.bfloat16), ((9, 0), "auto", torch.bfloat16),
+    ((7, 5), "bf16", torch.bfloat16), ((9, 0), "fp16", torch.float16), ((9, 0), "off", None),
+])  # fmt: skip
+def test_auto_mixed_precision_takes_bf16_only_where_the_gpu_has_it(
+    demo_root, tmp_path, monkeypatch, capability, amp, dtype
+):
+    # T4 (7.5) and V100 (7.0) emulate bf16, and torch.cuda.is_bf16_supported() says yes there.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    config = tiny_config(demo_root, tmp_path, amp=amp)
+    assert train_module.amp_dtype(config, torch.device("cuda", 0)) == dtype
+    assert train_module.amp_dtype(config, torch.device("cpu")) is None
+
+
+def test_each_process_checks_only_its_share_of_the_images(demo_root, tmp_path, monkeypatch):
+    split = read_split(demo_root, "val")
+    checked = []
+
+    def find(share, *args):
+        checked.append(list(share.image_ids))
+        return {len(share.image_ids) - 1: f"{share.image_paths[-1]}: cannot read image"}
+
+    monkeypatch.setattr(train_module, "find_unreadable_images", find)
+    config = tiny_config(demo_root, tmp_path, skip_bad_images=True)
+    n = len(split.image_ids)
+    kept, dropped = train_module.drop_unreadable_images(split, config, rank=1, world=2)
+    assert checked == [split.image_ids[n // 2 :]]  # rank 1's half only
+    assert dropped == 1 and kept.image_ids == split.image_ids[:-1]  # the index maps back
+    checked.clear()
+    kept, _ = train_module.drop_unreadable_images(split, config, rank=0, world=2)
+    assert checked == [split.image_ids[: n // 2]]
+    assert kept.image_ids == split.image_ids[: n // 2 - 1] + split.image_ids[n // 2 :]
 
 
 def test_atomic_checkpoint_write_keeps_old_file(tmp_path, monkeypatch):

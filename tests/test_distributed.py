@@ -1,0 +1,182 @@
+"""The process-group module: device per rank, backends that serve the tensors they get, collectives
+on the right device, and ranks that stop together. CUDA and NCCL are not here: each of their rules
+is checked on the CPU another way (monkeypatched `torch.cuda`, a stand-in device, gloo runs)."""
+
+import ast
+import json
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import distributed
+from tests.helpers import ROOT, run_two_processes, tiny_config
+
+
+def project_sources():
+    """Every Python file of the project outside the tests and the virtual environment."""
+    return [p for p in ROOT.rglob("*.py")
+            if not ({".venv", "tests", ".git"} & set(p.relative_to(ROOT).parts))]  # fmt: skip
+
+
+def test_no_module_but_distributed_touches_torch_distributed():
+    offenders = []
+    for path in project_sources():
+        if path.name == "distributed.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Attribute) and node.attr == "distributed":
+                names = ["torch.distributed"] if getattr(node.value, "id", "") == "torch" else []
+            if any(n == "torch.distributed" or n.startswith("torch.distributed.") for n in names):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert len(project_sources()) > 20 and not offenders, offenders
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """torch.cuda answering as a machine with 8 GPUs would; set_device records its argument."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    yield chosen
+    distributed._device = torch.device("cpu")
+
+
+def test_a_bare_cuda_means_the_gpu_of_local_rank(fake_gpus):
+    env = {"WORLD_SIZE": "1", "LOCAL_RANK": "1", "RANK": "0"}
+    assert distributed.resolve_device("cuda", env) == torch.device("cuda", 1)
+    assert distributed.resolve_device("auto", env) == torch.device("cuda", 1)
+    assert distributed.resolve_device("cuda:3", env) == torch.device("cuda", 3)  # one process
+    assert distributed.resolve_device("cpu", env) == torch.device("cpu")
+    # set_device gets an index: torch.cuda.set_device(torch.device("cuda")) raises on CUDA.
+    assert distributed.start("cuda", env) == (0, 1, torch.device("cuda", 1))
+    assert fake_gpus == [torch.device("cuda", 1)] and fake_gpus[0].index == 1
+    assert distributed.collective_device() == torch.device("cuda", 1)
+
+
+def test_a_numbered_gpu_is_refused_under_several_processes(fake_gpus):
+    env = {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "1"}
+    with pytest.raises(ValueError, match=r"'cuda:1'.*2 processes.*LOCAL_RANK"):
+        distributed.resolve_device("cuda:1", env)
+    assert distributed.resolve_device("cuda", env) == torch.device("cuda", 1)
+
+
+def test_each_backend_serves_the_devices_it_is_given():
+    capability = dist.Backend.backend_capability
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        pairs = distributed.backend_for(device).split(",")
+        served = {}
+        for pair in pairs:
+            kind, backend = pair.split(":") if ":" in pair else (None, pair)
+            for d in [kind] if kind else capability[backend]:
+                assert d in capability[backend], (pair, capability[backend])
+                served[d] = backend
+        # A CPU tensor must have a backend too: NCCL alone raises "No backend type associated
+        # with device type cpu" for it.
+        assert {"cpu", device.type} <= set(served), (device, served)
+
+
+class Recorded(Exception):
+    """Raised by the stand-in collectives once they have seen their tensor."""
+
+
+def test_every_collective_makes_its_tensor_on_the_rank_device(monkeypatch):
+    # A stand-in device (meta) for the GPU: a tensor made without `device=` lands on the CPU.
+    seen = []
+
+    def collective(tensor, *args, **kwargs):
+        seen.append((tensor.device.type, tensor.dtype))
+        raise Recorded
+
+    monkeypatch.setattr(distributed, "_device", torch.device("meta"))
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(dist, "all_reduce", collective)
+    monkeypatch.setattr(dist, "broadcast", collective)
+    calls = [
+        lambda: distributed.sum_values([1, 2]), lambda: distributed.max_value(3),
+        lambda: distributed.min_value(3), lambda: distributed.any_rank(True),
+        lambda: distributed.broadcast_value(1.5), lambda: distributed.broadcast_text("x"),
+        lambda: distributed.union_of_indices([1], 4), distributed.barrier,
+        lambda: distributed.raise_together(ValueError("x")),
+        lambda: distributed.broadcast_module(torch.nn.Linear(2, 2, device="meta")),
+    ]  # fmt: skip
+    for call in calls:
+        with pytest.raises(Recorded):
+            call()
+    assert len(seen) == len(calls) and {d for d, _ in seen} == {"meta"}, seen
+    assert {t for _, t in seen} <= {torch.float64, torch.int32, torch.float32}
+    with pytest.raises(ValueError, match="tensor on cpu"):
+        distributed.sum_tensor(torch.zeros(2))  # a CPU tensor handed over is refused
+
+
+def test_alone_every_collective_returns_its_own_value():
+    assert distributed.sum_values([1, 2.5]) == [1.0, 2.5]
+    assert distributed.max_value(2) == 2 and distributed.min_value(-3) == -3
+    assert distributed.any_rank(True) and not distributed.any_rank(False)
+    assert distributed.broadcast_text("héllo") == "héllo"
+    assert distributed.union_of_indices({3: "bad", 1: "bad"}, 5) == [1, 3]
+    distributed.raise_together(None)
+    with pytest.raises(FloatingPointError, match="boom"):
+        distributed.raise_together(FloatingPointError("boom"))
+
+
+def read_errors(tmp_path):
+    return [(tmp_path / f"rank{r}_error.txt").read_text() for r in (0, 1)
+            if (tmp_path / f"rank{r}_error.txt").exists()]  # fmt: skip
+
+
+def test_a_nan_on_one_rank_stops_both_with_the_same_message(demo_root, tmp_path):
+    # Read at step 3: rank 1's third loss (step 2) is NaN, rank 0's first three are finite (the
+    # NaN reaches rank 0's weights through the gradient average only after step 2).
+    config = tiny_config(demo_root, tmp_path / "ddp", batch_size=8, epochs=1, log_every=3,
+                         trainable_blocks=0, feature_norm="layer")  # fmt: skip
+    done = run_two_processes(config, tmp_path, NAN_ON_RANK="1", CAPTIONING_CACHE=str(tmp_path))
+    assert done.returncode != 0
+    errors = read_errors(tmp_path)
+    # Rank 0's own losses are finite; it stops because rank 1's were not, and says so.
+    assert len(errors) == 2 and errors[0] == errors[1], (errors, done.stderr[-2000:])
+    assert re.search(r"rank 1: FloatingPointError: .*loss became nan at step 2", errors[0])
+
+
+def test_ranks_that_see_other_output_dirs_stop_at_start_up(demo_root, tmp_path):
+    config = tiny_config(demo_root, tmp_path / "ddp", batch_size=8, epochs=1,
+                         trainable_blocks=0, feature_norm="layer")  # fmt: skip
+    done = run_two_processes(config, tmp_path, OUTPUT_DIR_PER_RANK="1",
+                             CAPTIONING_CACHE=str(tmp_path))  # fmt: skip
+    assert done.returncode != 0
+    errors = read_errors(tmp_path)
+    assert len(errors) == 2 and all("must be a folder they share" in e for e in errors), errors
+    assert str(tmp_path / "ddp" / "rank0") in errors[0]
+    assert not (tmp_path / "ddp" / "rank0" / "last.pt").exists()  # stopped before training
+
+
+def test_two_processes_put_every_collective_tensor_on_their_device(demo_root, tmp_path):
+    # Batch norm in the image projection (feature_norm="batch"): DDP copies rank 0's running
+    # statistics to every rank each step, so the ranks end with equal buffers too.
+    config = tiny_config(demo_root, tmp_path / "ddp", batch_size=8, epochs=1, scst_epochs=1,
+                         trainable_blocks=0, feature_norm="batch", log_every=2,
+                         skip_bad_images=True)  # fmt: skip
+    done = run_two_processes(config, tmp_path, SKEW_BEST_ON_RANK="1",
+                             CAPTIONING_CACHE=str(tmp_path / "cache"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for r in (0, 1):
+        calls = json.loads((tmp_path / f"rank{r}_collectives.json").read_text())
+        assert len(calls) > 20, calls
+        assert {device for _, device, _ in calls} == {"cpu"}, calls  # the training device
+        assert {dtype for _, _, dtype in calls} <= {"torch.float64", "torch.int32", "torch.uint8",
+                                                    "torch.float32"}, calls  # fmt: skip
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert any("running_mean" in k for k in ranks[0])
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    # Rank 1 read other weights from best.pt; the stage still starts from rank 0's on both.
+    starts = [torch.load(tmp_path / f"rank{r}_scst_start.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])
