@@ -34,7 +34,9 @@ test: venv
 bench: venv
 	$(PY) -m bench
 
-# On a machine with CUDA: the tests that use it, the demo with bf16 autocast, GPU benchmarks.
+# On a machine with CUDA: the README's train.py, evaluate.py, caption.py and (with 2+ GPUs)
+# torchrun commands shrunk to the COCO sample in ../shared/data (else the demo data), then the
+# GPU benchmark and tests/test_cuda.py; one table, also in outputs/gpu-check/summary.md.
 gpu-check: venv
 	$(PY) gpu_check.py
 

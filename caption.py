@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from decoding import LENGTH_PENALTY
+from distributed import resolve_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -40,7 +41,7 @@ def caption_images(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
     from checkpoint import load_trained
     from decoding import decode_captions
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device or "auto")
     model, vocab, config = load_trained(checkpoint, device)
     captions = {}
     for chunk, images in image_batches(paths, config.image_size, batch_size, device):
@@ -61,7 +62,7 @@ def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
     from checkpoint import load_trained
     from decoding import beam_search, greedy_decode
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device or "auto")
     model, vocab, config = load_trained(checkpoint, device, decoder="attention")
     max_len = max_len or config.max_caption_len
     maps = {}

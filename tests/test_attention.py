@@ -60,7 +60,9 @@ def test_scored_mask_selects_words_and_zeroes_padded_weights():
     all_scores, all_weights = decoder(grid, captions)
     scores, weights = decoder(grid, captions, scored)
     assert scores.shape == (8, VOCAB)  # 5 + 3 words predicted
-    assert torch.equal(scores, all_scores[scored[:, 1:]])
+    # A tolerance: oneDNN picks kernels by shape, so a subset of rows may differ in the last
+    # bits on some CPUs (seen on an Intel Xeon).
+    assert torch.allclose(scores, all_scores[scored[:, 1:]], rtol=1e-5, atol=1e-6)
     assert torch.allclose(weights[0], all_weights[0])
     assert torch.allclose(weights[1, :3], all_weights[1, :3])
     assert not weights[1, 3:].any()  # the padded steps carry no attention
