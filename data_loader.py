@@ -1,6 +1,9 @@
 """Datasets and `get_loader` for captioning data (the CVND call, on any layout `annotations` reads)."""
 
 import functools
+import mmap
+import os
+import random
 import warnings
 from pathlib import Path
 
@@ -16,6 +19,110 @@ from vocabulary import Vocabulary
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_num_workers():
+    """Loader processes per training process: its CPUs over LOCAL_WORLD_SIZE, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(8, (cpus or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def resolve_num_workers(num_workers):
+    """`num_workers`, or `default_num_workers()` when it is None."""
+    return default_num_workers() if num_workers is None else num_workers
+
+
+class MappedRows:
+    """Rows of an array file, memory-mapped on first use in each process; pickles as its path."""
+
+    # Loader workers (spawn, forkserver) then open the map themselves: a pickled np.memmap
+    # would carry the whole cache (gigabytes) to every worker, every epoch.
+
+    def __init__(self, path, shape, dtype, offset=0, order="C"):
+        self.path, self.shape, self.dtype = str(path), tuple(shape), np.dtype(dtype)
+        self.offset, self.order = offset, order
+        self._rows = None  # the map, opened in this process
+
+    def rows(self):
+        """The memory map (read-only), opened on first use."""
+        if self._rows is None:
+            self._rows = np.memmap(self.path, self.dtype, "r", self.offset, self.shape, self.order)
+        return self._rows
+
+    def __getstate__(self):
+        return {**self.__dict__, "_rows": None}
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        return self.rows()[index]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.rows(), dtype)
+
+
+class ZeroRows:
+    """`n` rows of zeros, made when read (a blind model's features): nothing to pickle."""
+
+    def __init__(self, n, shape, dtype=np.float16):
+        self.shape, self.dtype = (n, *shape), np.dtype(dtype)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        return np.zeros(np.broadcast_to(np.int8(0), self.shape)[index].shape, self.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.zeros(self.shape, dtype or self.dtype)
+
+
+def mapped_rows(rows):
+    """`rows` as a `MappedRows` when it is a whole memory-mapped file, else unchanged."""
+    if isinstance(rows, np.memmap) and isinstance(rows.base, mmap.mmap) and rows.filename:
+        order = "F" if rows.flags.f_contiguous and not rows.flags.c_contiguous else "C"
+        return MappedRows(rows.filename, rows.shape, rows.dtype, rows.offset, order)
+    return rows
+
+
+class SharedEpoch:
+    """An epoch number (and seed) in shared memory: loader workers see it change."""
+
+    # Persistent workers keep the copy of the dataset they started with: a plain attribute set
+    # later in the main process would never reach them.
+
+    def __init__(self, seed=0):
+        self.values = torch.tensor([0, seed], dtype=torch.int64).share_memory_()  # epoch, seed
+        self._seeded = None  # the epoch this worker last seeded its generators for
+
+    def __getstate__(self):
+        return {**self.__dict__, "_seeded": None}
+
+    def set(self, epoch, seed=None):
+        """Make `epoch` (and `seed`) current, in every worker too."""
+        self.values[0] = epoch
+        if seed is not None:
+            self.values[1] = seed
+
+    def get(self):
+        """The current epoch."""
+        return int(self.values[0])
+
+    def seed_worker(self):
+        """In a loader worker, seed its generators from (seed, epoch, worker) once per epoch."""
+        worker = data.get_worker_info()
+        epoch = self.get()
+        if worker is None or self._seeded == epoch:
+            return
+        # Persistent workers are seeded once by the DataLoader; seeded per epoch here, random
+        # augmentation depends on the epoch only, so a resumed run draws what an unbroken one does.
+        self._seeded = epoch
+        entropy = [int(self.values[1]), epoch, worker.id]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
 
 
 class ImageLoadError(OSError):
@@ -91,8 +198,10 @@ class CaptionDataset(data.Dataset):
     """
 
     def __init__(self, split, vocab, transform=None, features=None, tokens=None, pixels=None):
-        self.split, self.vocab, self.transform, self.features = split, vocab, transform, features
-        self.pixels = pixels
+        self.split, self.vocab, self.transform = split, vocab, transform
+        # Loader workers get the caches' paths, never their contents.
+        self.features, self.pixels = mapped_rows(features), mapped_rows(pixels)
+        self.shared_epoch = SharedEpoch()  # seeds the random transform in workers (`set_epoch`)
         tokens = split.tokenized() if tokens is None else tokens
         if not isinstance(tokens, TokenizedCaptions):
             tokens = TokenizedCaptions.from_lists(tokens)
@@ -105,15 +214,21 @@ class CaptionDataset(data.Dataset):
     def __len__(self):
         return len(self.caption_lengths)
 
+    def set_epoch(self, epoch, seed=0):
+        """Seed the loader workers' random transform from (`seed`, `epoch`) (persistent ones too)."""
+        self.shared_epoch.set(epoch, seed)
+
     def image_input(self, image_index):
         """Transformed image (or its cached feature) number `image_index` of the split."""
         if self.features is not None:
-            return torch.from_numpy(np.asarray(self.features[image_index], dtype=np.float32))
+            # In the stored dtype (float16): cast on the device (`training_data.to_device`).
+            return torch.from_numpy(np.array(self.features[image_index]))
         if self.pixels is not None:
             return pixels_to_input(self.pixels[image_index])
         image = load_image(
             self.split.image_paths[image_index], self.split.describe_image(image_index)
         )
+        self.shared_epoch.seed_worker()
         return self.transform(image) if self.transform else image
 
     def caption_ids(self, index):
@@ -146,11 +261,18 @@ class ImageCaptionsDataset(data.Dataset):
         self.images = [i for i, group in enumerate(groups) if len(group)]
         self.groups = [groups[i] for i in self.images]
         self.vocab = captions.vocab
-        self.captions_per_image, self.seed, self.epoch = captions_per_image, seed, 0
+        self.captions_per_image, self.seed = captions_per_image, seed
+        self.shared_epoch = SharedEpoch(seed)  # workers see `set_epoch`, persistent ones too
+
+    @property
+    def epoch(self):
+        """The epoch whose subsets of captions `__getitem__` draws."""
+        return self.shared_epoch.get()
 
     def set_epoch(self, epoch):
-        """Draw another subset of captions per image (with `captions_per_image`)."""
-        self.epoch = epoch
+        """Draw another subset of captions per image, and reseed the workers' random transform."""
+        self.shared_epoch.set(epoch)
+        self.captions.set_epoch(epoch, self.seed)
 
     def __len__(self):
         return len(self.images)
@@ -170,17 +292,22 @@ class ImageCaptionsDataset(data.Dataset):
 class ImageDataset(data.Dataset):
     """One item per image: (image tensor, image id), or (original, transformed) in test mode.
 
-    With `pixels` (the image cache of `split`) the tensors come from there, not the files.
+    With `pixels` (the image cache of `split`) the tensors come from there, not the files; with
+    `features` (the feature cache) the items are (cached features in their stored dtype, id).
     """
 
-    def __init__(self, split, transform=None, with_original=False, pixels=None):
+    def __init__(self, split, transform=None, with_original=False, pixels=None, features=None):
         self.split, self.transform, self.with_original = split, transform, with_original
-        self.pixels = pixels
+        # Workers get the caches' paths, not their contents.
+        self.pixels, self.features = mapped_rows(pixels), mapped_rows(features)
 
     def __len__(self):
         return len(self.split.image_ids)
 
     def __getitem__(self, index):
+        if self.features is not None and not self.with_original:
+            # Cast on the device (`training_data.to_device`), not here.
+            return torch.from_numpy(np.array(self.features[index])), self.split.image_ids[index]
         if self.pixels is not None and not self.with_original:
             return pixels_to_input(self.pixels[index]), self.split.image_ids[index]
         image = load_image(self.split.image_paths[index], self.split.describe_image(index))
@@ -210,7 +337,10 @@ def find_unreadable_images(split, num_workers=0, progress=True):
     from tqdm.auto import tqdm
 
     loader = data.DataLoader(
-        _ImageCheck(split), batch_size=64, num_workers=num_workers, collate_fn=list
+        _ImageCheck(split),
+        batch_size=64,
+        num_workers=resolve_num_workers(num_workers),
+        collate_fn=list,
     )
     errors, start = {}, 0
     for messages in tqdm(
@@ -245,11 +375,13 @@ def make_image_captions_loader(
     """DataLoader of `batch_size` images with all their captions over an `ImageCaptionsDataset`."""
     # DistributedSampler also serves one process: a seeded shuffle per epoch (set_epoch).
     sampler = data.DistributedSampler(dataset, num_replicas, rank, shuffle=shuffle, seed=seed)
+    num_workers = resolve_num_workers(num_workers)
     return data.DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
+        persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         collate_fn=functools.partial(image_captions_collate, pad_id=dataset.vocab.pad_id),
         generator=torch.Generator().manual_seed(seed),
@@ -270,11 +402,13 @@ def make_caption_loader(
     dataset.sampler = LengthBucketSampler(
         dataset.caption_lengths, batch_size, shuffle, seed, drop_last, num_replicas, rank
     )
+    num_workers = resolve_num_workers(num_workers)
     # Its own generator: making an iterator must not draw from the global RNG (resumability).
     return data.DataLoader(
         dataset,
         batch_sampler=dataset.sampler,
         num_workers=num_workers,
+        persistent_workers=num_workers > 0,
         collate_fn=functools.partial(pad_collate, pad_id=dataset.vocab.pad_id),
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),
@@ -369,10 +503,12 @@ def get_loader(
     )
     dataset = ImageDataset(split_data, transform, with_original=(mode == "test"))
     dataset.vocab = vocab
+    num_workers = resolve_num_workers(num_workers)
     return data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
+        persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )

@@ -25,7 +25,8 @@ def predict_captions(
     model.eval()
     predictions = {}
     for inputs, image_ids in tqdm(loader, desc="captioning", unit="batch", disable=not progress):
-        features = model.encode(inputs.to(device))  # (batch, embed); zeros seen if blind
+        # Cached features come in their stored dtype (float16): widened on the device.
+        features = model.encode(inputs.to(device, non_blocking=True).float())  # (batch, embed)
         _, captions = decode_captions(
             model.decoder, features, vocab, beam_size, max_len, length_penalty
         )

@@ -1,19 +1,24 @@
 """On-disk caches of per-image inputs, memory-mapped, one file per image set: frozen-CNN
 features (float16) and decoded, resized images (uint8)."""
 
+import contextlib
 import hashlib
+import io
 import json
+import math
 import os
+import shutil
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
+import distributed
 from annotations import default_cache_dir
-from atomic_file import atomic_path
-from data_loader import ImageDataset, make_pixel_transform
+from data_loader import ImageDataset, make_pixel_transform, resolve_num_workers
 
 
 def encoder_fingerprint(encoder):
@@ -50,71 +55,236 @@ def cache_key(encoder, split, transform):
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
-def image_loader(dataset, batch_size, num_workers):
+def image_loader(dataset, batch_size, num_workers, pin_memory=False):
     """Images in order, through a loader with its own generator: building a cache must not draw
     from the global RNG, or a run that builds one would train differently from one that reads it."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator()
-    )
+        dataset, batch_size=batch_size, num_workers=resolve_num_workers(num_workers),
+        pin_memory=pin_memory, generator=torch.Generator(),
+    )  # fmt: skip
+
+
+class CacheSpaceError(OSError):
+    """Too little free disk space for a cache; the message names the folder and both sizes."""
+
+
+def npy_header(shape, dtype):
+    """The .npy header `np.save` writes before an array of `shape` and `dtype` (C order)."""
+    out = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": tuple(shape)}  # fmt: skip
+    np.lib.format.write_array_header_1_0(out, header)
+    return out.getvalue()
+
+
+def check_free_space(folder, needed, world=1):
+    """Raise `CacheSpaceError` unless `folder` has `needed` bytes free (on every rank's disk)."""
+    free = shutil.disk_usage(folder).free
+    if world > 1:
+        free = int(distributed.min_value(free))
+    if free < needed:
+        raise CacheSpaceError(
+            f"{folder}: the cache needs {needed} bytes ({needed / 2**30:.2f} GiB) but {free} bytes "
+            f"({free / 2**30:.2f} GiB) are free; free some space or set $CAPTIONING_CACHE to a "
+            "bigger disk"
+        )
+
+
+# Seconds a rank waits to see a file rank 0 made or renamed: a shared file system's client may
+# answer from its cache for a while (NFS caches a name's absence until the folder's attributes
+# are read again, up to a minute by default).
+SHARED_FILE_WAIT = 90.0
 
 
 def build_cache(path, shape, dtype, batches_between, batch_size, desc, progress=True, rank=0,
                 world=1):  # fmt: skip
     """Write `shape` rows to `path` (.npy) under a temporary name, then rename; an open memmap.
 
-    `batches_between(first, last)` yields the rows of batches first to last - 1 (each
-    `batch_size` rows). With several processes (`world` > 1) each computes and writes its own
-    contiguous share of the batches into one shared file, so none waits on the others' share
-    (a build by rank 0 alone can outlast the collective timeout), and every batch is the one a
-    single process would compute: the file is byte for byte the same.
+    `batches_between(first, last)` yields the rows (tensors, in `dtype`, on any device) of
+    batches first to last - 1 (each `batch_size` rows). With several processes (`world` > 1)
+    each computes and writes its own contiguous share of the batches, with ordinary writes at
+    its own offsets of one shared file, so none waits on the others' share (a build by rank 0
+    alone can outlast the collective timeout), and every batch is the one a single process would
+    compute: the file is byte for byte the same. The file is renamed only once every row is
+    written; an error on any rank stops every rank with the same message.
     """
-    path = Path(path)
+    path, dtype = Path(path), np.dtype(dtype)
+    header = npy_header(shape, dtype)
+    row_bytes = dtype.itemsize * math.prod(shape[1:])
+    size = len(header) + shape[0] * row_bytes
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(path.parent, size, world)
     batches = -(-shape[0] // batch_size)
     first, last = rank * batches // world, (rank + 1) * batches // world
-    if world == 1:
-        with atomic_path(path) as tmp:
-            _write_rows(tmp, True, shape, dtype, batches_between(0, batches), 0, batch_size, desc,
-                        progress)  # fmt: skip
-        return np.load(path, mmap_mode="r")
-    # Every rank writes into the same temporary file: its name must not depend on the process.
-    tmp = path.with_name(f".{path.stem}.tmp-shared{path.suffix}")
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_rows(tmp, True, shape, dtype, (), 0, batch_size, desc, False)  # header, no rows
-    dist.barrier()
-    _write_rows(tmp, False, shape, dtype, batches_between(first, last), first, batch_size,
-                f"{desc} (rank {rank})", progress)  # fmt: skip
-    dist.barrier()  # every share is on disk
-    if rank == 0:
-        os.replace(tmp, path)
-    dist.barrier()
+    # One name for every rank, unique to this build: a file left by a killed build, or by
+    # another machine's build in a folder that is not shared, never passes for this one's.
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    token = distributed.broadcast_text(token if rank == 0 else "") if world > 1 else token
+    tmp = path.with_name(f".{path.stem}.tmp-{token}{path.suffix}")
+    failed = path.with_name(f".{path.stem}.tmp-{token}.failed")  # a rank's share went wrong
+    try:
+        error = None
+        if rank == 0:
+            try:
+                _create(tmp, header, size)
+            except OSError as e:
+                error = e
+        _together(error, world)
+        if rank != 0 and not _appears(tmp):
+            error = FileNotFoundError(
+                f"{path.parent}: rank {rank} does not see the file rank 0 made there ({tmp.name}); "
+                "every process must share the cache folder (on several machines: a shared file "
+                "system, $CAPTIONING_CACHE)"
+            )
+        _together(error, world)
+        written = 0
+        try:
+            rows = batches_between(first, last)
+            rows = tqdm(rows, desc=desc if world == 1 else f"{desc} (rank {rank})", unit="batch",
+                        total=last - first, disable=not progress)  # fmt: skip
+            written = _write_share(tmp, failed, rows, len(header) + first * batch_size * row_bytes,
+                                   shape[1:], dtype)  # fmt: skip
+        except Exception as e:  # any rank's failure stops every rank (not only this one)
+            error = e
+            with contextlib.suppress(OSError):
+                failed.touch()  # the other ranks stop their shares early
+        _together(error, world)
+        total = int(distributed.sum_values([written])[0]) if world > 1 else written
+        if rank == 0:
+            on_disk = os.stat(tmp).st_size
+            if total != shape[0] or on_disk != size:
+                error = OSError(
+                    f"{tmp}: incomplete cache: {total} of {shape[0]} rows written, "
+                    f"{on_disk} of {size} bytes on disk"
+                )
+            else:
+                try:
+                    os.replace(tmp, path)
+                except OSError as e:
+                    error = e
+        _together(error, world)
+        if rank != 0 and not _appears(path):
+            error = FileNotFoundError(f"{path}: rank {rank} does not see the finished cache")
+        _together(error, world)
+    finally:
+        if rank == 0:
+            tmp.unlink(missing_ok=True)
+            failed.unlink(missing_ok=True)
     return np.load(path, mmap_mode="r")
 
 
-def _write_rows(tmp, create, shape, dtype, batches, first_batch, batch_size, desc, progress):
-    """Write batches, from batch `first_batch` on, into the .npy memmap at `tmp` (made if
-    `create`)."""
-    mode = "w+" if create else "r+"
-    out = np.lib.format.open_memmap(tmp, mode=mode, dtype=dtype, shape=shape if create else None)
-    start = first_batch * batch_size
-    for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        out[start : start + len(rows)] = rows
-        start += len(rows)
-    out.flush()
-    del out
+def _together(error, world):
+    """Raise `error` (or None) here and, with several processes, on every rank."""
+    if world > 1:
+        distributed.raise_together(error)
+    elif error is not None:
+        raise error
 
 
-def open_cache(path, shape, world=1):
+def _create(tmp, header, size):
+    """The cache file at `tmp`: its header, then zeros (sparse) up to `size` bytes."""
+    with open(tmp, "xb") as f:
+        f.write(header)
+        f.truncate(size)
+
+
+def _appears(tmp):
+    """Whether `tmp` exists, waiting a little for a shared file system's caches to notice it."""
+    deadline = time.monotonic() + SHARED_FILE_WAIT
+    while not tmp.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _write_share(tmp, failed, batches, offset, row_shape, dtype):
+    """Write `batches` of rows into `tmp` from byte `offset` on; the number of rows written."""
+    written, pending, buffers = 0, None, []
+    with open(tmp, "r+b", buffering=0) as f:  # unbuffered: a write error is raised by the write
+        for k, rows in enumerate(batches):
+            rows = torch.from_numpy(rows) if isinstance(rows, np.ndarray) else rows
+            if tuple(rows.shape[1:]) != tuple(row_shape) or rows.dtype != _torch_dtype(dtype):
+                raise ValueError(f"{tmp}: rows {tuple(rows.shape)} {rows.dtype}, expected "
+                                 f"(n, {', '.join(map(str, row_shape))}) {dtype}")  # fmt: skip
+            staged = _stage(rows, buffers, k)  # the copy to the host starts, the GPU goes on
+            if pending is not None:  # lag one: batch k - 1 is written while batch k computes
+                offset, written = _write_at(f, offset, pending), written + len(pending[0])
+            pending = staged
+            if failed.exists():  # another rank failed: stop, it is raising for all of us
+                return written
+        if pending is not None:
+            offset, written = _write_at(f, offset, pending), written + len(pending[0])
+    return written
+
+
+def _torch_dtype(dtype):
+    """The torch dtype of a numpy dtype."""
+    return torch.from_numpy(np.zeros(0, dtype)).dtype
+
+
+def _stage(rows, buffers, k):
+    """(host rows, event or None): start copying batch `k`'s `rows` to the host, not waiting."""
+    if not _asynchronous(rows):
+        return rows.cpu(), None
+    # Two pinned buffers in turn: buffer k % 2 held batch k - 2, written by now.
+    slot = k % 2
+    if len(buffers) <= slot or len(buffers[slot]) < len(rows):
+        buffers[slot : slot + 1] = [_pinned(rows.shape, rows.dtype)]
+    host = buffers[slot][: len(rows)]
+    host.copy_(rows, non_blocking=True)
+    return host, _recorded_event()
+
+
+def _asynchronous(rows):
+    """Whether `rows` are copied to the host asynchronously (from CUDA)."""
+    return rows.device.type == "cuda"
+
+
+def _pinned(shape, dtype):
+    """An empty page-locked host tensor (the device copies into it without the host waiting)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def _recorded_event():
+    """A CUDA event recorded on the current stream: done once the work queued so far is."""
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def _write_at(f, offset, staged):
+    """Write staged rows at byte `offset` of the raw file `f`; the offset after them."""
+    host, event = staged
+    if event is not None:
+        event.synchronize()  # its copy was queued one batch ago: normally long done
+    data = memoryview(host.contiguous().numpy()).cast("B")
+    try:
+        f.seek(offset)
+        while data:  # a raw write may write less than it was given
+            data = data[f.write(data) :]
+    except OSError as e:  # a full disk, a lost mount: name the file (the error names none)
+        raise OSError(e.errno, f"{f.name}: cannot write the cache: {e.strerror or e}") from e
+    return f.tell()
+
+
+def open_cache(path, shape, world=1, dtype=None):
     """The cache at `path` if it is complete and `shape`d, else None; with several processes,
     None unless every one of them finds it (they then build it together)."""
     rows = None
     if path.exists():
-        rows = np.load(path, mmap_mode="r")
-        rows = rows if rows.shape == shape else None
-    if world > 1:
-        missing = torch.tensor([float(rows is None)])
-        dist.all_reduce(missing, op=dist.ReduceOp.MAX)
-        rows = None if missing.item() else rows
+        try:
+            rows = np.load(path, mmap_mode="r")
+        except (OSError, ValueError):  # too short for its header: not a finished cache
+            rows = None
+        complete = rows is not None and rows.shape == tuple(shape)
+        if complete and dtype is not None:
+            complete = rows.dtype == np.dtype(dtype)
+        if complete:
+            complete = os.path.getsize(path) == rows.offset + rows.nbytes
+        rows = rows if complete else None
+    if world > 1 and distributed.any_rank(rows is None):
+        rows = None
     return rows
 
 
@@ -155,13 +325,18 @@ def cached_features(
         / f"{cache_key(encoder, split, transform)}.npy"
     )
     shape = (len(split.image_ids), *feature_shape(encoder, transform))
-    features = open_cache(path, shape, world)
+    features = open_cache(path, shape, world, np.float16)
     if features is not None:
         return features
+    device = torch.device(device)
+
+    def features(images):  # cast to the stored dtype on the device; `build_cache` copies it
+        images = images.to(device, non_blocking=True)
+        return encoder.backbone_features(images).float().to(torch.float16)
+
     batches_between = _batches_between(
-        ImageDataset(split, transform), batch_size, num_workers,
-        lambda images: encoder.backbone_features(images.to(device)).float().cpu().numpy(),
-    )  # fmt: skip
+        ImageDataset(split, transform), batch_size, num_workers, features, device.type == "cuda"
+    )
     was_training = encoder.training
     encoder.eval()
     try:
@@ -172,13 +347,14 @@ def cached_features(
         encoder.train(was_training)
 
 
-def _batches_between(dataset, batch_size, num_workers, convert):
+def _batches_between(dataset, batch_size, num_workers, convert, pin_memory=False):
     """`build_cache`'s `batches_between` over `dataset`: each batch of images, `convert`ed."""
 
     def batches_between(first, last):
         stop = min(last * batch_size, len(dataset))
         rows = torch.utils.data.Subset(dataset, range(first * batch_size, stop))
-        return (convert(images) for images, _ in image_loader(rows, batch_size, num_workers))
+        loader = image_loader(rows, batch_size, num_workers, pin_memory)
+        return (convert(images) for images, _ in loader)
 
     return batches_between
 
@@ -199,11 +375,11 @@ def cached_images(
         / f"{cache_key(None, split, transform)}.npy"
     )
     shape = (len(split.image_ids), 3, image_size, image_size)
-    pixels = open_cache(path, shape, world)
+    pixels = open_cache(path, shape, world, np.uint8)
     if pixels is not None:
         return pixels
     batches_between = _batches_between(
-        ImageDataset(split, transform), batch_size, num_workers, lambda images: images.numpy()
+        ImageDataset(split, transform), batch_size, num_workers, lambda images: images
     )
     return build_cache(path, shape, np.uint8, batches_between, batch_size,
                        f"caching {split.name} images", progress, rank, world)  # fmt: skip

@@ -1,17 +1,25 @@
 """The data one training run reads: image inputs (cached or not), training and validation loaders."""
 
-import numpy as np
 import torch
 
 from data_loader import (
     CaptionDataset,
     ImageCaptionsDataset,
     ImageDataset,
+    ZeroRows,
     make_caption_loader,
     make_image_captions_loader,
     make_transform,
+    resolve_num_workers,
 )
 from feature_cache import cached_features, cached_images
+
+
+def to_device(tensors, device):
+    """`tensors` on `device` (copied non-blocking), floating ones cast to float32 there."""
+    # Cached features travel as float16 and are widened on the device, not in the workers.
+    moved = [t.to(device, non_blocking=True) for t in tensors]
+    return [t.float() if t.is_floating_point() else t for t in moved]
 
 
 def image_inputs(config, encoder, splits, rank, world, device):
@@ -20,10 +28,9 @@ def image_inputs(config, encoder, splits, rank, world, device):
         # A blind model sees zero features whatever it is given (`ShowAndTell.encode`), so its
         # data is zeros too: no image is read and no CNN runs.
         shape = (1, encoder.feature_size) if encoder.grid else (encoder.feature_size,)
-        return [{"features": np.zeros((len(s.image_ids), *shape), np.float16)} for s in splits]
-    options = dict(
-        batch_size=config.batch_size, num_workers=config.num_workers, progress=config.progress
-    )
+        return [{"features": ZeroRows(len(s.image_ids), shape)} for s in splits]
+    workers = resolve_num_workers(config.num_workers)
+    options = dict(batch_size=config.batch_size, num_workers=workers, progress=config.progress)
     # Every process computes its share of a missing cache (feature_cache.build_cache).
     options.update(rank=rank, world=world)
     if encoder.frozen:
@@ -37,7 +44,8 @@ def image_inputs(config, encoder, splits, rank, world, device):
 
 
 class TrainingData:
-    """The loaders one run needs: training, validation loss, and validation images to caption."""
+    """The loaders one run needs: training, validation loss, and validation images to caption
+    (`val_images`: on rank 0 only, which validates; None on the others)."""
 
     def __init__(self, config, model, vocab, train_split, val_split, rank, world, device):
         self.train_split, self.val_split = train_split, val_split
@@ -49,6 +57,7 @@ class TrainingData:
         self.grouped, self.seed = config.batch_by == "image", config.seed
         sharding = dict(num_replicas=world, rank=rank)
         train_captions = CaptionDataset(train_split, vocab, train_transform, **train_inputs)
+        self.train_captions = train_captions
         self.train = self.make_loader(
             config, train_captions, True, config.captions_per_image, **sharding
         )
@@ -67,14 +76,16 @@ class TrainingData:
         )
         n_val = len(val_split.image_ids)
         n_val = n_val if config.val_images is None else min(config.val_images, n_val)
-        self.val_images = self.val_image_loader(config, val_split, transform, val_inputs, n_val)
+        self.val_images = None
+        if rank == 0:  # only rank 0 validates (`train.validation_cider`)
+            self.val_images = self.val_image_loader(config, val_split, transform, val_inputs, n_val)
         scored_ids = set(val_split.image_ids[:n_val])
         self.val_references = {i: r for i, r in val_split.references().items() if i in scored_ids}
 
     def make_loader(self, config, captions, shuffle, captions_per_image, num_replicas, rank):
         """Batches of images with their captions (batch_by=image) or of equal-length captions."""
         common = dict(
-            shuffle=shuffle, seed=config.seed, num_workers=config.num_workers,
+            shuffle=shuffle, seed=config.seed, num_workers=resolve_num_workers(config.num_workers),
             num_replicas=num_replicas, rank=rank,
         )  # fmt: skip
         if self.grouped:
@@ -84,18 +95,15 @@ class TrainingData:
 
     @staticmethod
     def val_image_loader(config, split, transform, inputs, n_images):
-        """(image inputs, image ids) of the first `n_images` validation images, for CIDEr."""
-        if "features" in inputs:
-            images = torch.utils.data.TensorDataset(
-                torch.from_numpy(np.asarray(inputs["features"][:n_images], np.float32)),
-                torch.tensor(split.image_ids[:n_images]),
-            )
-        else:
-            images = ImageDataset(split, transform, pixels=inputs.get("pixels"))
-            images = torch.utils.data.Subset(images, range(n_images))
+        """(image inputs, image ids) of the first `n_images` validation images, for CIDEr; cached
+        features stay in their memory map and stored dtype (cast per batch on the device)."""
+        images = ImageDataset(split, transform, **inputs)
+        images = torch.utils.data.Subset(images, range(n_images))
+        workers = resolve_num_workers(config.num_workers)
         return torch.utils.data.DataLoader(
-            images, batch_size=config.batch_size, num_workers=config.num_workers
-        )
+            images, batch_size=config.batch_size, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+        )  # fmt: skip
 
     def start_epoch(self, epoch):
         """Reshuffle (and redraw caption subsets) for `epoch`, the same way on a resume."""
@@ -104,6 +112,7 @@ class TrainingData:
             self.train.dataset.set_epoch(epoch)
         else:
             self.train.batch_sampler.set_epoch(epoch)
+            self.train_captions.set_epoch(epoch, self.seed)  # reseeds the workers' augmentation
         self.train.generator.manual_seed(self.seed * 100003 + epoch)
         if self.images is not None:
             self.images.sampler.set_epoch(epoch)

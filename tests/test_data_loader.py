@@ -317,3 +317,110 @@ def test_cached_pixels_give_exactly_the_transformed_image(coco_sample, tmp_path)
     transform = make_transform(96)
     for index, path in enumerate(split.image_paths):
         assert torch.equal(pixels_to_input(pixels[index]), transform(load_image(path))), path
+
+
+# --- loader workers: how many, kept from epoch to epoch, seeded per epoch, given paths --------
+
+
+def test_default_num_workers_shares_the_cpus_this_process_may_use(monkeypatch):
+    from data_loader import default_num_workers, resolve_num_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's, not this process's
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 5, 6, 7}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_num_workers() == 6
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four training processes on this machine
+    assert default_num_workers() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_num_workers() == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(40)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_num_workers() == 8  # capped
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert default_num_workers() == 3
+    assert [resolve_num_workers(n) for n in (None, 0, 5)] == [3, 0, 5]
+
+
+def val_captions(demo_root, **inputs):
+    from data_loader import CaptionDataset
+    from vocabulary import Vocabulary
+
+    split = read_split(demo_root, "val")
+    return CaptionDataset(split, Vocabulary(1, None, captions=split.tokenized()), **inputs)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # none is started
+def test_training_loaders_keep_their_workers_and_pin_for_cuda(demo_root, monkeypatch):
+    import data_loader
+    from data_loader import ImageCaptionsDataset, make_caption_loader, make_image_captions_loader
+
+    captions = val_captions(demo_root, features=np.zeros((20, 4), np.float16))
+    for workers in (0, 1):
+        loaders = [make_caption_loader(captions, 4, num_workers=workers),
+                   make_image_captions_loader(ImageCaptionsDataset(captions), 4,
+                                              num_workers=workers)]  # fmt: skip
+        for dl in loaders:
+            assert dl.num_workers == workers and dl.persistent_workers == (workers > 0)
+            assert dl.pin_memory == torch.cuda.is_available()
+    monkeypatch.setattr(data_loader, "default_num_workers", lambda: 3)
+    assert make_caption_loader(captions, 4, num_workers=None).num_workers == 3  # "auto"
+
+
+@pytest.mark.parametrize("batch_by", ["image", "length"])
+def test_persistent_workers_give_each_epoch_what_a_resumed_run_reads(demo_root, tmp_path, batch_by):
+    # Persistent workers keep the dataset they started with: the epoch (captions drawn per image)
+    # and the augmentation's seed must still follow the epoch, as in a run resumed at that epoch.
+    from checkpoint import build_model
+    from tests.helpers import tiny_config
+    from training_data import TrainingData
+
+    config = tiny_config(demo_root, tmp_path, num_workers=1, augment=True, batch_by=batch_by,
+                         captions_per_image=2 if batch_by == "image" else None)  # fmt: skip
+    splits = [read_split(demo_root, s) for s in ("train", "val")]
+    vocab = data_loader_vocab(splits[0])
+
+    def epochs(numbers):
+        data = TrainingData(config, build_model(config, vocab), vocab, *splits, 0, 1, "cpu")
+        assert data.train.persistent_workers
+        read = []
+        for epoch in numbers:
+            data.start_epoch(epoch)
+            read.append([[t.clone() for t in batch] for batch in data.train])
+        return read
+
+    unbroken, resumed = epochs([0, 1, 2]), epochs([2])
+    assert all(map(torch.equal, sum(unbroken[2], []), sum(resumed[0], []))) and len(resumed[0])
+    first, last = sum(unbroken[0], []), sum(unbroken[2], [])
+    assert not all(torch.equal(a, b) for a, b in zip(first, last) if a.shape == b.shape)
+
+
+def data_loader_vocab(split):
+    from data_loader import load_or_build_vocab
+
+    return load_or_build_vocab(
+        vocab_file=None, vocab_threshold=1, vocab_from_file=False, train_split=split
+    )
+
+
+def test_spawned_workers_map_the_cache_and_see_each_epoch(demo_root, tmp_path):
+    # Python 3.14 starts workers with forkserver: they get the pickled dataset, map the file
+    # themselves, and still see set_epoch when they persist.
+    import functools
+
+    from data_loader import ImageCaptionsDataset, image_captions_collate
+
+    rows = np.random.default_rng(0).standard_normal((20, 16)).astype(np.float16)
+    np.save(tmp_path / "features.npy", rows)
+    cache = np.load(tmp_path / "features.npy", mmap_mode="r")
+    grouped = ImageCaptionsDataset(val_captions(demo_root, features=cache), 2, seed=1)
+    dl = torch.utils.data.DataLoader(
+        grouped, batch_size=20, num_workers=1, multiprocessing_context="spawn",
+        persistent_workers=True, collate_fn=functools.partial(image_captions_collate, pad_id=3),
+    )  # fmt: skip
+    for epoch in (0, 1):
+        grouped.set_epoch(epoch)
+        ((features, captions, owners),) = list(dl)
+        expected = image_captions_collate([grouped[i] for i in range(20)], pad_id=3)
+        assert features.dtype == torch.float16 and torch.equal(features, torch.from_numpy(rows))
+        assert torch.equal(captions, expected[1]) and torch.equal(owners, expected[2])

@@ -172,8 +172,9 @@ def test_two_processes_put_every_collective_tensor_on_their_device(demo_root, tm
         calls = json.loads((tmp_path / f"rank{r}_collectives.json").read_text())
         assert len(calls) > 20, calls
         assert {device for _, device, _ in calls} == {"cpu"}, calls  # the training device
-        assert {dtype for _, _, dtype in calls} <= {"torch.float64", "torch.int32", "torch.uint8",
-                                                    "torch.float32"}, calls  # fmt: skip
+        # Sums and flags in float64, token counts in int64, weights in float32, text in uint8.
+        dtypes = {"torch.float64", "torch.int64", "torch.int32", "torch.uint8", "torch.float32"}
+        assert {dtype for _, _, dtype in calls} <= dtypes, calls
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert any("running_mean" in k for k in ranks[0])
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
