@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from atomic_file import write_json
 from decoding import LENGTH_PENALTY, decode_captions
+from distributed import resolve_device
 
 
 @torch.no_grad()
@@ -61,7 +62,7 @@ def evaluate(
     from coco_metrics import score_captions, write_results
     from data_loader import ImageDataset, make_transform, resolve_data_dir
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device or "auto")
     model, vocab, config = load_trained(checkpoint, device)
     data = read_split(resolve_data_dir(data_dir or config.data_dir), split, layout or config.layout)
     dataset = ImageDataset(data, make_transform(config.image_size))

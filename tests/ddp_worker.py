@@ -4,7 +4,8 @@ Usage: torchrun ... tests/ddp_worker.py CONFIG_JSON OUT_DIR
 
 Environment switches for the failure tests: NAN_ON_RANK=r makes that rank's third training
 loss NaN; OUTPUT_DIR_PER_RANK=1 gives every rank its own output_dir; SKEW_BEST_ON_RANK=r makes
-that rank read other weights from best.pt (as a stale copy on another machine would).
+that rank read other weights from best.pt (as a stale copy on another machine would);
+FIXED_CIDER=x makes rank 0's validation CIDEr x (the ranks must all end up with it).
 """
 
 import json
@@ -40,8 +41,8 @@ def record_collectives(calls):
 def main(config_json, out_dir):
     """Train with `config_json`; write rank<r>.pt (weights), rank<r>_reads.json (epoch, image),
     rank<r>_scst_reads.json (images read by the self-critical stage), rank<r>_scst_start.pt
-    (weights the self-critical stage started from), rank<r>_collectives.json and, if training
-    failed, rank<r>_error.txt."""
+    (weights the self-critical stage started from), rank<r>_collectives.json,
+    rank<r>_history.json and, if training failed, rank<r>_error.txt."""
     rank = int(os.environ["RANK"])
     out = Path(out_dir)
     models, reads, scst_reads, calls = [], [], [], []
@@ -92,9 +93,11 @@ def main(config_json, out_dir):
             return state
 
         train_module.load_checkpoint = skewed
+    if os.environ.get("FIXED_CIDER"):
+        train_module.cider_score = lambda *args: float(os.environ["FIXED_CIDER"])
     record_collectives(calls)
     try:
-        train_module.train(TrainConfig(**config))
+        history = train_module.train(TrainConfig(**config))
     except Exception as e:
         (out / f"rank{rank}_error.txt").write_text(f"{type(e).__name__}: {e}")
         raise
@@ -103,6 +106,7 @@ def main(config_json, out_dir):
     torch.save(models[0].state_dict(), out / f"rank{rank}.pt")
     (out / f"rank{rank}_reads.json").write_text(json.dumps(reads))
     (out / f"rank{rank}_scst_reads.json").write_text(json.dumps(scst_reads))
+    (out / f"rank{rank}_history.json").write_text(json.dumps(history))
     dist.destroy_process_group()
 
 
