@@ -42,16 +42,23 @@ def main(config_json, out_dir):
     """Train with `config_json`; write rank<r>.pt (weights), rank<r>_reads.json (epoch, image),
     rank<r>_scst_reads.json (images read by the self-critical stage), rank<r>_scst_start.pt
     (weights the self-critical stage started from), rank<r>_collectives.json,
-    rank<r>_history.json and, if training failed, rank<r>_error.txt."""
+    rank<r>_history.json, rank<r>_statistics.json (batch-norm running mean at each training
+    step's start) and, if training failed, rank<r>_error.txt."""
     rank = int(os.environ["RANK"])
     out = Path(out_dir)
-    models, reads, scst_reads, calls = [], [], [], []
+    models, reads, scst_reads, calls, statistics = [], [], [], [], []
     build_model, get_item = train_module.build_model, ImageCaptionsDataset.__getitem__
     get_image, run_scst = IndexedImages.__getitem__, train_module.run_self_critical_epoch
 
     def keep_model(*args, **kwargs):
         models.append(build_model(*args, **kwargs))
+        for norm in (m for m in models[-1].modules() if isinstance(m, torch.nn.BatchNorm1d)):
+            norm.register_forward_pre_hook(record_statistics)
         return models[-1]
+
+    def record_statistics(norm, args):
+        if norm.training:  # the running mean a training step starts from
+            statistics.append(norm.running_mean.sum().item())
 
     def record_read(dataset, index):
         if dataset.captions.split.name == "train":
@@ -107,6 +114,7 @@ def main(config_json, out_dir):
     (out / f"rank{rank}_reads.json").write_text(json.dumps(reads))
     (out / f"rank{rank}_scst_reads.json").write_text(json.dumps(scst_reads))
     (out / f"rank{rank}_history.json").write_text(json.dumps(history))
+    (out / f"rank{rank}_statistics.json").write_text(json.dumps(statistics))
     dist.destroy_process_group()
 
 
