@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from atomic_file import write_json
 from decoding import LENGTH_PENALTY, decode_captions
 from distributed import resolve_device
+from training_data import to_device
 
 
 @torch.no_grad()
@@ -27,7 +28,7 @@ def predict_captions(
     predictions = {}
     for inputs, image_ids in tqdm(loader, desc="captioning", unit="batch", disable=not progress):
         # Cached features come in their stored dtype (float16): widened on the device.
-        features = model.encode(inputs.to(device, non_blocking=True).float())  # (batch, embed)
+        features = model.encode(*to_device([inputs], device))  # (batch, embed)
         _, captions = decode_captions(
             model.decoder, features, vocab, beam_size, max_len, length_penalty
         )

@@ -30,12 +30,7 @@ from checkpoint import (
 )
 from coco_metrics import cider_score
 from config import TrainConfig, parse_config, resume_conflicts
-from data_loader import (
-    find_unreadable_images,
-    load_or_build_vocab,
-    resolve_data_dir,
-    resolve_num_workers,
-)
+from data_loader import find_unreadable_images, load_or_build_vocab, resolve_data_dir
 from evaluate import predict_captions
 from loss_log import LossLog
 from self_critical import CaptionReward, run_self_critical_epoch
@@ -227,7 +222,7 @@ def drop_unreadable_images(split, config, rank=0, world=1):
     n = len(split.image_ids)
     start, stop = rank * n // world, (rank + 1) * n // world
     share = split.without_images([*range(start), *range(stop, n)]) if world > 1 else split
-    found = find_unreadable_images(share, resolve_num_workers(config.num_workers), config.progress)
+    found = find_unreadable_images(share, config.num_workers, config.progress)
     found = {start + k: message for k, message in found.items()}
     bad = distributed.union_of_indices(found, n)
     if bad:
@@ -346,11 +341,11 @@ def validation_cider(model, vocab, data, config, device, rank, world):
 def check_shared_output_dir(output_dir, rank):
     """Stop every rank with an error naming `output_dir` unless all see rank 0's folder: with
     their own folders, ranks would resume or start the self-critical stage from other files."""
-    token = f"{secrets.randbits(48)}"  # exact in the float64 broadcast
+    token = distributed.broadcast_text(secrets.token_hex(8) if rank == 0 else "")
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text(output_dir / RANKS_CHECK, token)
-    token = f"{int(distributed.broadcast_value(int(token) if rank == 0 else 0))}"
+    distributed.barrier()  # written before any rank looks
     seen = None
     for _ in range(50):  # a network file system may show the new file a moment later
         with contextlib.suppress(OSError):

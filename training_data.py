@@ -29,8 +29,9 @@ def image_inputs(config, encoder, splits, rank, world, device):
         # data is zeros too: no image is read and no CNN runs.
         shape = (1, encoder.feature_size) if encoder.grid else (encoder.feature_size,)
         return [{"features": ZeroRows(len(s.image_ids), shape)} for s in splits]
-    workers = resolve_num_workers(config.num_workers)
-    options = dict(batch_size=config.batch_size, num_workers=workers, progress=config.progress)
+    options = dict(
+        batch_size=config.batch_size, num_workers=config.num_workers, progress=config.progress
+    )
     # Every process computes its share of a missing cache (feature_cache.build_cache).
     options.update(rank=rank, world=world)
     if encoder.frozen:
@@ -85,7 +86,7 @@ class TrainingData:
     def make_loader(self, config, captions, shuffle, captions_per_image, num_replicas, rank):
         """Batches of images with their captions (batch_by=image) or of equal-length captions."""
         common = dict(
-            shuffle=shuffle, seed=config.seed, num_workers=resolve_num_workers(config.num_workers),
+            shuffle=shuffle, seed=config.seed, num_workers=config.num_workers,
             num_replicas=num_replicas, rank=rank,
         )  # fmt: skip
         if self.grouped:
