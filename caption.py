@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from decoding import LENGTH_PENALTY
+from decoding import LENGTH_PENALTY, DecodingOptions
 from distributed import resolve_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -24,11 +24,12 @@ def find_images(inputs):
     return files
 
 
-def image_batches(paths, image_size, batch_size, device):
-    """(paths, model inputs) in chunks of `batch_size` images."""
-    from data_loader import load_image, make_transform
+def image_batches(paths, preprocessing, batch_size, device):
+    """(paths, model inputs) in chunks of `batch_size` images, made as the `preprocessing` record
+    (`model.preprocessing` of a loaded checkpoint) says."""
+    from data_loader import load_image, preprocessing_transform
 
-    transform = make_transform(image_size)
+    transform = preprocessing_transform(preprocessing)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         yield chunk, torch.stack([transform(load_image(p)) for p in chunk]).to(device)
@@ -36,19 +37,20 @@ def image_batches(paths, image_size, batch_size, device):
 
 @torch.no_grad()
 def caption_images(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None,
-                   length_penalty=LENGTH_PENALTY):  # fmt: skip
-    """{path: caption} for image files, using the model saved in `checkpoint`."""
+                   length_penalty=LENGTH_PENALTY, options=None):  # fmt: skip
+    """{path: caption} for image files, using the model saved in `checkpoint`; `options`: the
+    `decoding.DecodingOptions` captions keep to (None: none)."""
     from checkpoint import load_trained
     from decoding import decode_captions
 
     device = resolve_device(device or "auto")
     model, vocab, config = load_trained(checkpoint, device)
     captions = {}
-    for chunk, images in image_batches(paths, config.image_size, batch_size, device):
+    for chunk, images in image_batches(paths, model.preprocessing, batch_size, device):
         features = model.encode(images)  # (batch, embed) or a grid; zeros seen if blind
         _, texts = decode_captions(
             model.decoder, features, vocab, beam_size, max_len or config.max_caption_len,
-            length_penalty,
+            length_penalty, options,
         )  # fmt: skip
         captions.update(zip(map(str, chunk), texts))
     return captions
@@ -56,23 +58,26 @@ def caption_images(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
 
 @torch.no_grad()
 def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None,
-                   length_penalty=LENGTH_PENALTY):  # fmt: skip
+                   length_penalty=LENGTH_PENALTY, options=None):  # fmt: skip
     """{path: (words, weights (words, positions))}: each generated word of an attention model's
-    caption, `<end>` included, and where it looked."""
+    caption, `<end>` included, and where it looked; `options` as for `caption_images`."""
     from checkpoint import load_trained
     from decoding import beam_search, greedy_decode
 
     device = resolve_device(device or "auto")
     model, vocab, config = load_trained(checkpoint, device, decoder="attention")
     max_len = max_len or config.max_caption_len
+    options = options and options.for_vocab(vocab)
     maps = {}
-    for chunk, images in image_batches(paths, config.image_size, batch_size, device):
+    for chunk, images in image_batches(paths, model.preprocessing, batch_size, device):
         grids = model.encode(images)  # (batch, positions, features)
         if beam_size == 1:
-            ids, weights = greedy_decode(model.decoder, grids, max_len, vocab.pad_id, True)
+            ids, weights = greedy_decode(model.decoder, grids, max_len, vocab.pad_id, True,
+                                         options)  # fmt: skip
         else:
             ids, weights = beam_search(model.decoder, grids, beam_size, max_len, length_penalty,
-                                       vocab.pad_id, with_attention=True)  # fmt: skip
+                                       vocab.pad_id, with_attention=True,
+                                       options=options)  # fmt: skip
         for path, row, row_weights in zip(chunk, ids.tolist(), weights.cpu()):
             words = [vocab.idx2word[i] for i in row[1:]]
             words = words[: words.index(vocab.end_word) + 1] if vocab.end_word in words else words
@@ -118,6 +123,7 @@ def main(argv=None):
         help="beam: rank by log-prob / length ** this (default 0: the raw sum)",
     )  # fmt: skip
     parser.add_argument("--max-len", type=int)
+    DecodingOptions.add_flags(parser)
     parser.add_argument(
         "--json", help="write {path: caption} here (default captions.json when a folder is given)"
     )
@@ -132,9 +138,11 @@ def main(argv=None):
     paths = find_images(args.inputs)
     if not paths:
         parser.error("no images found in " + " ".join(args.inputs))
+    options = DecodingOptions.from_flags(args)
     captions = caption_images(
-        args.checkpoint, paths, args.beam, args.max_len, length_penalty=args.length_penalty
-    )
+        args.checkpoint, paths, args.beam, args.max_len, length_penalty=args.length_penalty,
+        options=options,
+    )  # fmt: skip
     for path, text in captions.items():
         print(f"{path}: {text}")
     json_path = args.json or (
@@ -148,7 +156,7 @@ def main(argv=None):
             draw_attention(
                 attention_maps(
                     args.checkpoint, paths, args.beam, args.max_len,
-                    length_penalty=args.length_penalty,
+                    length_penalty=args.length_penalty, options=options,
                 ),
                 args.draw,
             )  # fmt: skip

@@ -8,7 +8,12 @@ import numpy as np
 import torch
 
 from atomic_file import atomic_path
+from data_loader import IMAGENET_MEAN, IMAGENET_STD, preprocessing
 from model import AttentionDecoder, DecoderRNN, EncoderCNN, ShowAndTell
+
+# What the images of checkpoints saved before they recorded it went through, fixed here so that
+# a later change of the defaults never changes how those models are fed.
+LEGACY_PREPROCESSING = {"resize": "crop", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
 
 class CheckpointError(RuntimeError):
@@ -117,8 +122,15 @@ def build_model(config, vocab):
     return ShowAndTell(encoder, decoder, blind=config.blind)
 
 
+def checkpoint_preprocessing(state, config):
+    """The checkpoint's `preprocessing` record; for an older checkpoint, that of its `config`
+    with the preprocessing of its time."""
+    return state.get("preprocessing") or {**preprocessing(config), **LEGACY_PREPROCESSING}
+
+
 def load_trained(path, device="cpu", decoder=None):
-    """(model in eval mode, vocabulary, config) rebuilt from a checkpoint's config and weights.
+    """(model in eval mode, vocabulary, config) rebuilt from a checkpoint's config and weights;
+    `model.preprocessing` is what its images went through (`checkpoint_preprocessing`).
 
     `decoder` ("showtell" or "attention"), when given, is the kind the caller needs: a
     checkpoint of the other kind is refused.
@@ -147,4 +159,5 @@ def load_trained(path, device="cpu", decoder=None):
             for k in ("decoder", "backbone", "embed_size", "hidden_size", "num_layers")
         ),
     )
+    model.preprocessing = checkpoint_preprocessing(state, config)
     return model.to(device).eval(), vocab, config

@@ -20,7 +20,13 @@ SIGMA = 6.0
 BASE = int((2**63 - 1) ** 0.25)
 while BASE**MAX_N > 2**63 - 1:
     BASE -= 1
-CACHE_VERSION = "cider-d/1"
+# The end of a caption as a word of the self-critical reward (Rennie et al. 2017, appendix):
+# upper case, which the PTB tokenisation never produces (it lower-cases everything and spells
+# brackets "-lrb-"), so no word of a real caption can stand for it; "<end>" could (PTB keeps
+# a tag whole).
+END_TOKEN = "<END>"
+# 2: the references end with END_TOKEN (frequencies cached by version 1 have no end).
+CACHE_VERSION = "cider-d/2"
 
 
 class WordIndex:
@@ -237,6 +243,11 @@ def select_sentences(ids, offsets, which):
     return selected, np.concatenate(([0], np.cumsum(lengths)))
 
 
+def append_token(ids, offsets, token):
+    """Flat sentences with `token` added at the end of each: (flat ids, offsets)."""
+    return np.insert(ids, offsets[1:], token), offsets + np.arange(len(offsets))
+
+
 def concatenated_ranges(starts, lengths):
     """starts[0] to starts[0] + lengths[0] - 1, then the same for starts[1], ..., as one array."""
     lengths = np.asarray(lengths, np.int64)
@@ -248,10 +259,12 @@ def concatenated_ranges(starts, lengths):
 
 def training_scorer(split, cache_dir=None):
     """A `CiderD` whose document frequencies are those of `split`'s references, and those
-    references encoded for it: (scorer, ref ids, ref offsets), captions in `split` order.
+    references encoded for it: (scorer, ref ids, ref offsets), captions in `split` order, each
+    ending with `END_TOKEN`.
 
     The frequencies are computed once per set of captions and cached as plain arrays (.npz,
-    no pickle) beside the token cache; edited captions get a new file.
+    no pickle) beside the token cache; edited captions get a new file, and so does a new
+    `CACHE_VERSION` (the file's name hashes it).
     """
     from annotations import _cache_key, default_cache_dir
 
@@ -260,7 +273,9 @@ def training_scorer(split, cache_dir=None):
     path = Path(cache_dir or default_cache_dir()) / "cider-d" / f"{key}.npz"
     words = WordIndex()
     table = [[words.add(t) for t in tokens_of] for tokens_of in ptb_tokens(tokens.words)]
-    ref_ids, ref_offsets = TokenMap(table)(tokens.ids, tokens.offsets)
+    ref_ids, ref_offsets = append_token(
+        *TokenMap(table)(tokens.ids, tokens.offsets), words.add(END_TOKEN)
+    )
     images = len(np.unique(split.caption_image))  # images with references
     if path.exists():
         with np.load(path, allow_pickle=False) as z:

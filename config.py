@@ -9,6 +9,7 @@ import types
 from dataclasses import dataclass, field
 
 from annotations import LAYOUTS
+from data_loader import RESIZE_MODES
 from model import BACKBONES
 
 # What a resumed run may change: how long and where it runs, never what it trains.
@@ -49,6 +50,11 @@ class TrainConfig:
         0, "CNN blocks trained: 0 frozen (feature cache), k the last k, -1 all", low=-1, high=4
     )
     image_size: int = option(224, "images are resized and cropped to this many pixels", low=16)
+    resize: str = option(
+        "crop", "crop: shorter side to image_size, centre crop (random crop with augment); full: "
+        "the whole image to image_size x image_size, aspect not kept (flip only with augment)",
+        choices=RESIZE_MODES,
+    )  # fmt: skip
     augment: bool = option(False, "random crop and flip (fine-tuning only)")
     cache_images: bool = option(
         False, "unfrozen CNN without augment: decode and resize each image once (uint8 on disk)"
@@ -124,6 +130,11 @@ class TrainConfig:
     max_caption_len: int = option(
         20, "longest generated caption, <start> and <end> included", low=2
     )
+    # Off by default: the demo trains on whole captions (up to 24 words), as its figures were made.
+    cut_captions: bool = option(
+        False, "cut training captions to what decoding can give: max_caption_len - 2 words, then "
+        "<end> (counted and printed once per run)",
+    )  # fmt: skip
     val_images: int | None = option(
         500, "validation images scored by CIDEr after each epoch; none: all", low=1
     )
@@ -241,26 +252,31 @@ def _flag_type(f):
     return lambda text: None if optional and text.lower() == "none" else kind(text)
 
 
-def parse_config(cls, argv=None, description=None):
-    """A `cls` config from command-line flags, one per dataclass field (--data-dir ...)."""
+def parse_config(cls, argv=None, description=None, base=None, parents=()):
+    """A `cls` config from command-line flags, one per dataclass field (--data-dir ...), whose
+    defaults are `base`'s values (None: the dataclass's); `parents`' flags are shown, not kept."""
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    for f in dataclasses.fields(cls):
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        parents=list(parents),
+    )  # fmt: skip
+    fields = dataclasses.fields(cls)
+    for f in fields:
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
+        default = f.default if base is None else getattr(base, f.name)
         if f.type is bool:
             parser.add_argument(
-                flag, default=f.default, action=argparse.BooleanOptionalAction, help=help_text
+                flag, default=default, action=argparse.BooleanOptionalAction, help=help_text
             )
         else:
             choices = f.metadata.get("choices")
             listed = choices and len(choices) <= 10  # the backbones are named in the help text
             metavar = "{" + ",".join(choices) + "}" if listed else f.name.upper()
             parser.add_argument(
-                flag, default=f.default, type=_flag_type(f), metavar=metavar, help=help_text
+                flag, default=default, type=_flag_type(f), metavar=metavar, help=help_text
             )
     try:
-        return cls(**vars(parser.parse_args(argv)))
+        values = vars(parser.parse_args(argv))
+        return cls(**{f.name: values[f.name] for f in fields})
     except ConfigError as e:
         parser.error(str(e))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.utils.data as data
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import transforms
 
 from annotations import TokenizedCaptions, read_split
@@ -130,13 +130,16 @@ class ImageLoadError(OSError):
 
 
 def load_image(path, source=None):
-    """The image at `path` as 8-bit RGB (grayscale, CMYK, RGBA and 16-bit inputs converted)."""
+    """The image at `path` as 8-bit RGB (grayscale, CMYK, RGBA and 16-bit inputs converted),
+    turned upright by its EXIF orientation tag."""
     named_by = f" (named by {source})" if source else ""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
+                # Phones store portraits sideways with a rotation tag; training images too.
+                ImageOps.exif_transpose(im, in_place=True)
                 return to_rgb(im)
     except FileNotFoundError:
         raise ImageLoadError(f"{path}: image file not found{named_by}") from None
@@ -164,11 +167,25 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
-def make_pixel_transform(image_size=224):
-    """Resize and centre-crop to uint8 pixels (3, H, W): what the image cache stores."""
-    return transforms.Compose(
-        [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()]
-    )
+RESIZE_MODES = ("crop", "full")
+
+
+def resize_steps(image_size, resize="crop", train=False):
+    """crop: shorter side to `image_size`, centre crop (random crop when training); full: the
+    whole image to `image_size` x `image_size`, aspect not kept; flipped at random when training."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize: {resize!r} is not one of {RESIZE_MODES}")
+    if resize == "full":
+        steps = [transforms.Resize((image_size, image_size))]
+    else:
+        crop = transforms.RandomCrop if train else transforms.CenterCrop
+        steps = [transforms.Resize(image_size), crop(image_size)]
+    return steps + [transforms.RandomHorizontalFlip()] * train
+
+
+def make_pixel_transform(image_size=224, resize="crop"):
+    """Resize (`resize_steps`) to uint8 pixels (3, H, W): what the image cache stores."""
+    return transforms.Compose([*resize_steps(image_size, resize), transforms.PILToTensor()])
 
 
 def pixels_to_input(pixels):
@@ -177,17 +194,27 @@ def pixels_to_input(pixels):
     return transforms.functional.normalize(scaled, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def make_transform(image_size=224, train=False, normalize=True):
-    """Resize/crop (random crop and flip when training) to a tensor, ImageNet-normalised."""
-    steps = [transforms.Resize(image_size)]
-    if train:
-        steps += [transforms.RandomCrop(image_size), transforms.RandomHorizontalFlip()]
-    else:
-        steps += [transforms.CenterCrop(image_size)]
-    steps.append(transforms.ToTensor())
+def make_transform(image_size=224, train=False, normalize=True, resize="crop", mean=None, std=None):
+    """Resize (`resize_steps`) to a tensor, normalised by `mean` and `std` (default ImageNet's)."""
+    steps = [*resize_steps(image_size, resize, train), transforms.ToTensor()]
     if normalize:
-        steps.append(transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+        steps.append(transforms.Normalize(mean or IMAGENET_MEAN, std or IMAGENET_STD))
     return transforms.Compose(steps)
+
+
+def preprocessing(config):
+    """What a model's images go through, from its `TrainConfig` (plain data: saved in checkpoints)."""
+    return {
+        "image_size": config.image_size, "resize": config.resize,
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "backbone": config.backbone, "grid_size": config.grid_size,
+    }  # fmt: skip
+
+
+def preprocessing_transform(record):
+    """The evaluation transform of a `preprocessing` record."""
+    return make_transform(record["image_size"], resize=record["resize"], mean=record["mean"],
+                          std=record["std"])  # fmt: skip
 
 
 class CaptionDataset(data.Dataset):

@@ -3,19 +3,91 @@
 
 The decoder should be in eval mode (the caller's job: these functions never change the mode).
 Sequences follow the decoders' `sample`: every sequence begins with the given `<start>` id,
-and ends with (and includes) `end_id`.
+and ends with (and includes) `end_id`. Greedy and beam search can hold captions to
+`DecodingOptions` (all off by default).
 """
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
 
+from caption_health import BAD_ENDINGS
 from model import AttentionDecoder
 
 PAD_ID = 3  # `<pad>` in vocabulary.Vocabulary
 # Beam search ranks by the raw summed log-probability by default, as im2txt does: length
 # normalisation (1.0) preferred longer phrasings and cost CIDEr on the demo (README, "Beam search").
 LENGTH_PENALTY = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingOptions:
+    """Rules greedy and beam search hold captions to; all off by default (the model's choice).
+
+    no_bad_endings: no `<end>` right after a word of `caption_health.BAD_ENDINGS` (their ids are
+    `bad_ending_ids`, which `for_vocab` fills in); block_trigrams: no word that would complete a
+    word trigram already in the caption (ruotianluo/self-critical.pytorch's `block_trigrams`);
+    no_repeat_words: no word twice in a row. Sampling for self-critical training ignores them:
+    its log-probabilities must be the model's own for the policy gradient.
+    """
+
+    no_bad_endings: bool = False
+    block_trigrams: bool = False
+    no_repeat_words: bool = False
+    bad_ending_ids: tuple[int, ...] | None = None
+
+    @property
+    def any_on(self):
+        """Whether any rule is on."""
+        return self.no_bad_endings or self.block_trigrams or self.no_repeat_words
+
+    @staticmethod
+    def add_flags(parser):
+        """The options' flags for a command line (argparse), as evaluate.py and caption.py take."""
+        parser.add_argument(
+            "--no-bad-endings", action="store_true",
+            help="never end a caption on a word like a, the, with (caption_health.BAD_ENDINGS)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--block-trigrams", action="store_true", help="never repeat a word trigram in a caption"
+        )  # fmt: skip
+        parser.add_argument(
+            "--no-repeat-words", action="store_true", help="never the same word twice in a row"
+        )
+
+    @classmethod
+    def from_flags(cls, args):
+        """The options that `add_flags`' flags ask for."""
+        return cls(args.no_bad_endings, args.block_trigrams, args.no_repeat_words)
+
+    def for_vocab(self, vocab):
+        """These options with the ids of the vocabulary's bad-ending words."""
+        ids = tuple(sorted(vocab(word) for word in BAD_ENDINGS if word in vocab))
+        return dataclasses.replace(self, bad_ending_ids=ids)
+
+
+def forbidden_tokens(words, options, end_id, vocab_size):
+    """Where `options` forbid the next token (rows, vocab) after `words` (rows, t), the tokens
+    generated so far (`<start>` not included); None when nothing is forbidden."""
+    if options is None or not options.any_on or words.size(1) == 0:
+        return None
+    forbidden = torch.zeros(words.size(0), vocab_size, dtype=torch.bool, device=words.device)
+    last = words[:, -1:]  # (rows, 1)
+    if options.no_repeat_words:
+        forbidden.scatter_(1, last, True)
+    if options.no_bad_endings:
+        if options.bad_ending_ids is None:
+            raise ValueError("no_bad_endings needs the words' ids: pass options.for_vocab(vocab)")
+        bad = torch.tensor(options.bad_ending_ids, dtype=torch.long, device=words.device)
+        forbidden[:, end_id] |= torch.isin(last.squeeze(1), bad)
+    if options.block_trigrams and words.size(1) >= 3:
+        # Trigram i is words i, i + 1, i + 2: where its first two are the caption's last two
+        # words, its third would repeat it.
+        seen = (words[:, :-2] == words[:, -2:-1]) & (words[:, 1:-1] == last)  # (rows, t - 2)
+        hits = torch.zeros(forbidden.shape, device=words.device)
+        forbidden |= hits.scatter_add_(1, words[:, 2:], seen.float()) > 0
+    return forbidden
 
 
 class _Stepper:
@@ -56,12 +128,13 @@ class _Stepper:
 
 
 @torch.no_grad()
-def greedy_decode(decoder, features, max_len=20, pad_id=PAD_ID, with_attention=False):
+def greedy_decode(decoder, features, max_len=20, pad_id=PAD_ID, with_attention=False,
+                  options=None):  # fmt: skip
     """Greedy ids (batch, steps): each row as `decoder.sample` gives it, `pad_id` after `end_id`.
 
     `features` are image features (Show and Tell) or grids (attention). With_attention: also
     the attention weights of every generated word (batch, steps - 1, positions), zero after
-    `end_id`.
+    `end_id`. `options` (`DecodingOptions`): the rules captions keep to (None: none).
     """
     stepper = _Stepper(decoder)
     state, word = stepper.start(features)  # word: (batch,) `<start>`
@@ -70,6 +143,11 @@ def greedy_decode(decoder, features, max_len=20, pad_id=PAD_ID, with_attention=F
     while len(columns) < max_len and not bool(done.all()):
         # Finished rows keep stepping on `<pad>` so the batch stays whole; their output is masked.
         scores, state, alpha = stepper.step(word, state)  # (batch, vocab)
+        if options is not None and options.any_on:
+            words = torch.stack(columns, dim=1)[:, 1:]  # (batch, words so far)
+            forbidden = forbidden_tokens(words, options, decoder.end_id, scores.size(1))
+            if forbidden is not None:
+                scores = scores.masked_fill(forbidden, float("-inf"))
         word = scores.argmax(dim=1).masked_fill(done, pad_id)  # (batch,)
         columns.append(word)
         if alpha is not None:
@@ -131,7 +209,7 @@ def _stack_weights(weights, grid):
 
 @torch.no_grad()
 def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=LENGTH_PENALTY,
-                pad_id=PAD_ID, with_attention=False):  # fmt: skip
+                pad_id=PAD_ID, with_attention=False, options=None):  # fmt: skip
     """Best beam-search ids (batch, steps) per image, `pad_id` after `end_id`.
 
     Scores are summed log-probabilities; a hypothesis is ranked at the end by simple length
@@ -141,7 +219,8 @@ def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=LENGT
     `beam_size` best candidates when they emitted `end_id`); otherwise the unfinished beams at
     `max_len` compete too. beam_size=1 gives exactly `greedy_decode`. With_attention (attention
     decoders): also the attention weights of the returned hypothesis's words (batch, steps - 1,
-    positions).
+    positions). `options` (`DecodingOptions`): the rules every beam keeps to (None: none); a
+    forbidden token is never a candidate, and the others keep their log-probabilities.
     """
     batch, k = features.size(0), beam_size
     # At most k of the 2k best candidates end (one per beam), so k unfinished ones always remain.
@@ -165,7 +244,8 @@ def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=LENGT
         scores, state, alpha = stepper.step(word, state)  # (batch * beam, vocab)
         if history is not None:
             history[:, t - 1] = alpha  # (batch * beam, positions) of the current beams
-        cand = _best_extensions(scores, cum, width)
+        forbidden = forbidden_tokens(tokens[:, 1:t], options, decoder.end_id, vocab)
+        cand = _best_extensions(scores, cum, width, forbidden)
         is_end = cand.token == decoder.end_id  # (batch, width)
         if finished.record(cand, is_end, tokens, t, history):
             break
@@ -193,12 +273,18 @@ class _Candidates(NamedTuple):
     parent: torch.Tensor  # (batch, width) the extended beam's row of batch * beam
 
 
-def _best_extensions(scores, cum, width):
-    """The `width` best extensions per image, from step scores (batch * beam, vocab)."""
+def _best_extensions(scores, cum, width, forbidden=None):
+    """The `width` best extensions per image, from step scores (batch * beam, vocab), none of
+    them a `forbidden` token (batch * beam, vocab)."""
     batch, k = cum.shape
+    logp = scores.float().log_softmax(dim=1)  # (batch * beam, vocab)
+    if forbidden is not None:
+        # The log-probabilities too: with fewer than `width` tokens allowed, topk takes others.
+        scores = scores.masked_fill(forbidden, float("-inf"))
+        logp = logp.masked_fill(forbidden, float("-inf"))
     # Choosing on the raw logits first (log_softmax is monotone) keeps beam 1 == argmax.
     top_ids = scores.topk(width, dim=1).indices  # (batch * beam, width)
-    logp = scores.float().log_softmax(dim=1).gather(1, top_ids)  # (batch * beam, width)
+    logp = logp.gather(1, top_ids)  # (batch * beam, width)
     cand = (cum.view(-1, 1) + logp).view(batch, k * width)  # (batch, beam * width)
     # A stable sort keeps the logit order on rounding ties, again for beam 1 == greedy.
     score, order = cand.sort(dim=1, descending=True, stable=True)
@@ -274,11 +360,15 @@ def _lengths(ids, end_id):
 
 @torch.no_grad()
 def decode_captions(
-    decoder, features, vocab, beam_size=1, max_len=20, length_penalty=LENGTH_PENALTY
+    decoder, features, vocab, beam_size=1, max_len=20, length_penalty=LENGTH_PENALTY, options=None
 ) -> tuple[list[list[int]], list[str]]:
-    """Per-image id lists (through `end_id`, no padding) and their sentences via `vocab.decode`."""
+    """Per-image id lists (through `end_id`, no padding) and their sentences via `vocab.decode`;
+    `options` (`DecodingOptions`, None: none) are the rules the captions keep to."""
+    options = options and options.for_vocab(vocab)
     if beam_size == 1:
-        ids = greedy_decode(decoder, features, max_len=max_len, pad_id=vocab.pad_id)
+        ids = greedy_decode(
+            decoder, features, max_len=max_len, pad_id=vocab.pad_id, options=options
+        )
     else:
         ids = beam_search(
             decoder,
@@ -287,6 +377,7 @@ def decode_captions(
             max_len=max_len,
             length_penalty=length_penalty,
             pad_id=vocab.pad_id,
+            options=options,
         )
     lengths = _lengths(ids, decoder.end_id).tolist()
     id_lists = [row[:n] for row, n in zip(ids.tolist(), lengths)]

@@ -12,79 +12,21 @@ import time
 from pathlib import Path
 
 from atomic_file import write_json
-from config import TrainConfig
-from demo_dataset import DEFAULT_DEMO_ROOT, attention_on_objects, make_demo_dataset, object_accuracy
+from demo_dataset import attention_on_objects, make_demo_dataset, object_accuracy
 
-# Chosen by measurement on 2 CPU cores (README, "The demo dataset"): the images' own 64 px
-# (at 48 px shapes blur into their neighbours: 61% of captions right, not 68%); 32 images a
-# batch keeps batch norm statistics steady; one of each image's 5 captions per epoch, as the
-# CNN learns slowest and needs image passes more than captions (at 20 epochs one caption does
-# as well as two, 66% vs 67%, in less time, so 30 epochs fit: 77%); forget-gate bias 5 keeps
-# the image, fed once, alive to the last word (bias 1: 19% objects right, not 54%). Decoding
-# PNGs each epoch cost 30% of a training pass on two cores: the images are cached decoded, and
-# with nothing left to overlap a loader process only competes with the training threads.
-DEMO_CONFIG = TrainConfig(
-    data_dir=str(DEFAULT_DEMO_ROOT),
-    output_dir="outputs/demo/model",
-    vocab_threshold=1,
-    backbone="smallcnn",
-    pretrained=False,
-    trainable_blocks=-1,
-    image_size=64,
-    embed_size=256,
-    hidden_size=256,
-    dropout=0.0,
-    forget_bias=5.0,
-    batch_size=32,
-    captions_per_image=1,
-    epochs=30,
-    lr=1e-3,
-    val_images=300,
-    patience=None,
-    num_workers=0,
-    cache_images=True,
-)
-
-
-# The attention decoder steps an LSTM cell per word in Python, so its preset is smaller where
-# that costs time (word embedding, attention layer) and trains fewer epochs at a higher rate.
-# The doubly stochastic regulariser is weak here: at weight 1 it asks each of the 16 grid
-# positions, mostly background on these sparse images, for a word's worth of attention per
-# caption, pulling the words' attention off the shapes (the README has the figures).
-ATTENTION_DEMO_CONFIG = dataclasses.replace(
+# The presets live in presets.py; tests, notebooks and the README read them here too.
+from presets import (  # noqa: F401
+    ATTENTION_DEMO_CONFIG,
+    ATTENTION_SCST_DEMO_CONFIG,
     DEMO_CONFIG,
-    output_dir="outputs/demo-attention/model",
-    decoder="attention",
-    embed_size=128,
-    attention_size=128,
-    attention_weight=0.1,
-    lr=2e-3,
-    epochs=16,
+    SCST_DEMO_CONFIG,
+    demo_config,
 )
-
-
-# Self-critical training after cross-entropy (`demo.py --scst`). Each self-critical epoch
-# samples 5 captions for each of the 4000 images: about 3x (Show and Tell) and 2x (attention)
-# the time of a cross-entropy epoch here, so the attention run gives up 4 cross-entropy epochs
-# (its validation CIDEr had levelled off by epoch 12) to stay within 10 minutes.
-SCST_DEMO_CONFIG = dataclasses.replace(
-    DEMO_CONFIG, output_dir="outputs/demo-scst/model", scst_epochs=3, scst_lr=5e-5
-)
-ATTENTION_SCST_DEMO_CONFIG = dataclasses.replace(
-    ATTENTION_DEMO_CONFIG, output_dir="outputs/demo-attention-scst/model", epochs=12,
-    scst_epochs=3, scst_lr=2e-4,
-)  # fmt: skip
-
-
-def demo_config(decoder="showtell", scst=False):
-    """The demo preset for one decoder, with the self-critical stage or without."""
-    if decoder == "attention":
-        return ATTENTION_SCST_DEMO_CONFIG if scst else ATTENTION_DEMO_CONFIG
-    return SCST_DEMO_CONFIG if scst else DEMO_CONFIG
 
 
 def evaluate_demo(checkpoint, data_dir, beam_size=1):
-    """Test-split COCO metrics plus the demo's object accuracy for one checkpoint."""
+    """Test-split COCO metrics plus the demo's object accuracy for one checkpoint; "row": the
+    metrics, object accuracy and caption health together, as metrics.json holds them."""
     from evaluate import evaluate
 
     result = evaluate(
@@ -98,6 +40,7 @@ def evaluate_demo(checkpoint, data_dir, beam_size=1):
     result["objects"] = object_accuracy(
         result["predictions"], Path(data_dir) / "annotations" / "captions_test2017.json"
     )
+    result["row"] = {**result["metrics"], **result["objects"], **result["health"]}
     return result
 
 
@@ -105,8 +48,9 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, datase
              blind=None):  # fmt: skip
     """Run the whole demo and return the summary written to metrics.json.
 
-    metrics.json holds "greedy" and "beam3" (each the COCO metrics plus the object accuracy:
-    "accuracy", "by_count", "n"), "train_seconds", "epochs", "config" and "total_seconds".
+    metrics.json holds "greedy" and "beam3" (each the COCO metrics, the object accuracy:
+    "accuracy", "by_count", "n", and the caption health: `caption_health.measure_health`),
+    "train_seconds", "epochs", "config" and "total_seconds".
     With `blind` (default: for Show and Tell) the blind baseline is trained and scored too:
     "blind_greedy", "cider_ratio_to_blind", "blind_train_seconds". A run with a self-critical
     stage adds "cross_entropy_greedy" and "cross_entropy_beam3" (its best cross-entropy
@@ -132,8 +76,8 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, datase
     greedy = evaluate_demo(checkpoint, data_dir)
     beam = evaluate_demo(checkpoint, data_dir, beam_size=3)
     summary = {
-        "greedy": {**greedy["metrics"], **greedy["objects"]},
-        "beam3": {**beam["metrics"], **beam["objects"]},
+        "greedy": greedy["row"],
+        "beam3": beam["row"],
         "train_seconds": train_seconds,
         "epochs": len(history["epoch"]),
         "config": dataclasses.asdict(model_cfg),
@@ -142,7 +86,7 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, datase
         before = output_dir / "model" / "best_cross_entropy.pt"
         for name, beam_size in (("cross_entropy_greedy", 1), ("cross_entropy_beam3", 3)):
             result = evaluate_demo(before, data_dir, beam_size=beam_size)
-            summary[name] = {**result["metrics"], **result["objects"]}
+            summary[name] = result["row"]
         best = history["val_cider"].index(max(history["val_cider"]))
         summary["best_epoch_stage"] = history["stage"][best]
     showtell = config.decoder == "showtell" and not config.scst_epochs
@@ -174,7 +118,7 @@ def blind_baseline(config, output_dir, data_dir, greedy):
     seconds = time.time() - t0
     blind = evaluate_demo(output_dir / "best.pt", data_dir)
     return {
-        "blind_greedy": {**blind["metrics"], **blind["objects"]},
+        "blind_greedy": blind["row"],
         "cider_ratio_to_blind": greedy["metrics"]["CIDEr"] / max(blind["metrics"]["CIDEr"], 1e-9),
         "blind_train_seconds": seconds,
     }
@@ -193,19 +137,22 @@ def attention_summary(checkpoint, data_dir, folder, n_figures=4):
 
 
 def report(summary, output_dir, grid):
-    """Print the headline numbers and where the files are."""
+    """Print the headline numbers (caption health: bad endings, repeats and distinct captions,
+    as shares of the test images) and where the files are."""
     rows = [("greedy", summary["greedy"]), ("beam 3", summary["beam3"])]
     rows += [("blind", summary["blind_greedy"])] if "blind_greedy" in summary else []
     if "cross_entropy_greedy" in summary:
         rows = [("XE greedy", summary["cross_entropy_greedy"]),
                 ("XE beam 3", summary["cross_entropy_beam3"]),
                 ("SCST greedy", summary["greedy"]), ("SCST beam 3", summary["beam3"])]  # fmt: skip
-    print(f"\n{'':11} {'CIDEr':>7} {'BLEU-4':>7} {'objects':>8} {'1 shape':>8} {'2':>6} {'3':>6}")
+    print(f"\n{'':11} {'CIDEr':>7} {'BLEU-4':>7} {'objects':>8} {'1 shape':>8} {'2':>6} {'3':>6}"
+          f" {'bad end':>8} {'repeats':>8} {'distinct':>9}")  # fmt: skip
     for name, m in rows:
         by = m["by_count"]
         print(
             f"{name:11} {m['CIDEr']:7.3f} {m['Bleu_4']:7.3f} {m['accuracy']:8.1%} "
-            f"{by.get(1, 0):8.1%} {by.get(2, 0):6.1%} {by.get(3, 0):6.1%}"
+            f"{by.get(1, 0):8.1%} {by.get(2, 0):6.1%} {by.get(3, 0):6.1%} "
+            f"{m['bad_endings']:8.1%} {m['repeats']:8.1%} {m['distinct_captions']:9.1%}"
         )
     if "cross_entropy_greedy" in summary:
         before, after = summary["cross_entropy_greedy"]["CIDEr"], summary["greedy"]["CIDEr"]

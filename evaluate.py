@@ -1,13 +1,16 @@
-"""Evaluate a checkpoint on a split: captions in COCO results format, official COCO metrics."""
+"""Evaluate a checkpoint on a split: captions in COCO results format, official COCO metrics,
+and the captions' health (`caption_health`)."""
 
 import argparse
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from atomic_file import write_json
-from decoding import LENGTH_PENALTY, decode_captions
+from caption_health import describe_same_caption, format_health, measure_health
+from decoding import LENGTH_PENALTY, DecodingOptions, decode_captions
 from distributed import resolve_device
 from training_data import to_device
 
@@ -22,15 +25,17 @@ def predict_captions(
     max_len=20,
     length_penalty=LENGTH_PENALTY,
     progress=False,
+    options=None,
 ):
-    """{image id: caption} for a loader of (images or cached features, image ids)."""
+    """{image id: caption} for a loader of (images or cached features, image ids); `options`:
+    the `DecodingOptions` captions keep to (None: none)."""
     model.eval()
     predictions = {}
     for inputs, image_ids in tqdm(loader, desc="captioning", unit="batch", disable=not progress):
         # Cached features come in their stored dtype (float16): widened on the device.
         features = model.encode(*to_device([inputs], device))  # (batch, embed)
         _, captions = decode_captions(
-            model.decoder, features, vocab, beam_size, max_len, length_penalty
+            model.decoder, features, vocab, beam_size, max_len, length_penalty, options
         )
         predictions.update(zip((int(i) for i in image_ids), captions))
     return predictions
@@ -52,21 +57,25 @@ def evaluate(
     spice=False,
     device=None,
     progress=True,
+    options=None,
 ):
-    """Caption `split` with a checkpoint and score it; returns metrics, per-image scores, captions.
+    """Caption `split` with a checkpoint and score it; returns metrics, caption health (its
+    figures: `caption_health.measure_health`), per-image scores, captions.
 
     With `output_dir`, writes results_<split>.json (COCO results format), metrics and per-image
-    scores there. `data_dir`/`layout` default to those the model was trained on.
+    scores there. `data_dir`/`layout` default to those the model was trained on. `options`:
+    the `decoding.DecodingOptions` captions keep to (None: none). Warns when most images get
+    the same caption (`caption_health.SAME_CAPTION_SHARE`).
     """
     from annotations import read_split
     from checkpoint import load_trained
     from coco_metrics import score_captions, write_results
-    from data_loader import ImageDataset, make_transform, resolve_data_dir
+    from data_loader import ImageDataset, preprocessing_transform, resolve_data_dir
 
     device = resolve_device(device or "auto")
     model, vocab, config = load_trained(checkpoint, device)
     data = read_split(resolve_data_dir(data_dir or config.data_dir), split, layout or config.layout)
-    dataset = ImageDataset(data, make_transform(config.image_size))
+    dataset = ImageDataset(data, preprocessing_transform(model.preprocessing))
     if limit:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
@@ -79,11 +88,17 @@ def evaluate(
         max_len or config.max_caption_len,
         length_penalty,
         progress,
+        options,
     )
+    health = measure_health(predictions)
+    same_caption = describe_same_caption(health, config)
+    if same_caption:
+        warnings.warn(same_caption, stacklevel=2)
     references = data.references()
     metrics, per_image = score_captions(predictions, references, use_java=use_java, spice=spice)
     result = {
         "metrics": metrics,
+        "health": health,
         "per_image": per_image,
         "predictions": predictions,
         "references": {i: references[i] for i in predictions},
@@ -113,6 +128,7 @@ def main(argv=None):
         "--length-penalty", type=float, default=LENGTH_PENALTY,
         help="beam: rank by log-prob / length ** this (default 0: the raw sum)",
     )  # fmt: skip
+    DecodingOptions.add_flags(parser)
     parser.add_argument("--limit", type=int, help="score only the first N images")
     parser.add_argument("--output-dir", help="where results and metrics JSON go")
     parser.add_argument("--spice", action="store_true", help="also SPICE (needs its CoreNLP jars)")
@@ -128,11 +144,13 @@ def main(argv=None):
         result = evaluate(
             args.checkpoint, args.split, args.data_dir, args.layout, args.beam,
             length_penalty=args.length_penalty, limit=args.limit,
-            output_dir=args.output_dir, spice=args.spice,
+            output_dir=args.output_dir, spice=args.spice, options=DecodingOptions.from_flags(args),
         )  # fmt: skip
     else:
         parser.error("give a checkpoint, or --results with --annotations")
     print(format_metrics(result["metrics"]))
+    if "health" in result:
+        print(format_health(result["health"]))
     return result
 
 

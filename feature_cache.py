@@ -47,7 +47,8 @@ def cache_key(encoder, split, transform):
     parts = [
         encoder_fingerprint(encoder) if encoder is not None else "pixels",
         file_signatures(split),
-        repr(transform),
+        repr(transform),  # its size and resize mode
+        "upright",  # caches of images read before `load_image` applied EXIF rotation are not reused
     ]
     if encoder is not None and encoder.grid:  # pooled caches keep the keys they always had
         parts.append(f"grid {encoder.grid_size}")
@@ -360,15 +361,16 @@ def _batches_between(dataset, batch_size, num_workers, convert, pin_memory=False
 
 
 def cached_images(
-    split, image_size, cache_dir=None, batch_size=64, num_workers=0, progress=True, rank=0, world=1
-):
-    """(num_images, 3, image_size, image_size) uint8 memmap of `split`'s images, resized and
-    centre-cropped, decoded on first use; `data_loader.pixels_to_input` makes model inputs of it.
+    split, image_size, cache_dir=None, batch_size=64, num_workers=0, progress=True, rank=0, world=1,
+    resize="crop",
+):  # fmt: skip
+    """(num_images, 3, image_size, image_size) uint8 memmap of `split`'s images, resized as
+    `resize` says, decoded on first use; `data_loader.pixels_to_input` makes model inputs of it.
 
     For a CNN trained on images without augmentation: each epoch then reads these rows instead
     of decoding and resizing every file again. `rank` and `world` as in `cached_features`.
     """
-    transform = make_pixel_transform(image_size)
+    transform = make_pixel_transform(image_size, resize)
     path = (
         Path(cache_dir or default_cache_dir())
         / "images"

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 import distributed
 from cider_d import (
+    END_TOKEN,
     TokenMap,
     concatenated_ranges,
     ptb_tokens,
@@ -25,7 +26,8 @@ from training_data import to_device
 
 class CaptionReward:
     """CIDEr-D of caption ids against a split's references, with the split's document
-    frequencies (cached on disk): the self-critical reward."""
+    frequencies (cached on disk), the end of a caption counted as a word: the self-critical
+    reward."""
 
     def __init__(self, split, vocab, cache_dir=None):
         self.scorer, (self.ref_ids, self.ref_offsets) = training_scorer(split, cache_dir)
@@ -34,11 +36,13 @@ class CaptionReward:
         self.first_caption = np.searchsorted(
             owners[self.captions_by_image], np.arange(len(split.image_ids) + 1)
         )  # (images + 1,)
-        # Special tokens are no words: `vocab.decode` drops them from a caption too.
-        special = {vocab.start_id, vocab.end_id, vocab.pad_id, vocab.unk_id}
+        # Other special tokens are no words: `vocab.decode` drops them from a caption too.
+        special = {vocab.start_id, vocab.pad_id, vocab.unk_id}
+        end = self.scorer.words.add(END_TOKEN)  # the references' end
         words = [vocab.idx2word[i] for i in range(len(vocab))]
         self.vocab_words = TokenMap(
-            [[] if i in special else [self.scorer.words.add(t) for t in tokens]
+            [[end] if i == vocab.end_id else [] if i in special
+             else [self.scorer.words.add(t) for t in tokens]
              for i, tokens in enumerate(ptb_tokens(words))]
         )  # fmt: skip
         self.end_id = vocab.end_id
@@ -47,8 +51,12 @@ class CaptionReward:
         """CIDEr-D (rows,) of caption ids (rows, steps), `<start>` first, as the decoders give
         them; row k describes image `images[k]` (an index into the split's images)."""
         ids = ids.cpu().numpy()
-        ended = np.cumsum(ids == self.end_id, axis=1) > 0  # (rows, steps) from `<end>` on
-        keep = ~ended
+        is_end = ids == self.end_id
+        # The words through the first `<end>`, which counts once, as each reference ends once:
+        # an end per padding step would add n-grams no reference has ("<END> <END>") and make
+        # the length hang on the batch's longest caption. A caption cut at the maximum length
+        # has no `<end>`, and gets none: it did not end.
+        keep = np.cumsum(is_end, axis=1) - is_end == 0  # (rows, steps)
         keep[:, 0] = False  # `<start>`
         hyp_offsets = np.concatenate(([0], np.cumsum(keep.sum(axis=1))))
         hyp_ids, hyp_offsets = self.vocab_words(ids[keep], hyp_offsets)

@@ -1,5 +1,6 @@
 """Training: `train(config) -> history`, resumable, single- or multi-process (torchrun), CLI on top."""
 
+import argparse
 import contextlib
 import csv
 import dataclasses
@@ -29,10 +30,11 @@ from checkpoint import (
     set_rng_state,
 )
 from coco_metrics import cider_score
-from config import TrainConfig, parse_config, resume_conflicts
-from data_loader import find_unreadable_images, load_or_build_vocab, resolve_data_dir
+from config import ConfigError, TrainConfig, parse_config, resume_conflicts
+from data_loader import find_unreadable_images, load_or_build_vocab, preprocessing, resolve_data_dir
 from evaluate import predict_captions
 from loss_log import LossLog
+from presets import PRESETS, preset_config
 from self_critical import CaptionReward, run_self_critical_epoch
 from training_data import TrainingData, to_device
 from vocabulary import Vocabulary
@@ -318,10 +320,11 @@ def save_run(output_dir, config, vocab, model, optimizer, scheduler, scaler, run
         "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
         "epoch": run.next_epoch - 1, "step": len(run.history["step_loss"]), "history": run.history,
         "best_cider": run.best_cider, "stale_epochs": run.stale,
+        "preprocessing": preprocessing(config),  # what caption and evaluate feed the model
     }  # fmt: skip
     save_checkpoint(state, output_dir / "last.pt")
     if improved:
-        best = ("config", "vocab", "model", "epoch", "history", "best_cider")
+        best = ("config", "vocab", "model", "epoch", "history", "best_cider", "preprocessing")
         save_checkpoint({k: state[k] for k in best}, output_dir / "best.pt")
     write_history(run.history, output_dir)
 
@@ -400,6 +403,9 @@ def train(config):
             model, init_state["model"], config.init_from, f"config {config.output_dir}"
         )
     data = TrainingData(config, model, vocab, train_split, val_split, rank, world, device)
+    if rank == 0 and data.captions_cut:
+        cut, total = data.captions_cut
+        tqdm.write(f"training captions cut to {config.max_caption_len - 2} words: {cut} of {total}")
     reward = CaptionReward(train_split, vocab) if config.scst_epochs else None
     xe_epochs = 0 if config.init_from else config.epochs
     stage_of = lambda epoch: "xe" if epoch < xe_epochs else "scst"  # noqa: E731
@@ -511,5 +517,27 @@ def begin_self_critical(config, model, run, output_dir, rank, world, steps):
     return make_stage(config, model, "scst", 0, steps)
 
 
+def parse_command_line(argv=None):
+    """The `TrainConfig` of train.py's flags, whose defaults are those of the --preset."""
+    preset = argparse.ArgumentParser(add_help=False)
+    preset.add_argument(
+        "--preset", choices=PRESETS, default="auto",
+        help="the defaults below: coco, presets.coco_config(decoder) (the published COCO "
+        "recipes, docs/coco_recipes.md); demo, presets.demo_config(decoder); none, TrainConfig's "
+        "own; auto: coco for a --data-dir that is not a demo dataset, else none. Flags override "
+        "them; --help with --data-dir, --decoder or --preset shows that preset's values",
+    )  # fmt: skip
+    # The preset depends on the data and the decoder: read them before the full parse.
+    peek = argparse.ArgumentParser(add_help=False, parents=[preset])
+    peek.add_argument("--data-dir", type=lambda text: None if text.lower() == "none" else text)
+    peek.add_argument("--decoder", default="showtell")
+    known, _ = peek.parse_known_args(argv)
+    try:
+        base = preset_config(known.preset, known.data_dir, known.decoder)
+    except ConfigError:
+        base = None  # an unknown decoder: the full parse names it and the choices
+    return parse_config(TrainConfig, argv, train.__doc__, base=base, parents=[preset])
+
+
 if __name__ == "__main__":
-    train(parse_config(TrainConfig, description=train.__doc__))
+    train(parse_command_line())

@@ -1,7 +1,9 @@
 """The data one training run reads: image inputs (cached or not), training and validation loaders."""
 
+import numpy as np
 import torch
 
+from annotations import TokenizedCaptions
 from data_loader import (
     CaptionDataset,
     ImageCaptionsDataset,
@@ -22,6 +24,17 @@ def to_device(tensors, device):
     return [t.float() if t.is_floating_point() else t for t in moved]
 
 
+def cut_captions(tokens, max_words):
+    """(`tokens` with each caption cut to its first `max_words` words, how many were longer)."""
+    lengths = tokens.lengths()
+    kept = np.minimum(lengths, max_words)
+    offsets = np.concatenate(([0], np.cumsum(kept)))
+    # Kept token k of caption i sits at offsets[i] + k; in `tokens`, at tokens.offsets[i] + k.
+    positions = np.repeat(tokens.offsets[:-1] - offsets[:-1], kept) + np.arange(offsets[-1])
+    cut = TokenizedCaptions(tokens.words, tokens.ids[positions], offsets)
+    return cut, int((lengths > max_words).sum())
+
+
 def image_inputs(config, encoder, splits, rank, world, device):
     """Per split, {"features": ...} or {"pixels": ...} that replace reading image files, or {}."""
     if config.blind:
@@ -35,11 +48,13 @@ def image_inputs(config, encoder, splits, rank, world, device):
     # Every process computes its share of a missing cache (feature_cache.build_cache).
     options.update(rank=rank, world=world)
     if encoder.frozen:
-        transform = make_transform(config.image_size, train=False)
+        transform = make_transform(config.image_size, resize=config.resize)
         caches = [cached_features(encoder, s, transform, device=device, **options) for s in splits]
         return [{"features": c} for c in caches]
     if config.cache_images:
-        caches = [cached_images(s, config.image_size, **options) for s in splits]
+        caches = [
+            cached_images(s, config.image_size, resize=config.resize, **options) for s in splits
+        ]
         return [{"pixels": c} for c in caches]
     return [{} for _ in splits]
 
@@ -53,11 +68,23 @@ class TrainingData:
         train_inputs, val_inputs = image_inputs(
             config, model.encoder, (train_split, val_split), rank, world, device
         )
-        train_transform = make_transform(config.image_size, train=config.augment)
-        transform = make_transform(config.image_size, train=False)
+        train_transform = make_transform(config.image_size, config.augment, resize=config.resize)
+        transform = make_transform(config.image_size, resize=config.resize)
         self.grouped, self.seed = config.batch_by == "image", config.seed
         sharding = dict(num_replicas=world, rank=rank)
-        train_captions = CaptionDataset(train_split, vocab, train_transform, **train_inputs)
+        # With cut_captions, no caption is longer than decoding can give (`<end>` is added to the
+        # words kept); the validation loss scores the same task. `train` prints the count.
+        train_tokens, val_tokens = train_split.tokenized(), val_split.tokenized()
+        self.captions_cut = None
+        if config.cut_captions:
+            words = config.max_caption_len - 2
+            (train_tokens, cut), (val_tokens, _) = (
+                cut_captions(t, words) for t in (train_tokens, val_tokens)
+            )
+            self.captions_cut = (cut, len(train_tokens))
+        train_captions = CaptionDataset(
+            train_split, vocab, train_transform, tokens=train_tokens, **train_inputs
+        )
         self.train_captions = train_captions
         self.train = self.make_loader(
             config, train_captions, True, config.captions_per_image, **sharding
@@ -70,7 +97,7 @@ class TrainingData:
             self.images = make_image_loader(train_captions, config, **sharding)
         self.val = self.make_loader(
             config,
-            CaptionDataset(val_split, vocab, transform, **val_inputs),
+            CaptionDataset(val_split, vocab, transform, tokens=val_tokens, **val_inputs),
             False,
             None,
             **sharding,

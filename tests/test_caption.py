@@ -5,14 +5,16 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
-from checkpoint import load_trained
+from caption_health import SAME_CAPTION_SHARE, measure_health
+from checkpoint import load_checkpoint, load_trained, save_checkpoint
 from config import TrainConfig
 from data_loader import load_image, make_transform
-from decoding import decode_captions
+from decoding import DecodingOptions, decode_captions
 from tests.helpers import ROOT
 from train import train
 
@@ -138,3 +140,82 @@ def test_length_penalty_flags_reach_the_beam_search(checkpoint, coco_sample, mon
     evaluate.main([str(checkpoint), "--beam", "3", "--length-penalty", "1.5"])
     evaluate.main([str(checkpoint), "--beam", "3"])
     assert [k["length_penalty"] for k in runs] == [1.5, decoding.LENGTH_PENALTY]
+
+
+def with_decoder_weights(checkpoint, path, blind=False):
+    """A copy of `checkpoint` with wide random word and decoder weights, so that captions vary
+    from image to image; blind: the same model given zero features, one caption for all."""
+    state = load_checkpoint(checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    for name, value in state["model"].items():
+        if name.startswith(("decoder.", "encoder.embed.")):
+            state["model"][name] = torch.randn(value.shape, generator=generator) * 0.5
+    state["config"]["blind"] = blind
+    return save_checkpoint(state, path)
+
+
+def test_evaluate_reports_caption_health_and_warns_when_images_share_a_caption(
+    checkpoint, demo_root, tmp_path
+):
+    import evaluate
+
+    options = dict(data_dir=demo_root, num_workers=0, progress=False, use_java=False)
+    varied = with_decoder_weights(checkpoint, tmp_path / "varied.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate.evaluate(varied, "val", **options)
+    assert not [w for w in caught if "same caption" in str(w.message)]
+    assert result["health"] == measure_health(result["predictions"])
+    assert result["health"]["top_caption_share"] < SAME_CAPTION_SHARE
+    blind = with_decoder_weights(checkpoint, tmp_path / "blind.pt", blind=True)
+    with pytest.warns(UserWarning, match="100% of the images got the same caption") as caught:
+        result = evaluate.evaluate(blind, "val", **options)
+    assert "image_size=32, backbone='smallcnn', pretrained=False" in str(caught[-1].message)
+    assert result["health"]["distinct_captions"] == 1 / len(result["predictions"])
+
+
+def test_decoding_option_flags_reach_the_decoder(checkpoint, demo_root, monkeypatch, capsys):
+    import caption
+    import decoding
+    import evaluate
+
+    for function in (evaluate.evaluate, evaluate.predict_captions, caption.caption_images,
+                     caption.attention_maps):  # fmt: skip
+        assert inspect.signature(function).parameters["options"].default is None
+    seen, decode = [], decoding.decode_captions
+
+    def recording_decode(*args, **kwargs):
+        seen.append(args[6] if len(args) > 6 else kwargs["options"])
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(decoding, "decode_captions", recording_decode)
+    image = str(sorted((demo_root / "val2017").iterdir())[0])
+    caption.main([str(checkpoint), image, "--no-bad-endings", "--no-repeat-words"])
+    caption.main([str(checkpoint), image, "--beam", "2", "--block-trigrams"])
+    caption.main([str(checkpoint), image])
+    assert seen == [
+        DecodingOptions(no_bad_endings=True, no_repeat_words=True),
+        DecodingOptions(block_trigrams=True),
+        DecodingOptions(),
+    ]
+    runs, health = [], measure_health({1: "a red square", 2: "a red square on"})
+    monkeypatch.setattr(
+        evaluate, "evaluate", lambda *a, **k: runs.append(k) or {"metrics": {}, "health": health}
+    )
+    evaluate.main([str(checkpoint), "--block-trigrams", "--no-bad-endings"])
+    evaluate.main([str(checkpoint)])
+    assert [k["options"] for k in runs] == [
+        DecodingOptions(no_bad_endings=True, block_trigrams=True),
+        DecodingOptions(),
+    ]
+    assert "bad endings 50.0%, repeats 0.0%, distinct captions 100.0%" in capsys.readouterr().out
+    # evaluate.evaluate passes its options on to the decoder.
+    monkeypatch.undo()
+    monkeypatch.setattr(evaluate, "decode_captions", recording_decode)
+    seen.clear()
+    rule = DecodingOptions(no_repeat_words=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # this barely trained model's captions are no matter here
+        evaluate.evaluate(checkpoint, "val", data_dir=demo_root, num_workers=0, progress=False,
+                          use_java=False, limit=4, options=rule)  # fmt: skip
+    assert seen == [rule]

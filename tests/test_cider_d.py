@@ -1,6 +1,8 @@
 """CIDEr-D in-process: equal to pycocoevalcap's Cider on real COCO captions, per image and for the
-corpus; document frequencies cached on disk and rebuilt when the captions change."""
+corpus; document frequencies cached on disk and rebuilt when the captions change; the training
+references end with an end token that no caption word can spell."""
 
+import hashlib
 import json
 import random
 
@@ -9,8 +11,8 @@ import pytest
 from pycocoevalcap.cider.cider import Cider
 
 import cider_d
-from annotations import read_split
-from cider_d import CiderD, corpus_cider_d, training_scorer
+from annotations import _cache_key, read_split
+from cider_d import END_TOKEN, CiderD, corpus_cider_d, ptb_tokens, training_scorer
 from coco_metrics import _tokenize_like_ptb
 from tests.helpers import COCO_VAL_CAPTIONS
 
@@ -136,6 +138,39 @@ def test_document_frequencies_are_cached_and_rebuilt_when_captions_change(
     changed, _ = training_scorer(split, tmp_path)
     assert len(list((tmp_path / "cider-d").glob("*.npz"))) == 2
     assert not np.array_equal(changed.df_keys, scorer.df_keys)
+
+
+def test_training_references_end_once_with_a_token_no_caption_word_can_spell(demo_root, tmp_path):
+    split = read_split(demo_root, "train")
+    scorer, (ref_ids, ref_offsets) = training_scorer(split, tmp_path)
+    end = scorer.words.ids[END_TOKEN]
+    assert np.array_equal(ref_ids[ref_offsets[1:] - 1], np.full(len(split.captions), end))
+    assert np.count_nonzero(ref_ids == end) == len(split.captions)
+    # PTB tokenisation lower-cases every word: a caption that writes the token gets "<end>".
+    spelled = ptb_tokens([END_TOKEN, f"A horse {END_TOKEN}.", "<end>", "END"])
+    assert END_TOKEN not in {t for tokens in spelled for t in tokens}
+
+
+def test_frequencies_cached_before_the_end_token_are_not_reused(demo_root, tmp_path):
+    # The file the version without the end token wrote, at the name it gave it.
+    split = read_split(demo_root, "train")
+    tokens = split.tokenized(tmp_path)
+    words = cider_d.WordIndex()
+    table = [[words.add(t) for t in tokens_of] for tokens_of in ptb_tokens(tokens.words)]
+    ids, offsets = cider_d.TokenMap(table)(tokens.ids, tokens.offsets)
+    df_keys, df_counts = cider_d.document_frequencies(ids, offsets, split.caption_image)
+    key = hashlib.sha1(f"cider-d/1|{_cache_key(split)}".encode()).hexdigest()[:20]
+    old = tmp_path / "cider-d" / f"{key}.npz"
+    old.parent.mkdir()
+    text = np.frombuffer("\n".join(words.words()).encode("utf-8"), np.uint8)
+    np.savez(old, words=text, df_keys=df_keys, df_counts=df_counts, documents=len(split.image_ids))
+    written = old.read_bytes()
+
+    scorer, _ = training_scorer(split, tmp_path)
+    end = np.array([scorer.words.ids[END_TOKEN]])
+    assert cider_d._lookup(scorer.df_keys, scorer.df_counts, end).tolist() == [len(split.image_ids)]
+    # A checkout of the old version sharing the cache keeps its file, under its own name.
+    assert old.read_bytes() == written and len(list(old.parent.glob("*.npz"))) == 2
 
 
 def _spell(key, words):

@@ -1,5 +1,6 @@
 """Configuration: every choice and range checked when a config is made, --help, resume conflicts."""
 
+import argparse
 import dataclasses
 import re
 import shutil
@@ -180,3 +181,20 @@ def one_epoch_run(demo_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     train(tiny_config(demo_root, out, epochs=1))
     return out
+
+
+def test_flags_default_to_a_base_config_and_parent_flags_are_dropped():
+    base = TrainConfig(lr=2e-3, cut_captions=True, grid_size=14)
+    preset = argparse.ArgumentParser(add_help=False)
+    preset.add_argument("--preset", default="auto")
+    argv = ["--epochs", "4", "--preset", "coco", "--grid-size", "none"]
+    config = parse_config(TrainConfig, argv, base=base, parents=[preset])
+    assert config == dataclasses.replace(base, epochs=4, grid_size=None)
+
+
+def test_checkpoints_from_before_the_caption_cut_resume_uncut():
+    saved = {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k != "cut_captions"}
+    assert resume_conflicts(saved, TrainConfig()) == []
+    assert resume_conflicts(saved, TrainConfig(cut_captions=True)) == [
+        "cut_captions: checkpoint False vs config True"
+    ]

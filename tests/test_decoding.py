@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from decoding import beam_search, decode_captions, greedy_decode
+from decoding import DecodingOptions, beam_search, decode_captions, greedy_decode
 from model import DecoderRNN
 from vocabulary import Vocabulary
 
@@ -110,9 +110,7 @@ def bigram_decoder(after_start):
     row of `<start>`. After `<start>`, token 4 spreads over six words, 5 and 17 end at once, 16
     goes to 17 (0.6) or one of the six words.
     """
-    size = BIGRAM
-    decoder = DecoderRNN(size, size, size).eval()
-    logits = torch.full((size, size), -8.0)  # logits[prev, next]
+    logits = torch.full((BIGRAM, BIGRAM), -8.0)  # logits[prev, next]
     for token, p in after_start.items():
         logits[0, token] = torch.tensor(p).log()
     logits[4, 6:12] = torch.tensor(1 / 6).log()  # 4 -> any of six words
@@ -121,6 +119,14 @@ def bigram_decoder(after_start):
     logits[16, 17] = torch.tensor(0.6).log()  # 16 -> 17, else one of six words
     logits[16, 6:12] = torch.tensor(0.4 / 6).log()
     logits[17, END] = 8.0  # 17 -> <end>
+    return table_decoder(logits)
+
+
+def table_decoder(logits):
+    """A DecoderRNN whose next-token logits are the row `logits` (BIGRAM, BIGRAM) of the last
+    input token, and 3 images for it (any image: after `<start>` only the last token counts)."""
+    size = BIGRAM
+    decoder = DecoderRNN(size, size, size).eval()
     eye = torch.eye(size)
     with torch.no_grad():
         decoder.embed.weight.copy_(eye)
@@ -133,7 +139,7 @@ def bigram_decoder(after_start):
         scale = torch.tanh(torch.tanh(torch.tensor(10.0)))  # hidden value of the active token
         decoder.fc.weight.copy_(logits.t() / scale)
         decoder.fc.bias.zero_()
-    return decoder, eye[[12, 13, 12]]  # any image: after `<start>` only the last token counts
+    return decoder, eye[[12, 13, 12]]
 
 
 @pytest.mark.parametrize("beam_size", [2, 3])
@@ -366,3 +372,124 @@ def test_beam_finds_the_exhaustive_best_when_no_caption_ends():
         beam = beam_search(decoder, features, EXACT_BEAM, max_len=EXACT_LEN, length_penalty=penalty)
         assert padded(beam).tolist() == best[penalty].tolist(), penalty
         assert not torch.equal(greedy, best[penalty])
+
+
+# Decoding options. The rigged decoders below want to break a rule: their step scores depend on
+# the last word only (`table_decoder`); `<end>` is unlikely (-8) unless set.
+A = 4  # "a" in `rigged_vocab`, a bad ending
+RULES = {
+    "no_bad_endings": DecodingOptions(no_bad_endings=True, bad_ending_ids=(A,)),
+    "block_trigrams": DecodingOptions(block_trigrams=True),
+    "no_repeat_words": DecodingOptions(no_repeat_words=True),
+}
+
+
+def rigged_decoder(rule):
+    """(decoder, images, max_len, its ids without the rule, with it: greedy and beam alike)."""
+    logits = torch.full((BIGRAM, BIGRAM), -8.0)  # logits[prev, next]
+    if rule == "no_bad_endings":
+        # "a" then `<end>` (or "a" w5 `<end>`), against w9 `<end>` after <start>.
+        logits[0, A], logits[0, 9] = 3.0, 0.0
+        logits[A, END], logits[A, 5] = 5.0, 3.0
+        logits[5, END] = logits[9, END] = 5.0
+        return *table_decoder(logits), 20, [0, A, END], [0, A, 5, END]
+    if rule == "block_trigrams":
+        # The cycle 5 6 7 5 6 7 ..., left after 6 for 8 (then 5, or 9 less often).
+        logits[0, 5] = logits[5, 6] = logits[6, 7] = logits[7, 5] = 5.0
+        logits[6, 8], logits[8, 5], logits[8, 9] = 3.0, 4.0, 3.0
+        return *table_decoder(logits), 7, [0, 5, 6, 7, 5, 6, 7], [0, 5, 6, 7, 5, 6, 8]
+    # no_repeat_words: 5 again and again, else 6 then 7 and back to 5.
+    logits[0, 5] = logits[5, 5] = logits[6, 7] = logits[7, 5] = 5.0
+    logits[5, 6] = 3.0
+    return *table_decoder(logits), 6, [0, 5, 5, 5, 5, 5], [0, 5, 6, 7, 5, 6]
+
+
+def breaks(rule, row):
+    """Whether a caption's ids (`<start>` first, maybe padded) break `rule`."""
+    words = row[1 : row.index(END)] if END in row else row[1:]
+    if rule == "no_bad_endings":
+        return END in row and words[-1:] == [A]
+    if rule == "block_trigrams":
+        trigrams = list(zip(words, words[1:], words[2:]))
+        return len(set(trigrams)) < len(trigrams)
+    return any(a == b for a, b in zip(words, words[1:]))
+
+
+def decode(decoder, features, beam_size, max_len, options=None):
+    """Greedy (beam_size 1) or beam-search ids as lists."""
+    if beam_size == 1:
+        return greedy_decode(decoder, features, max_len=max_len, options=options).tolist()
+    return beam_search(decoder, features, beam_size, max_len=max_len, options=options).tolist()
+
+
+# Beam BIGRAM // 2 ranks the whole vocabulary at each step, forbidden words included.
+@pytest.mark.parametrize("beam_size", [1, 2, 3, BIGRAM // 2])
+@pytest.mark.parametrize("rule", RULES)
+def test_each_option_keeps_a_rigged_decoder_to_its_rule(rule, beam_size):
+    decoder, features, max_len, wanted, kept = rigged_decoder(rule)
+    without = decode(decoder, features, beam_size, max_len)
+    assert without == [wanted] * 3 and breaks(rule, wanted)  # the decoder wants to break it
+    assert decode(decoder, features, beam_size, max_len, DecodingOptions()) == without
+    ruled = decode(decoder, features, beam_size, max_len, RULES[rule])
+    assert ruled == [kept] * 3 and not breaks(rule, kept)
+
+
+@pytest.mark.parametrize("seed", [11, 14])
+def test_options_on_random_decoders(seed):
+    # Seeds whose captions (up to 16 tokens) break each rule now and then.
+    decoder = random_decoder(seed, end_bias=0.0)
+    torch.manual_seed(seed)
+    features = torch.randn(24, EMBED)
+    every = DecodingOptions(True, True, True, bad_ending_ids=tuple(range(4, 12)))
+    broken = set()
+    for beam_size in (1, 3):
+        plain = decode(decoder, features, beam_size, 16)
+        # All options off: exactly today's captions.
+        assert decode(decoder, features, beam_size, 16, DecodingOptions()) == plain
+        ruled = decode(decoder, features, beam_size, 16, every)
+        for rule in RULES:
+            with_rules = [i for i, row in enumerate(ruled) if breaks_any(rule, row)]
+            assert not with_rules, (rule, beam_size, with_rules)
+            broken.update(rule for row in plain if breaks_any(rule, row))
+    assert broken == set(RULES)  # each rule had something to stop
+
+
+def breaks_any(rule, row):
+    """`breaks`, with every id from 4 to 11 a bad ending."""
+    if rule != "no_bad_endings":
+        return breaks(rule, row)
+    words = row[1 : row.index(END)] if END in row else []
+    return bool(words) and 4 <= words[-1] < 12
+
+
+def test_beam_one_is_greedy_with_every_option():
+    decoder = random_decoder(13, end_bias=1.0)
+    features = torch.randn(16, EMBED)
+    every = DecodingOptions(True, True, True, bad_ending_ids=tuple(range(4, 12)))
+    greedy = greedy_decode(decoder, features, max_len=15, options=every)
+    assert torch.equal(beam_search(decoder, features, 1, max_len=15, options=every), greedy)
+    assert not torch.equal(greedy, greedy_decode(decoder, features, max_len=15))
+
+
+def rigged_vocab(tmp_path):
+    """A vocabulary of BIGRAM ids: "a" is A, and word "wN" id N for N from 5."""
+    words = ["a"] + [f"w{i:02d}" for i in range(5, BIGRAM)]
+    vocab = Vocabulary(1, vocab_file=str(tmp_path / "v.json"), captions=[" ".join(words)])
+    assert vocab("a") == A and vocab("w05") == 5 and len(vocab) == BIGRAM
+    return vocab
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_decode_captions_finds_the_bad_endings_in_the_vocabulary(tmp_path, beam_size):
+    decoder, features, max_len, _, _ = rigged_decoder("no_bad_endings")
+    vocab = rigged_vocab(tmp_path)
+    plain = decode_captions(decoder, features, vocab, beam_size, max_len)
+    assert plain[1] == ["a"] * 3
+    assert decode_captions(decoder, features, vocab, beam_size, max_len, options=None) == plain
+    rule = DecodingOptions(no_bad_endings=True)
+    assert (
+        decode_captions(decoder, features, vocab, beam_size, max_len, options=rule)[1]
+        == ["a w05"] * 3
+    )
+    with pytest.raises(ValueError, match="for_vocab"):
+        greedy_decode(decoder, features, options=rule)  # the words' ids are unknown

@@ -7,12 +7,13 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from pycocoevalcap.cider.cider import Cider
 
 import self_critical
 import train as train_module
-from annotations import read_split
+from annotations import CaptionSplit, read_split
 from checkpoint import CheckpointError, build_model, load_checkpoint, load_trained
-from cider_d import training_scorer
+from cider_d import END_TOKEN, CiderD, training_scorer
 from coco_metrics import _tokenize_like_ptb
 from config import ConfigError
 from decoding import greedy_decode, sample_decode, sampling_log_probs
@@ -107,11 +108,11 @@ def test_reward_of_caption_ids_equals_cider_d_of_their_words(demo_train, tmp_pat
         if rng.random() < 0.5:
             ids = [ids[0], *rng.permutation(ids[1:-1]).tolist(), vocab.unk_id, ids[-1]]
         rows.append(ids + [vocab.pad_id] * 3 + [vocab("red")])  # nothing after `<end>` counts
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [vocab.pad_id] * (width - len(r)) for r in rows])
-    words = [_tokenize_like_ptb(vocab.decode(r)).split() for r in ids.tolist()]
+    ids = padded(rows, vocab.pad_id)
+    # One end token each: `<end>` once, padding not at all.
+    words = [_tokenize_like_ptb(vocab.decode(r)).split() + [END_TOKEN] for r in ids.tolist()]
     references = [
-        [_tokenize_like_ptb(split.captions[c]).split()
+        [_tokenize_like_ptb(split.captions[c]).split() + [END_TOKEN]
          for c in np.flatnonzero(split.caption_image == image)]
         for image in sorted(set(images))
     ]  # fmt: skip
@@ -119,6 +120,95 @@ def test_reward_of_caption_ids_equals_cider_d_of_their_words(demo_train, tmp_pat
     expected = scorer.score(words, references, [position[i] for i in images])
     np.testing.assert_allclose(reward(ids, images), expected, rtol=0, atol=1e-12)
     assert expected.max() > 2 * expected.min() > 0
+
+
+def padded(rows, pad_id):
+    """Caption ids (rows, steps) of id lists of any lengths, padded as the decoders pad them."""
+    width = max(map(len, rows))
+    return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
+
+
+def test_reward_equals_pycocoevalcap_cider_with_the_end_token_written_as_a_word(
+    demo_train, tmp_path
+):
+    split, vocab = demo_train
+    reward = CaptionReward(split, vocab, tmp_path)
+    # One caption for every image with references: pycocoevalcap's documents are the images
+    # scored, the reward's those of the whole split.
+    images = np.unique(split.caption_image)
+    rng = np.random.default_rng(1)
+    rows = []
+    for image in images:  # an image's caption, its words shuffled, or cut without `<end>`
+        ids = vocab.encode(split.captions[rng.choice(np.flatnonzero(split.caption_image == image))])
+        kind = rng.integers(3)
+        if kind == 1:
+            ids = [ids[0], *rng.permutation(ids[1:-1]).tolist(), ids[-1]]
+        elif kind == 2:  # run to the maximum length: it did not end
+            ids = ids[: rng.integers(2, len(ids) - 1)]
+        rows.append(ids)
+    assert 10 < sum(vocab.end_id not in r for r in rows) < len(rows) - 10
+    hypotheses = {
+        int(i): [_tokenize_like_ptb(vocab.decode(r)) + f" {END_TOKEN}" * (vocab.end_id in r)]
+        for i, r in zip(images, rows)
+    }
+    references = {
+        int(i): [_tokenize_like_ptb(split.captions[c]) + f" {END_TOKEN}"
+                 for c in np.flatnonzero(split.caption_image == i)]
+        for i in images
+    }  # fmt: skip
+    _, theirs = Cider().compute_score(references, hypotheses)
+    np.testing.assert_allclose(
+        reward(padded(rows, vocab.pad_id), images), theirs, rtol=0, atol=1e-9
+    )
+    assert len(set(np.round(theirs, 6))) > len(images) // 2
+
+
+# The first image's references name the horse's colour, as annotators often do: the words up to
+# the noun are the part every reference shares.
+HORSES = [
+    ["a man riding a brown horse", "a man riding a white horse", "a man riding a black horse"],
+    ["a dog lying on a couch", "a brown dog on a sofa"],
+    ["a plate of food on a table", "a pizza on a plate"],
+    ["a man riding a wave on a surfboard", "a surfer riding a wave"],
+    ["a woman riding a bike down a street", "a person riding a bicycle"],
+    ["a horse standing in a field", "two horses eating grass"],
+]
+
+
+@pytest.fixture
+def horse_reward(tmp_path):
+    """The reward of a split with the `HORSES` captions, and its vocabulary."""
+    split = CaptionSplit(
+        "train", "csv", tmp_path / "captions.csv", list(range(len(HORSES))),
+        [f"{i}.jpg" for i in range(len(HORSES))], [c for refs in HORSES for c in refs],
+        np.repeat(np.arange(len(HORSES)), [len(refs) for refs in HORSES]),
+    )  # fmt: skip
+    vocab = Vocabulary(vocab_threshold=1, vocab_file=None, captions=split.tokenized(tmp_path))
+    return CaptionReward(split, vocab, tmp_path), vocab
+
+
+def test_the_end_token_puts_a_fragment_below_the_whole_sentence(horse_reward):
+    reward, vocab = horse_reward
+    fragment, whole = "a man riding a", "a man riding a horse"
+    ended = reward(padded([vocab.encode(fragment), vocab.encode(whole)], vocab.pad_id), [0, 0])
+    assert ended[0] < ended[1] - 0.5, ended
+    # Scored without the end token, as the reward was before, the fragment wins.
+    references = [[r.split() for r in refs] for refs in HORSES]
+    hypotheses = [fragment.split(), whole.split()]
+    without = CiderD.from_references(references).score(hypotheses, references, [0, 0])
+    assert without[0] > without[1] + 0.5, without
+
+
+def test_a_caption_cut_at_the_maximum_length_gets_no_end_token(horse_reward):
+    reward, vocab = horse_reward
+    words = ["a", "man", "riding", "a", "horse"]
+    ended = vocab.encode(words)
+    cut = ended[:-1]  # the same words, the last at the maximum length
+    references = [[r.split() + [END_TOKEN] for r in HORSES[0]]]
+    expected = reward.scorer.score([words + [END_TOKEN], words], references, [0, 0])
+    np.testing.assert_allclose(reward(padded([ended, cut], vocab.pad_id), [0, 0]), expected,
+                               rtol=0, atol=1e-12)  # fmt: skip
+    assert expected[0] > expected[1] + 0.5
 
 
 def tiny_model(demo_root, tmp_path, **changes):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from annotations import read_split
+from annotations import TokenizedCaptions, read_split
 from checkpoint import build_model
 from data_loader import (
     CaptionDataset,
@@ -18,7 +18,7 @@ from data_loader import (
     make_transform,
 )
 from tests.helpers import tiny_config
-from training_data import TrainingData, image_inputs, to_device
+from training_data import TrainingData, cut_captions, image_inputs, to_device
 
 FEATURES = 8192  # wide enough that a pickled copy of the rows could not pass for a path
 
@@ -170,3 +170,37 @@ def test_validation_captions_from_float16_features_match_float32_ones(demo_root,
         for inputs in (half, full)
     ]  # fmt: skip
     assert captions[0] == captions[1] and len(captions[0]) == 10
+
+
+def test_cut_captions_keeps_the_first_words_of_long_captions_only():
+    lists = [[f"w{k}" for k in range(20)], ["a", "dog"], [f"v{k}" for k in range(16)], []]
+    cut, longer = cut_captions(TokenizedCaptions.from_lists(lists), 16)
+    assert list(cut) == [lists[0][:16], lists[1], lists[2], []]
+    assert longer == 1 and cut.lengths().tolist() == [16, 2, 16, 0]
+
+
+def test_training_captions_are_cut_to_what_decoding_can_give(demo_root, tmp_path):
+    config = tiny_config(demo_root, tmp_path, cut_captions=True, max_caption_len=8)
+    splits = [read_split(demo_root, s) for s in ("train", "val")]
+    vocab = load_or_build_vocab(
+        vocab_file=None, vocab_threshold=1, vocab_from_file=False, train_split=splits[0]
+    )
+    data = TrainingData(config, build_model(config, vocab), vocab, *splits, 0, 1, "cpu")
+    whole = CaptionDataset(splits[0], vocab)
+    lengths = splits[0].tokenized().lengths()
+    assert data.captions_cut == (int((lengths > 6).sum()), len(lengths))
+    assert 0 < data.captions_cut[0] < len(lengths)  # the test data has both kinds
+    for i, n in enumerate(lengths):
+        ids, full = data.train_captions.caption_ids(i), whole.caption_ids(i)
+        if n > 6:  # <start>, 6 words, <end>: max_caption_len tokens, as decoding ends
+            assert len(ids) == 8 and torch.equal(ids[:7], full[:7]) and ids[-1] == vocab.end_id
+        else:
+            assert torch.equal(ids, full)
+    val = data.val.dataset.captions
+    val_ids = [val.caption_ids(i) for i in range(len(val))]
+    assert max(len(ids) for ids in val_ids) == 8  # the validation loss scores the same task
+    uncut = TrainingData(
+        tiny_config(demo_root, tmp_path), build_model(config, vocab), vocab, *splits, 0, 1, "cpu"
+    )
+    assert uncut.captions_cut is None
+    assert max(len(uncut.train_captions.caption_ids(i)) for i in range(len(lengths))) > 8

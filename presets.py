@@ -1,0 +1,132 @@
+"""Training presets: the demo's, measured on two CPU cores, and COCO's, from the published recipes."""
+
+import dataclasses
+
+from config import TrainConfig
+from demo_dataset import DEFAULT_DEMO_ROOT, read_marker
+
+# Chosen by measurement on 2 CPU cores (README, "The demo dataset"): the images' own 64 px
+# (at 48 px shapes blur into their neighbours: 61% of captions right, not 68%); 32 images a
+# batch keeps batch norm statistics steady; one of each image's 5 captions per epoch, as the
+# CNN learns slowest and needs image passes more than captions (at 20 epochs one caption does
+# as well as two, 66% vs 67%, in less time, so 30 epochs fit: 77%); forget-gate bias 5 keeps
+# the image, fed once, alive to the last word (bias 1: 19% objects right, not 54%). Decoding
+# PNGs each epoch cost 30% of a training pass on two cores: the images are cached decoded, and
+# with nothing left to overlap a loader process only competes with the training threads.
+DEMO_CONFIG = TrainConfig(
+    data_dir=str(DEFAULT_DEMO_ROOT),
+    output_dir="outputs/demo/model",
+    vocab_threshold=1,
+    backbone="smallcnn",
+    pretrained=False,
+    trainable_blocks=-1,
+    image_size=64,
+    embed_size=256,
+    hidden_size=256,
+    dropout=0.0,
+    forget_bias=5.0,
+    batch_size=32,
+    captions_per_image=1,
+    epochs=30,
+    lr=1e-3,
+    val_images=300,
+    patience=None,
+    num_workers=0,
+    cache_images=True,
+)
+
+
+# The attention decoder steps an LSTM cell per word in Python, so its preset is smaller where
+# that costs time (word embedding, attention layer) and trains fewer epochs at a higher rate.
+# The doubly stochastic regulariser is weak here: at weight 1 it asks each of the 16 grid
+# positions, mostly background on these sparse images, for a word's worth of attention per
+# caption, pulling the words' attention off the shapes (the README has the figures).
+ATTENTION_DEMO_CONFIG = dataclasses.replace(
+    DEMO_CONFIG,
+    output_dir="outputs/demo-attention/model",
+    decoder="attention",
+    embed_size=128,
+    attention_size=128,
+    attention_weight=0.1,
+    lr=2e-3,
+    epochs=16,
+)
+
+
+# Self-critical training after cross-entropy (`demo.py --scst`). Each self-critical epoch
+# samples 5 captions for each of the 4000 images: about 3x (Show and Tell) and 2x (attention)
+# the time of a cross-entropy epoch here, so the attention run gives up 4 cross-entropy epochs
+# (its validation CIDEr had levelled off by epoch 12) to stay within 10 minutes.
+SCST_DEMO_CONFIG = dataclasses.replace(
+    DEMO_CONFIG, output_dir="outputs/demo-scst/model", scst_epochs=3, scst_lr=5e-5
+)
+ATTENTION_SCST_DEMO_CONFIG = dataclasses.replace(
+    ATTENTION_DEMO_CONFIG, output_dir="outputs/demo-attention-scst/model", epochs=12,
+    scst_epochs=3, scst_lr=2e-4,
+)  # fmt: skip
+
+
+def demo_config(decoder="showtell", scst=False):
+    """The demo preset for one decoder, with the self-critical stage or without."""
+    if decoder == "attention":
+        return ATTENTION_SCST_DEMO_CONFIG if scst else ATTENTION_DEMO_CONFIG
+    return SCST_DEMO_CONFIG if scst else DEMO_CONFIG
+
+
+# The published COCO recipes, field by field (docs/coco_recipes.md has each value's source and
+# the reason wherever this preset differs): ruotianluo/self-critical.pytorch's FC and Att2in
+# configs (configs/fc.yml, configs/a2i2.yml, fc_rl.yml; scripts/prepro_labels.py,
+# prepro_feats.py) and sgrvinod's a-PyTorch-Tutorial-to-Image-Captioning (train.py, utils.py).
+# Both recipes caption from a frozen ImageNet ResNet-101 with 512-wide embeddings and LSTM,
+# dropout 0.5 and Adam; ruotianluo trains 30 epochs at 5e-4 on 10 images with 5 captions each
+# per step, cuts training captions at 16 words and scores all 5000 validation images. Words
+# are kept when seen more than 5 times in both: vocab_threshold counts "at least", hence 6.
+# The whole image is resized to 448 x 448 (ruotianluo's features come from the uncropped,
+# unresized photo): a ResNet's last map is then 14 x 14, the grid of Show, Attend and Tell.
+COCO_CONFIG = TrainConfig(
+    data_dir="data/coco",
+    vocab_threshold=6,
+    backbone="resnet101",
+    trainable_blocks=0,
+    image_size=448,
+    resize="full",
+    embed_size=512,
+    hidden_size=512,
+    dropout=0.5,
+    batch_size=10,
+    captions_per_image=5,
+    epochs=30,
+    optimizer="adam",
+    lr=5e-4,
+    scst_lr=5e-5,
+    scst_samples=5,
+    max_caption_len=18,
+    cut_captions=True,
+    val_images=None,
+    patience=None,
+)
+
+# Attention reads the 14 x 14 grid; its feature cache holds 196 x 2048 float16 values an image,
+# about 95 GB for the 118k train and val images of Karpathy's COCO splits (4 x the 7 x 7 grid of
+# 224 px; grid_size=7 keeps 448 px and averages it down to that).
+ATTENTION_COCO_CHANGES = dict(decoder="attention", grid_size=14)
+
+
+def coco_config(decoder="showtell", **changes):
+    """The COCO preset for one decoder (docs/coco_recipes.md), with `changes` applied."""
+    preset = ATTENTION_COCO_CHANGES if decoder == "attention" else {"decoder": decoder}
+    return dataclasses.replace(COCO_CONFIG, **{**preset, **changes})
+
+
+PRESETS = ("auto", "coco", "demo", "none")
+
+
+def preset_config(name, data_dir=None, decoder="showtell"):
+    """The config a preset names (train.py's --preset): coco, demo, none (TrainConfig's defaults),
+    or auto: coco for a data folder other than a demo dataset, else none."""
+    if name == "auto":
+        demo_data = data_dir is None or read_marker(data_dir) is not None
+        name = "none" if demo_data else "coco"
+    if name == "coco":
+        return coco_config(decoder)
+    return demo_config(decoder) if name == "demo" else TrainConfig(decoder=decoder)
