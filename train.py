@@ -203,8 +203,8 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
     return step_losses, total / max(tokens, 1), correct / max(tokens, 1)
 
 
-def write_history(history, output_dir):
-    """history.json, history.csv and learning_curves.png in `output_dir`."""
+def write_history(history, output_dir, plot=True):
+    """history.json, history.csv and (with `plot`) learning_curves.png in `output_dir`."""
     from plots import plot_learning_curves
 
     output_dir = Path(output_dir)
@@ -215,7 +215,8 @@ def write_history(history, output_dir):
     writer.writerow(columns)
     writer.writerows(zip(*(history[c] for c in columns)))
     write_text(output_dir / "history.csv", table.getvalue())
-    plot_learning_curves(history, output_dir / "learning_curves.png")
+    if plot:
+        plot_learning_curves(history, output_dir / "learning_curves.png")
 
 
 def drop_unreadable_images(split, config, rank=0, world=1):
@@ -249,6 +250,9 @@ def read_splits(config, rank=0, world=1):
 # accuracies (share of next words predicted right under teacher forcing; no train figure in
 # self-critical epochs).
 RANKS_CHECK = ".ranks-check"  # written by rank 0, read by every rank: one shared output_dir
+# Drawing the curves takes about a second on a CPU: redrawn after every epoch, a run of short
+# epochs (the demo, the tests) would spend a third of its time drawing.
+PLOT_EVERY_SECONDS = 60
 SELF_CRITICAL_FIGURES = ("reward", "baseline", "positive_advantage")
 ACCURACY_FIGURES = ("train_accuracy", "val_accuracy")
 
@@ -264,6 +268,7 @@ class RunState:
                         *ACCURACY_FIGURES, "step_loss")
         }  # fmt: skip
         self.next_epoch, self.best_cider, self.stale = 0, -1.0, 0
+        self.plotted_at, self.plot_behind = -math.inf, False  # learning_curves.png's last drawing
 
     def record_epoch(self, epoch, train_loss, val_loss, cider, lr, seconds, step_losses,
                      stage="xe", figures=None):  # fmt: skip
@@ -313,6 +318,7 @@ def save_run(output_dir, config, vocab, model, optimizer, scheduler, scaler, run
     """last.pt (all a resume needs), best.pt when this epoch is the best, and the history files.
 
     The optimizer and schedule are those of the stage of the last epoch (`history["stage"]`).
+    The learning curves are redrawn at most every PLOT_EVERY_SECONDS (`train` draws the last).
     """
     state = {
         "config": asdict(config), "vocab": vocab.to_dict(), "model": model.state_dict(),
@@ -326,7 +332,9 @@ def save_run(output_dir, config, vocab, model, optimizer, scheduler, scaler, run
     if improved:
         best = ("config", "vocab", "model", "epoch", "history", "best_cider", "preprocessing")
         save_checkpoint({k: state[k] for k in best}, output_dir / "best.pt")
-    write_history(run.history, output_dir)
+    plot = time.time() - run.plotted_at >= PLOT_EVERY_SECONDS
+    write_history(run.history, output_dir, plot)
+    run.plotted_at, run.plot_behind = (time.time(), False) if plot else (run.plotted_at, True)
 
 
 def validation_cider(model, vocab, data, config, device, rank, world):
@@ -481,6 +489,10 @@ def train(config):
                 f"val CIDEr {cider:.3f}{' (best)' if improved else ''}"
             )
         epoch += 1
+    if rank == 0 and run.plot_behind:
+        from plots import plot_learning_curves
+
+        plot_learning_curves(run.history, output_dir / "learning_curves.png")
     if world > 1:
         distributed.barrier()
     return run.history

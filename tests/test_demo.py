@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import coco_metrics
 import demo
 from demo import (
     ATTENTION_DEMO_CONFIG,
@@ -45,7 +46,15 @@ def test_run_demo_writes_its_documented_outputs(demo_root, tmp_path, capsys):
     assert not list((tmp_path / "demo").rglob(".*.tmp-*"))
 
 
-def test_run_demo_with_attention_adds_the_attention_measure_and_maps(demo_root, tmp_path):
+def without_java(monkeypatch):
+    """Score as a user without Java does (the first test runs the demo with it)."""
+    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
+
+
+def test_run_demo_with_attention_adds_the_attention_measure_and_maps(
+    demo_root, tmp_path, monkeypatch
+):
+    without_java(monkeypatch)
     config = dataclasses.replace(
         ATTENTION_DEMO_CONFIG, data_dir=str(demo_root), image_size=32, embed_size=32,
         hidden_size=48, attention_size=16, epochs=1, val_images=10, progress=False,
@@ -58,7 +67,10 @@ def test_run_demo_with_attention_adds_the_attention_measure_and_maps(demo_root, 
     assert len(drawn) == 4
 
 
-def test_run_demo_with_self_critical_stage_scores_both_checkpoints(demo_root, tmp_path, capsys):
+def test_run_demo_with_self_critical_stage_scores_both_checkpoints(
+    demo_root, tmp_path, capsys, monkeypatch
+):
+    without_java(monkeypatch)
     config = dataclasses.replace(
         SCST_DEMO_CONFIG, data_dir=str(demo_root), image_size=32, embed_size=32, hidden_size=48,
         epochs=1, scst_epochs=1, val_images=10, progress=False,

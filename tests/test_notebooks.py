@@ -88,6 +88,13 @@ def test_notebooks_run_in_order(demo_root, tmp_path, monkeypatch, decoder):
     # One thread: tiny models gain nothing from more, and on a busy machine (tests running in
     # parallel) extra OpenMP threads make them many times slower.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # As for a user without Java: evaluate scores in Python (tokenisation, no METEOR), which
+    # saves the JVM's start-ups; tests/test_coco_metrics.py checks the Java path.
+    no_java = tmp_path / "no-java"
+    no_java.mkdir()
+    (no_java / "java").write_text("#!/bin/sh\nexit 1\n")
+    (no_java / "java").chmod(0o755)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(no_java), os.environ["PATH"]]))
     # CAPTIONING_CACHE already points to a temporary folder (conftest), and the kernel inherits it.
     # The notebooks' make_demo_dataset call must find the fixture's dataset as it is (same
     # parameters), never regenerate the folder other tests share.

@@ -72,8 +72,15 @@ def test_resume_continues_exactly_like_uninterrupted_run(demo_root, tmp_path, mo
     assert resumed["val_loss"] == full["val_loss"]
 
 
-def test_outputs_history_and_checkpoint_contents(demo_root, tmp_path):
-    history = train(tiny_config(demo_root, tmp_path, epochs=2))
+def test_outputs_history_and_checkpoint_contents(demo_root, tmp_path, monkeypatch):
+    import plots
+
+    drawn, draw = [], plots.plot_learning_curves
+    monkeypatch.setattr(plots, "plot_learning_curves", lambda h, *a: drawn.append(h["epoch"][:]))
+    history = train(tiny_config(demo_root, tmp_path, epochs=3))
+    # Drawn after the first epoch, then at most once a minute, and always after the last.
+    assert drawn == [[1], [1, 2, 3]]
+    draw(history, tmp_path / "learning_curves.png")
     for name in (
         "last.pt",
         "best.pt",
@@ -86,7 +93,7 @@ def test_outputs_history_and_checkpoint_contents(demo_root, tmp_path):
         assert (tmp_path / name).exists(), name
     assert json.loads((tmp_path / "history.json").read_text())["val_loss"] == history["val_loss"]
     rows = (tmp_path / "history.csv").read_text().splitlines()
-    assert rows[0].startswith("epoch,train_loss") and len(rows) == 3
+    assert rows[0].startswith("epoch,train_loss") and len(rows) == 4
     state = load_checkpoint(tmp_path / "last.pt")
     assert {"config", "vocab", "model", "optimizer", "scheduler", "rng", "epoch", "step"} <= set(
         state
