@@ -142,15 +142,17 @@ def test_length_penalty_flags_reach_the_beam_search(checkpoint, coco_sample, mon
     assert [k["length_penalty"] for k in runs] == [1.5, decoding.LENGTH_PENALTY]
 
 
-def with_decoder_weights(checkpoint, path, blind=False):
+def with_decoder_weights(checkpoint, path, same_features=False):
     """A copy of `checkpoint` with wide random word and decoder weights, so that captions vary
-    from image to image; blind: the same model given zero features, one caption for all."""
+    from image to image; same_features: every image's feature made the same (the image layer's
+    weights zeroed), one caption for all, as wrong preprocessing can do."""
     state = load_checkpoint(checkpoint)
     generator = torch.Generator().manual_seed(0)
     for name, value in state["model"].items():
         if name.startswith(("decoder.", "encoder.embed.")):
             state["model"][name] = torch.randn(value.shape, generator=generator) * 0.5
-    state["config"]["blind"] = blind
+        if same_features and name.startswith("encoder.embed.") and name.endswith("weight"):
+            state["model"][name] = torch.zeros_like(value)
     return save_checkpoint(state, path)
 
 
@@ -167,10 +169,12 @@ def test_evaluate_reports_caption_health_and_warns_when_images_share_a_caption(
     assert not [w for w in caught if "same caption" in str(w.message)]
     assert result["health"] == measure_health(result["predictions"])
     assert result["health"]["top_caption_share"] < SAME_CAPTION_SHARE
-    blind = with_decoder_weights(checkpoint, tmp_path / "blind.pt", blind=True)
+    same = with_decoder_weights(checkpoint, tmp_path / "same.pt", same_features=True)
     with pytest.warns(UserWarning, match="100% of the images got the same caption") as caught:
-        result = evaluate.evaluate(blind, "val", **options)
-    assert "image_size=32, backbone='smallcnn', pretrained=False" in str(caught[-1].message)
+        result = evaluate.evaluate(same, "val", **options)
+    assert "image_size=32, resize='crop', backbone='smallcnn', pretrained=False" in str(
+        caught[-1].message
+    )
     assert result["health"]["distinct_captions"] == 1 / len(result["predictions"])
 
 

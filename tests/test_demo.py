@@ -17,7 +17,14 @@ METRICS = {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
 OBJECTS = {"accuracy", "by_count", "n"}
 
 
-def test_run_demo_writes_its_documented_outputs(demo_root, tmp_path, capsys):
+def without_java(monkeypatch):
+    """Score as a user without Java does: the JVM's start-ups cost more than the tiny runs
+    (tests/test_coco_metrics.py checks evaluate with Java)."""
+    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
+
+
+def test_run_demo_writes_its_documented_outputs(demo_root, tmp_path, capsys, monkeypatch):
+    without_java(monkeypatch)
     config = dataclasses.replace(
         DEMO_CONFIG, data_dir=str(demo_root), image_size=32, embed_size=32, hidden_size=48,
         epochs=2, val_images=10, progress=False,
@@ -44,11 +51,6 @@ def test_run_demo_writes_its_documented_outputs(demo_root, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "greedy" in printed and "blind" in printed and "CIDEr vs blind" in printed
     assert not list((tmp_path / "demo").rglob(".*.tmp-*"))
-
-
-def without_java(monkeypatch):
-    """Score as a user without Java does (the first test runs the demo with it)."""
-    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
 
 
 def test_run_demo_with_attention_adds_the_attention_measure_and_maps(
