@@ -9,7 +9,7 @@ import torch
 
 from atomic_file import atomic_path
 from data_loader import IMAGENET_MEAN, IMAGENET_STD, preprocessing
-from model import AttentionDecoder, DecoderRNN, EncoderCNN, ShowAndTell
+from model import AttentionDecoder, CaptionModel, DecoderRNN, EncoderCNN
 
 # What the images of checkpoints saved before they recorded it went through, fixed here so that
 # a later change of the defaults never changes how those models are fed.
@@ -81,6 +81,7 @@ def set_rng_state(state):
 def load_model_state(model, state_dict, path, expected):
     """`model.load_state_dict`, but a mismatch names both sides instead of a shape traceback."""
     own = model.state_dict()
+    state_dict = backbone_net_keys(state_dict, own)
     problems = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state_dict.items()
@@ -100,6 +101,18 @@ def load_model_state(model, state_dict, path, expected):
     model.load_state_dict(state_dict)
 
 
+def backbone_net_keys(state_dict, model_state):
+    """`state_dict` under the adapter's `encoder.backbone.net.` names where `model_state` has them."""
+    # Checkpoints saved before backbones.py wrapped torchvision networks other than ResNets in an
+    # adapter name those weights `encoder.backbone.<...>`.
+    old, new = "encoder.backbone.", "encoder.backbone.net."
+    saved_wrapped = any(k.startswith(new) for k in state_dict)
+    built_wrapped = any(k.startswith(new) for k in model_state)
+    if saved_wrapped or not built_wrapped:
+        return state_dict  # ResNets and the demo CNN keep their names; so do newer checkpoints
+    return {new + k[len(old) :] if k.startswith(old) else k: v for k, v in state_dict.items()}
+
+
 def build_model(config, vocab):
     """Encoder and decoder described by `config`."""
     attention = config.decoder == "attention"
@@ -113,13 +126,13 @@ def build_model(config, vocab):
         decoder = AttentionDecoder(
             encoder.feature_size, config.embed_size, config.hidden_size, len(vocab),
             attention_size=config.attention_size, attention_weight=config.attention_weight,
-            **common,
+            word_in_query=config.word_in_query, coverage=config.coverage, **common,
         )  # fmt: skip
     else:
         decoder = DecoderRNN(
             config.embed_size, config.hidden_size, len(vocab), config.num_layers, **common
         )
-    return ShowAndTell(encoder, decoder, blind=config.blind)
+    return CaptionModel(encoder, decoder, blind=config.blind)
 
 
 def checkpoint_preprocessing(state, config):

@@ -9,8 +9,8 @@ import types
 from dataclasses import dataclass, field
 
 from annotations import LAYOUTS
+from backbones import TORCHVISION_BACKBONES
 from data_loader import RESIZE_MODES
-from model import BACKBONES
 
 # What a resumed run may change: how long and where it runs, never what it trains.
 RESUMABLE_CHANGES = (
@@ -24,10 +24,12 @@ class ConfigError(ValueError):
     """A configuration value that is not allowed; the message names the field and the choices."""
 
 
-def option(default, help, choices=None, low=None, high=None, low_open=False, high_open=False):
-    """A config field with its explanation (shown by --help) and the values it accepts."""
+def option(default, help, choices=None, low=None, high=None, low_open=False, high_open=False,
+           before=None):  # fmt: skip
+    """A config field with its explanation (shown by --help) and the values it accepts;
+    `before`: the value that configs saved before the field existed had (None: the default)."""
     limits = dict(choices=choices, low=low, high=high, low_open=low_open, high_open=high_open)
-    return field(default=default, metadata={"help": help, **limits})
+    return field(default=default, metadata={"help": help, "before": before, **limits})
 
 
 @dataclass
@@ -41,8 +43,9 @@ class TrainConfig:
     backbone: str = option(
         "resnet50",
         "image network: a torchvision classification network by name (resnet50, vgg16, "
-        "efficientnet_b0, convnext_tiny, vit_b_16, ...: model.BACKBONES), smallcnn for small images",
-        choices=BACKBONES,
+        "efficientnet_b0, convnext_tiny, vit_b_16, ...: backbones.TORCHVISION_BACKBONES), smallcnn "
+        "for small images",
+        choices=(*TORCHVISION_BACKBONES, "smallcnn"),
     )
     pretrained: bool = option(True, "ImageNet weights for the CNN (downloaded once)")
     weights_path: str | None = option(None, "local CNN weights file instead of a download")
@@ -77,6 +80,15 @@ class TrainConfig:
     attention_weight: float = option(
         1.0, "attention: weight of the doubly stochastic attention regulariser", low=0
     )
+    # Off: Show, Attend and Tell as published. Older checkpoints had both built in.
+    word_in_query: bool = option(
+        False, "attention: the word just read joins the hidden state in the attention query",
+        before=True,
+    )  # fmt: skip
+    coverage: bool = option(
+        False, "attention: the attention each position has had so far enters its score "
+        "(coverage, Tu et al. 2016)", before=True,
+    )  # fmt: skip
     embed_size: int = option(256, "image feature and word embedding size", low=1)
     hidden_size: int = option(512, "LSTM hidden units", low=1)
     num_layers: int = option(1, "LSTM layers", low=1)
@@ -156,6 +168,12 @@ class TrainConfig:
     resume: bool = option(False, "continue from output_dir/last.pt if it exists")
     progress: bool = option(True, "progress bars")
 
+    @property
+    def reads_features(self):
+        """Whether training reads cached backbone features rather than images: with a frozen
+        CNN (the feature cache), or blind (zeros, no images)."""
+        return self.blind or self.trainable_blocks == 0
+
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -230,18 +248,21 @@ def describe_range(f):
 
 
 def config_from_dict(cls, data):
-    """A `cls` from saved values; keys this version does not know are ignored."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in names})
+    """A `cls` from saved values; keys this version does not know are ignored, and fields the
+    saved config predates take the value they had then (their `before`)."""
+    fields = dataclasses.fields(cls)
+    older = {f.name: f.metadata["before"] for f in fields if f.metadata.get("before") is not None}
+    names = {f.name for f in fields}
+    return cls(**{**older, **{k: v for k, v in data.items() if k in names}})
 
 
 def resume_conflicts(saved, config):
     """'field: checkpoint X vs config Y' for each field a resumed run may not change."""
+    saved = dataclasses.asdict(config_from_dict(type(config), saved))
     return [
-        f"{f.name}: checkpoint {saved.get(f.name, f.default)!r} vs config {getattr(config, f.name)!r}"
+        f"{f.name}: checkpoint {saved[f.name]!r} vs config {getattr(config, f.name)!r}"
         for f in dataclasses.fields(config)
-        if f.name not in RESUMABLE_CHANGES
-        and saved.get(f.name, f.default) != getattr(config, f.name)
+        if f.name not in RESUMABLE_CHANGES and saved[f.name] != getattr(config, f.name)
     ]
 
 

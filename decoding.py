@@ -1,5 +1,5 @@
-"""Batched greedy, beam-search and sampled caption decoding for `model.DecoderRNN` and
-`model.AttentionDecoder` (CPU or GPU).
+"""Batched greedy, beam-search and sampled caption decoding for any decoder that speaks the
+decoder protocol of `model` (`init_state`, `step`; CPU or GPU).
 
 The decoder should be in eval mode (the caller's job: these functions never change the mode).
 Sequences follow the decoders' `sample`: every sequence begins with the given `<start>` id,
@@ -13,7 +13,6 @@ from typing import NamedTuple
 import torch
 
 from caption_health import BAD_ENDINGS
-from model import AttentionDecoder
 
 PAD_ID = 3  # `<pad>` in vocabulary.Vocabulary
 # Beam search ranks by the raw summed log-probability by default, as im2txt does: length
@@ -90,41 +89,11 @@ def forbidden_tokens(words, options, end_id, vocab_size):
     return forbidden
 
 
-class _Stepper:
-    """The search loops' view of a decoder: start, step and reorder, for both decoder kinds.
-
-    Show and Tell: `inputs` are image features (batch, embed), the state the LSTM's (h, c)
-    with the batch on dim 1. Attention: `inputs` are grids (batch, positions, features), the
-    state (the decoder's state, grid, projected grid) with the batch on dim 0, and each step's
-    attention weights (batch, positions) come back too (None for Show and Tell).
-    """
-
-    def __init__(self, decoder):
-        self.decoder = decoder
-        self.attention = isinstance(decoder, AttentionDecoder)
-
-    def start(self, inputs):
-        """(state, `<start>` ids (batch,))."""
-        if not self.attention:
-            return self.decoder.begin(inputs)
-        state, projected = self.decoder.begin(inputs)
-        word = torch.full((inputs.size(0),), self.decoder.start_id, dtype=torch.long,
-                          device=inputs.device)  # fmt: skip
-        return (*state, inputs, projected), word
-
-    def step(self, word, state):
-        """Scores (batch, vocab), the new state, attention weights (batch, positions) or None."""
-        if not self.attention:
-            scores, state = self.decoder.step(self.decoder.embed(word).unsqueeze(1), state)
-            return scores, state, None
-        *state, grid, projected = state
-        scores, state, weights = self.decoder.step(word, tuple(state), grid, projected)
-        return scores, (*state, grid, projected), weights
-
-    def reorder(self, state, rows):
-        """The state of rows `rows` (beam search follows the surviving beams)."""
-        dim = 0 if self.attention else 1  # LSTM states are (layers, batch, hidden)
-        return tuple(s.index_select(dim, rows) for s in state)
+def start(decoder, features):
+    """The decoder's first state and the `<start>` ids (batch,) that it reads first."""
+    word = torch.full((features.size(0),), decoder.start_id, dtype=torch.long,
+                      device=features.device)  # fmt: skip
+    return decoder.init_state(features), word
 
 
 @torch.no_grad()
@@ -136,13 +105,12 @@ def greedy_decode(decoder, features, max_len=20, pad_id=PAD_ID, with_attention=F
     the attention weights of every generated word (batch, steps - 1, positions), zero after
     `end_id`. `options` (`DecodingOptions`): the rules captions keep to (None: none).
     """
-    stepper = _Stepper(decoder)
-    state, word = stepper.start(features)  # word: (batch,) `<start>`
+    state, word = start(decoder, features)  # word: (batch,) `<start>`
     done = word == decoder.end_id
     columns, weights = [word], []
     while len(columns) < max_len and not bool(done.all()):
         # Finished rows keep stepping on `<pad>` so the batch stays whole; their output is masked.
-        scores, state, alpha = stepper.step(word, state)  # (batch, vocab)
+        scores, state, alpha = decoder.step(word, state)  # (batch, vocab)
         if options is not None and options.any_on:
             words = torch.stack(columns, dim=1)[:, 1:]  # (batch, words so far)
             forbidden = forbidden_tokens(words, options, decoder.end_id, scores.size(1))
@@ -182,12 +150,11 @@ def sample_decode(decoder, features, samples=1, temperature=1.0, max_len=20, pad
     Sampling draws from torch's global generator (of the features' device), so a seeded run
     samples the same captions again.
     """
-    stepper = _Stepper(decoder)
-    state, word = stepper.start(features.repeat_interleave(samples, dim=0))  # (rows,) `<start>`
+    state, word = start(decoder, features.repeat_interleave(samples, dim=0))  # (rows,) `<start>`
     done = word == decoder.end_id
     columns, log_probs = [word], []
     while len(columns) < max_len and not bool(done.all()):
-        scores, state, _ = stepper.step(word, state)  # (rows, vocab)
+        scores, state, _ = decoder.step(word, state)  # (rows, vocab)
         logp = sampling_log_probs(scores, temperature, pad_id)  # (rows, vocab)
         word = torch.multinomial(logp.exp(), 1).squeeze(1)  # (rows,)
         log_probs.append(logp.gather(1, word.unsqueeze(1)).squeeze(1).masked_fill(done, 0.0))
@@ -225,24 +192,24 @@ def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=LENGT
     batch, k = features.size(0), beam_size
     # At most k of the 2k best candidates end (one per beam), so k unfinished ones always remain.
     width = 2 * k
-    vocab = decoder.fc.out_features
+    vocab = decoder.vocab_size
     if width > vocab:
         raise ValueError(f"beam_size {k} too large for a vocabulary of {vocab} (needs 2k <= vocab)")
-    stepper = _Stepper(decoder)
-    state, word = stepper.start(features.repeat_interleave(k, dim=0))  # (batch * beam,) `<start>`
+    state, word = start(decoder, features.repeat_interleave(k, dim=0))  # (batch * beam,) `<start>`
     cum = torch.zeros(batch, k, device=features.device)  # (batch, beam) summed log-probabilities
     cum[:, 1:] = float("-inf")  # beams start identical: expanding only beam 0 avoids duplicates
     tokens = torch.full((batch * k, max_len), pad_id, dtype=torch.long, device=features.device)
     tokens[:, 0] = word
-    # Each beam's attention weights per generated word, kept in step with `tokens`.
+    # Each beam's attention weights per generated word, kept in step with `tokens` (decoders
+    # without attention: None).
     history = None
-    if stepper.attention:
-        history = features.new_zeros(batch * k, max(max_len - 1, 0), features.size(1))
-    finished = _Finished(batch, k, max_len, length_penalty, decoder.end_id, pad_id, features.device,
-                         history)  # fmt: skip
+    finished = _Finished(batch, k, max_len, length_penalty, decoder.end_id, pad_id, features.device)
     for t in range(1, max_len):
-        scores, state, alpha = stepper.step(word, state)  # (batch * beam, vocab)
-        if history is not None:
+        scores, state, alpha = decoder.step(word, state)  # (batch * beam, vocab)
+        if alpha is not None:
+            if history is None:
+                history = alpha.new_zeros(batch * k, max_len - 1, alpha.size(1))
+                finished.weights = history[:batch].clone()
             history[:, t - 1] = alpha  # (batch * beam, positions) of the current beams
         forbidden = forbidden_tokens(tokens[:, 1:t], options, decoder.end_id, vocab)
         cand = _best_extensions(scores, cum, width, forbidden)
@@ -253,7 +220,7 @@ def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=LENGT
         tokens = tokens[rows]
         tokens[:, t] = word
         history = history[rows] if history is not None else None
-        state = stepper.reorder(state, rows)
+        state = tuple(s.index_select(0, rows) for s in state)  # every state is batch first
     else:
         finished.prefer_live(cum, tokens, history)
 
@@ -262,6 +229,8 @@ def beam_search(decoder, features, beam_size=3, max_len=20, length_penalty=LENGT
     ids = finished.seq[:, :steps]  # (batch, steps)
     if not with_attention:
         return ids
+    if finished.weights is None:  # max_len 1: no word, so no weights
+        return ids, features.new_zeros(batch, 0, features.size(1))
     return ids, finished.weights[:, : steps - 1]  # (batch, steps - 1, positions)
 
 
@@ -308,12 +277,11 @@ def _survivors(cand, is_end, k):
 class _Finished:
     """Per image: the best finished hypothesis so far, and whether the search is done."""
 
-    def __init__(self, batch, beam_size, max_len, length_penalty, end_id, pad_id, device,
-                 history=None):  # fmt: skip
+    def __init__(self, batch, beam_size, max_len, length_penalty, end_id, pad_id, device):
         self.beam_size, self.length_penalty, self.end_id = beam_size, length_penalty, end_id
         self.seq = torch.full((batch, max_len), pad_id, dtype=torch.long, device=device)
         # Attention weights of the best hypothesis (batch, max_len - 1, positions), if any.
-        self.weights = history[:batch].clone() if history is not None else None
+        self.weights = None
         self.score = torch.full((batch,), float("-inf"), device=device)  # length-normalised
         self.count = torch.zeros(batch, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)

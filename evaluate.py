@@ -26,14 +26,15 @@ def predict_captions(
     length_penalty=LENGTH_PENALTY,
     progress=False,
     options=None,
+    cached=False,
 ):
-    """{image id: caption} for a loader of (images or cached features, image ids); `options`:
-    the `DecodingOptions` captions keep to (None: none)."""
+    """{image id: caption} for a loader of (images, or cached features with `cached`, image
+    ids); `options`: the `DecodingOptions` captions keep to (None: none)."""
     model.eval()
     predictions = {}
     for inputs, image_ids in tqdm(loader, desc="captioning", unit="batch", disable=not progress):
         # Cached features come in their stored dtype (float16): widened on the device.
-        features = model.encode(*to_device([inputs], device))  # (batch, embed)
+        features = model.encode(*to_device([inputs], device), cached)  # (batch, embed) or grid
         _, captions = decode_captions(
             model.decoder, features, vocab, beam_size, max_len, length_penalty, options
         )

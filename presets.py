@@ -48,6 +48,8 @@ ATTENTION_DEMO_CONFIG = dataclasses.replace(
     embed_size=128,
     attention_size=128,
     attention_weight=0.1,
+    word_in_query=True,
+    coverage=True,
     lr=2e-3,
     epochs=16,
 )

@@ -123,7 +123,7 @@ def self_critical_loss(model, forward, inputs, images, reward, config, pad_id):
     """
     k = config.scst_samples
     with torch.no_grad():
-        features = model.encode(inputs)
+        features = model.encode(inputs, config.reads_features)
         samples = sample_decode(model.decoder, features, k, config.scst_temperature,
                                 config.max_caption_len, pad_id)  # fmt: skip
         greedy = None
@@ -135,9 +135,8 @@ def self_critical_loss(model, forward, inputs, images, reward, config, pad_id):
     scored = torch.cat([torch.zeros_like(samples.mask[:, :1]), samples.mask], dim=1)
     owners = torch.arange(features.size(0), device=inputs.device).repeat_interleave(k)
     with recurrent_layers_training(model):
-        output = forward(inputs, samples.ids, owners, scored)
-    scores = output[0] if isinstance(output, tuple) else output  # (scored, vocab)
-    log_probs = sampling_log_probs(scores, config.scst_temperature, pad_id)
+        scores = forward(inputs, samples.ids, owners, scored, config.reads_features).scores
+    log_probs = sampling_log_probs(scores, config.scst_temperature, pad_id)  # (scored, vocab)
     token_log_probs = log_probs.gather(1, samples.ids[scored].unsqueeze(1)).squeeze(1)
     weight = torch.as_tensor(advantage, dtype=torch.float32, device=inputs.device)  # (rows,)
     weight = weight.unsqueeze(1).expand_as(scored)[scored]  # (scored,) per token

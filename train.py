@@ -49,19 +49,20 @@ class CaptionLoss(NamedTuple):
     correct: torch.Tensor  # tokens whose highest score is the reference word
 
 
-def caption_loss(model, batch, pad_id):
+def caption_loss(model, batch, pad_id, cached=False):
     """Teacher-forced cross-entropy per token (padding ignored), as a `CaptionLoss`.
 
-    `batch` is (inputs, captions) or (inputs, captions, owners): images or cached features,
-    caption ids (captions, seq_len), and for grouped batches the input row of each caption.
+    `batch` is (inputs, captions) or (inputs, captions, owners): images (cached features with
+    `cached`), caption ids (captions, seq_len), and for grouped batches the input row of each
+    caption.
     """
     inputs, captions, owners = (*batch, None)[:3]
-    # Output t predicts captions[:, t]. Output 0 would predict `<start>`, which is given:
-    # scoring it teaches nothing. Padding is not scored either, nor even computed.
+    # `<start>` is given, never predicted; padding is not scored either, nor even computed.
     scored = captions != pad_id  # (captions, seq_len)
     scored[:, 0] = False
-    output = model(inputs, captions, owners, scored)
-    scores, penalty = output if isinstance(output, tuple) else (output, 0.0)  # (scored, vocab)
+    output = model(inputs, captions, owners, scored, cached)
+    scores = output.scores  # (scored, vocab)
+    penalty = getattr(model, "module", model).decoder.regulariser(output)  # (DDP: `.module`)
     targets = captions[scored]
     correct = (scores.detach().argmax(dim=1) == targets).sum()
     return CaptionLoss(F.cross_entropy(scores.float(), targets), scored.sum(), penalty, correct)
@@ -181,6 +182,7 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
     the GPU, which could otherwise be queueing the next steps.
     """
     training = optimizer is not None
+    cached = config.reads_features
     model.train(training)
     step = make_step(model, optimizer, scheduler, scaler, config.grad_clip) if training else None
     # Loss x tokens, tokens, right tokens: float64 sums, in the order the host summed them before.
@@ -191,7 +193,7 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
         for batch in bar:
             batch = to_device(batch, device)
             with autocast or contextlib.nullcontext():
-                loss, n, penalty, correct = caption_loss(model, batch, vocab.pad_id)
+                loss, n, penalty, correct = caption_loss(model, batch, vocab.pad_id, cached)
             if training:
                 step(loss, n, penalty)
             loss = loss.detach()
@@ -343,8 +345,9 @@ def validation_cider(model, vocab, data, config, device, rank, world):
     cider = 0.0
     if rank == 0:
         predictions = predict_captions(
-            model, vocab, data.val_images, device, max_len=config.max_caption_len
-        )
+            model, vocab, data.val_images, device, max_len=config.max_caption_len,
+            cached=config.reads_features,
+        )  # fmt: skip
         cider = cider_score(predictions, data.val_references)
     return distributed.broadcast_value(cider)
 

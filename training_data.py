@@ -38,7 +38,7 @@ def cut_captions(tokens, max_words):
 def image_inputs(config, encoder, splits, rank, world, device):
     """Per split, {"features": ...} or {"pixels": ...} that replace reading image files, or {}."""
     if config.blind:
-        # A blind model sees zero features whatever it is given (`ShowAndTell.encode`), so its
+        # A blind model sees zero features whatever it is given (`CaptionModel.encode`), so its
         # data is zeros too: no image is read and no CNN runs.
         shape = (1, encoder.feature_size) if encoder.grid else (encoder.feature_size,)
         return [{"features": ZeroRows(len(s.image_ids), shape)} for s in splits]

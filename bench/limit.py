@@ -78,13 +78,13 @@ def training_flops(batch):
 def model_and_config(device):
     """The COCO preset's Show-and-Tell model (random ResNet-50 never run: features are cached)."""
     from config import TrainConfig
-    from model import DecoderRNN, EncoderCNN, ShowAndTell
+    from model import CaptionModel, DecoderRNN, EncoderCNN
 
     config = TrainConfig(pretrained=False, progress=False, device=str(device), log_every=50)
     torch.manual_seed(0)
     encoder = EncoderCNN(EMBED, "resnet50", pretrained=False, trainable_blocks=0)
     decoder = DecoderRNN(EMBED, HIDDEN, DECODER_VOCAB)
-    return ShowAndTell(encoder, decoder).to(device), config
+    return CaptionModel(encoder, decoder).to(device), config
 
 
 class Vocab:
@@ -133,7 +133,7 @@ def run(workdir, quick, device="cpu"):
               "(caption lengths of the real val2017 captions, random features); one column")  # fmt: skip
 
     model.eval()
-    feats = model.encode(torch.from_numpy(np.asarray(features[:64], np.float32)).to(device))
+    feats = model.encode(torch.from_numpy(np.asarray(features[:64], np.float32)).to(device), True)
     with torch.no_grad():
         model.decoder.fc.bias[model.decoder.end_id] = -1e4  # every caption runs all 20 steps
         greedy_decode(model.decoder, feats, max_len=20)

@@ -20,7 +20,7 @@ def setup():
     """Config, vocabulary, the 80 train images of coco-sample and a seeded Show-and-Tell model."""
     from annotations import read_split
     from config import TrainConfig
-    from model import DecoderRNN, EncoderCNN, ShowAndTell
+    from model import CaptionModel, DecoderRNN, EncoderCNN
 
     config = TrainConfig(
         batch_size=BATCH_SIZE,
@@ -34,7 +34,7 @@ def setup():
     torch.manual_seed(0)  # the same CNN weights in every process, so the feature cache is reused
     encoder = EncoderCNN(config.embed_size, "resnet50", pretrained=False, trainable_blocks=0)
     decoder = DecoderRNN(config.embed_size, config.hidden_size, DECODER_VOCAB, end_id=vocab.end_id)
-    return config, vocab, read_split(COCO_SAMPLE, "train"), ShowAndTell(encoder, decoder)
+    return config, vocab, read_split(COCO_SAMPLE, "train"), CaptionModel(encoder, decoder)
 
 
 def features(model, split):

@@ -1,16 +1,13 @@
-"""Run by torchrun in the two-process tests: trains, then saves this rank's weights and what it saw.
+"""The training scenario of tests/two_process_worker.py: trains, then saves this rank's weights and
+what it saw.
 
-Usage: torchrun ... tests/ddp_worker.py CONFIG_JSON OUT_DIR
-
-Environment switches for the failure tests: NAN_ON_RANK=r makes that rank's third training
-loss NaN; OUTPUT_DIR_PER_RANK=1 gives every rank its own output_dir; SKEW_BEST_ON_RANK=r makes
-that rank read other weights from best.pt (as a stale copy on another machine would);
-FIXED_CIDER=x makes rank 0's validation CIDEr x (the ranks must all end up with it).
+A scenario's switches make failures: nan_on_rank=r makes that rank's third training loss NaN;
+output_dir_per_rank gives every rank its own output_dir; skew_best_on_rank=r makes that rank read
+other weights from best.pt (as a stale copy on another machine would); fixed_cider=x makes rank
+0's validation CIDEr x (the ranks must all end up with it).
 """
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -24,7 +21,7 @@ from self_critical import IndexedImages
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "reduce", "gather", "scatter", "barrier")
 
 
-def record_collectives(calls):
+def record_collectives(calls, patch):
     """Wrap torch.distributed's collectives: each call appends (name, device, dtype)."""
     for name in COLLECTIVES:
         real = getattr(dist, name)
@@ -35,17 +32,16 @@ def record_collectives(calls):
                           str(tensor.dtype) if tensor is not None else None))  # fmt: skip
             return _real(*args, **kwargs)
 
-        setattr(dist, name, wrapper)
+        patch.setattr(dist, name, wrapper)
 
 
-def main(config_json, out_dir):
-    """Train with `config_json`; write rank<r>.pt (weights), rank<r>_reads.json (epoch, image),
-    rank<r>_scst_reads.json (images read by the self-critical stage), rank<r>_scst_start.pt
-    (weights the self-critical stage started from), rank<r>_collectives.json,
-    rank<r>_history.json, rank<r>_statistics.json (batch-norm running mean at each training
-    step's start) and, if training failed, rank<r>_error.txt."""
-    rank = int(os.environ["RANK"])
-    out = Path(out_dir)
+def train_scenario(scenario, out, rank, patch):
+    """Train with scenario["config"] and its switches (`patch` undoes every change afterwards);
+    write rank<r>.pt (weights), rank<r>_reads.json (epoch, image), rank<r>_scst_reads.json
+    (images read by the self-critical stage), rank<r>_scst_start.pt (weights the self-critical
+    stage started from), rank<r>_collectives.json, rank<r>_history.json and
+    rank<r>_statistics.json (batch-norm running mean at each training step's start)."""
+    switches = scenario.get("switches", {})
     models, reads, scst_reads, calls, statistics = [], [], [], [], []
     build_model, get_item = train_module.build_model, ImageCaptionsDataset.__getitem__
     get_image, run_scst = IndexedImages.__getitem__, train_module.run_self_critical_epoch
@@ -74,11 +70,12 @@ def main(config_json, out_dir):
             torch.save(model.state_dict(), out / f"rank{rank}_scst_start.pt")
         return run_scst(model, *args, **kwargs)
 
-    train_module.build_model, ImageCaptionsDataset.__getitem__ = keep_model, record_read
-    IndexedImages.__getitem__ = record_image
-    train_module.run_self_critical_epoch = record_scst_start
-    config = json.loads(config_json)
-    if os.environ.get("NAN_ON_RANK") == str(rank):
+    patch.setattr(train_module, "build_model", keep_model)
+    patch.setattr(ImageCaptionsDataset, "__getitem__", record_read)
+    patch.setattr(IndexedImages, "__getitem__", record_image)
+    patch.setattr(train_module, "run_self_critical_epoch", record_scst_start)
+    config = dict(scenario["config"])
+    if switches.get("nan_on_rank") == rank:
         real_loss, steps = train_module.caption_loss, []
 
         def nan_at_third_step(*args, **kwargs):
@@ -86,10 +83,10 @@ def main(config_json, out_dir):
             terms = real_loss(*args, **kwargs)
             return terms._replace(loss=terms.loss * float("nan")) if len(steps) == 3 else terms
 
-        train_module.caption_loss = nan_at_third_step
-    if os.environ.get("OUTPUT_DIR_PER_RANK"):
+        patch.setattr(train_module, "caption_loss", nan_at_third_step)
+    if switches.get("output_dir_per_rank"):
         config["output_dir"] = str(Path(config["output_dir"]) / f"rank{rank}")
-    if os.environ.get("SKEW_BEST_ON_RANK") == str(rank):
+    if switches.get("skew_best_on_rank") == rank:
         real_load = train_module.load_checkpoint
 
         def skewed(path, *args, **kwargs):
@@ -99,15 +96,12 @@ def main(config_json, out_dir):
                                   for k, v in state["model"].items()}  # fmt: skip
             return state
 
-        train_module.load_checkpoint = skewed
-    if os.environ.get("FIXED_CIDER"):
-        train_module.cider_score = lambda *args: float(os.environ["FIXED_CIDER"])
-    record_collectives(calls)
+        patch.setattr(train_module, "load_checkpoint", skewed)
+    if "fixed_cider" in switches:
+        patch.setattr(train_module, "cider_score", lambda *args: float(switches["fixed_cider"]))
+    record_collectives(calls, patch)
     try:
         history = train_module.train(TrainConfig(**config))
-    except Exception as e:
-        (out / f"rank{rank}_error.txt").write_text(f"{type(e).__name__}: {e}")
-        raise
     finally:
         (out / f"rank{rank}_collectives.json").write_text(json.dumps(calls))
     torch.save(models[0].state_dict(), out / f"rank{rank}.pt")
@@ -115,8 +109,3 @@ def main(config_json, out_dir):
     (out / f"rank{rank}_scst_reads.json").write_text(json.dumps(scst_reads))
     (out / f"rank{rank}_history.json").write_text(json.dumps(history))
     (out / f"rank{rank}_statistics.json").write_text(json.dumps(statistics))
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(*sys.argv[1:])

@@ -1,11 +1,10 @@
 """Helpers shared by the test modules: where the data is, a tiny training configuration, and
-runs that interrupt training or spread it over two processes."""
+runs that interrupt training or spread scenarios over two processes."""
 
 import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import train as train_module
@@ -42,11 +41,13 @@ def interrupt_training_at_epoch(monkeypatch, epoch):
     monkeypatch.setattr(train_module, "run_epoch", run_epoch)
 
 
-def run_two_processes(config, out_dir, **env):
-    """Train `config` in two gloo processes (torchrun, tests/ddp_worker.py writing into
-    `out_dir`); the finished process, its output checked by the caller."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+def run_two_processes(plan, out_dir, timeout=600):
+    """Run the scenarios of `plan` in one launch of two gloo processes (torchrun,
+    tests/two_process_worker.py writing into `out_dir`); the finished process."""
+    plan_path = Path(out_dir, "plan.json")
+    plan_path.write_text(json.dumps(plan))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "tests" / "ddp_worker.py"), json.dumps(asdict(config)),
+               str(ROOT / "tests" / "two_process_worker.py"), str(plan_path),
                str(out_dir)]  # fmt: skip
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)

@@ -15,7 +15,8 @@ from checkpoint import CheckpointError, load_trained
 from data_loader import load_image, make_transform
 from decoding import beam_search, decode_captions, greedy_decode
 from demo_dataset import attention_on_objects, cells_overlapping, object_box
-from model import AttentionDecoder, EncoderCNN
+from demo_model import SmallCNN
+from model import AttentionDecoder, EncoderCNN, attention_penalty
 from tests.helpers import interrupt_training_at_epoch, tiny_config
 from train import train
 from vocabulary import Vocabulary
@@ -24,8 +25,10 @@ FEATURES, EMBED, HIDDEN, VOCAB, PAD, END = 12, 8, 16, 10, 3, 1
 
 
 def random_attention_decoder(seed=0, end_bias=0.0, **kwargs):
-    """An attention decoder with random weights, scaled up so that its choices vary."""
+    """An attention decoder with random weights, scaled up so that its choices vary; with the
+    word in the query and coverage unless `kwargs` say otherwise."""
     torch.manual_seed(seed)
+    kwargs = {"word_in_query": True, "coverage": True, **kwargs}
     decoder = AttentionDecoder(FEATURES, EMBED, HIDDEN, VOCAB, **kwargs).eval()
     with torch.no_grad():
         for p in decoder.parameters():
@@ -80,35 +83,54 @@ def test_padding_does_not_change_a_captions_scores():
 def test_attention_follows_the_hidden_state_and_the_word_and_the_gate_scales_the_context():
     decoder = random_attention_decoder()
     grid = torch.randn(1, 6, FEATURES)
-    state, projected = decoder.begin(grid)
+    h, c, _, _, projected = decoder.init_state(grid)
     word = decoder.embed(torch.tensor([3]))
     coverage = torch.rand(1, 6)
-    context, weights = decoder.attend(grid, projected, state[0], word, coverage)
-    query = decoder.hidden_attention(torch.cat([state[0], word], dim=1))
+    context, weights = decoder.attend((h, c, coverage, grid, projected), word)
+    query = decoder.hidden_attention(torch.cat([h, word], dim=1))
     covered = decoder.coverage_attention(coverage.unsqueeze(2))
     expected = decoder.attention_score(torch.tanh(projected + query + covered))
     assert torch.allclose(weights, expected.squeeze(2).softmax(dim=1))
-    gate = torch.sigmoid(decoder.gate(state[0]))  # (1, 1): one scalar per image
+    gate = torch.sigmoid(decoder.gate(h))  # (1, 1): one scalar per image
     assert gate.shape == (1, 1) and 0 < float(gate.detach()) < 1
     assert torch.allclose(context, gate * (weights.unsqueeze(2) * grid).sum(dim=1), atol=1e-6)
-    other, _ = decoder.attend(grid, projected, torch.randn_like(state[0]), word, coverage)
+    other, _ = decoder.attend((torch.randn_like(h), c, coverage, grid, projected), word)
     assert not torch.allclose(context, other)
     other_word, _ = decoder.attend(
-        grid, projected, state[0], decoder.embed(torch.tensor([4])), coverage
+        (h, c, coverage, grid, projected), decoder.embed(torch.tensor([4]))
     )
     assert not torch.allclose(context, other_word)
-    _, uncovered = decoder.attend(grid, projected, state[0], word, torch.zeros(1, 6))
+    _, uncovered = decoder.attend((h, c, torch.zeros(1, 6), grid, projected), word)
     assert not torch.allclose(weights, uncovered)
+
+
+def test_by_default_the_query_is_the_hidden_state_alone_as_in_the_paper():
+    decoder = random_attention_decoder(word_in_query=False, coverage=False)
+    assert decoder.coverage_attention is None
+    grid = torch.randn(1, 6, FEATURES)
+    h, c, _, _, projected = decoder.init_state(grid)
+    state = (h, c, torch.rand(1, 6), grid, projected)
+    _, weights = decoder.attend(state, decoder.embed(torch.tensor([3])))
+    expected = decoder.attention_score(torch.tanh(projected + decoder.hidden_attention(h)))
+    assert torch.allclose(weights, expected.squeeze(2).softmax(dim=1))
+    # Neither the word nor the coverage moves the attention.
+    _, other_word = decoder.attend(state, decoder.embed(torch.tensor([4])))
+    _, uncovered = decoder.attend(
+        (h, c, torch.zeros(1, 6), grid, projected), decoder.embed(torch.tensor([3]))
+    )
+    assert torch.equal(weights, other_word) and torch.equal(weights, uncovered)
+    defaults = AttentionDecoder(FEATURES, EMBED, HIDDEN, VOCAB)
+    assert not defaults.word_in_query and defaults.coverage_attention is None
 
 
 def test_coverage_is_the_attention_each_position_has_had():
     decoder = random_attention_decoder()
     grid = torch.randn(2, 6, FEATURES)
-    state, projected = decoder.begin(grid)
+    state = decoder.init_state(grid)
     assert not state[2].any()  # (batch, positions): nothing attended before the first word
     seen = []
     for word in (0, 4, 7):
-        _, state, weights = decoder.step(torch.tensor([word, word]), state, grid, projected)
+        _, state, weights = decoder.step(torch.tensor([word, word]), state)
         seen.append(weights)
         assert torch.allclose(state[2], sum(seen), atol=1e-6)
 
@@ -117,17 +139,17 @@ def test_word_scores_read_the_hidden_state_the_context_and_the_previous_word():
     """The deep output of Xu et al. (eq. 7): fc(hidden_out(h_t) + context_out(z_t) + E y_{t-1})."""
     decoder = random_attention_decoder()
     grid = torch.randn(2, 6, FEATURES)
-    state, projected = decoder.begin(grid)
+    state = decoder.init_state(grid)
     words = torch.tensor([4, 7])
-    scores, new_state, _ = decoder.step(words, state, grid, projected)
+    scores, new_state, _ = decoder.step(words, state)
     word = decoder.embed(words)
-    context, _ = decoder.attend(grid, projected, state[0], word, state[2])
+    context, _ = decoder.attend(state, word)
     lstm = decoder.lstm(torch.cat([word, context], 1), state[:2])
     assert torch.allclose(new_state[0], lstm[0]) and torch.allclose(new_state[1], lstm[1])
     deep = decoder.hidden_out(new_state[0]) + decoder.context_out(context) + word
     assert torch.allclose(scores, decoder.fc(deep), atol=1e-5)
     teacher, _ = decoder(grid, torch.stack([torch.zeros_like(words), words], dim=1))
-    first, _, _ = decoder.step(torch.zeros_like(words), state, grid, projected)
+    first, _, _ = decoder.step(torch.zeros_like(words), state)
     assert torch.allclose(teacher[:, 0], first, atol=1e-5)
 
 
@@ -135,16 +157,27 @@ def test_state_starts_from_the_mean_grid_feature():
     decoder = random_attention_decoder()
     grid = torch.randn(1, 6, FEATURES)
     shuffled = grid[:, torch.randperm(6)]
-    (h, c, _), _ = decoder.begin(grid)
-    (h2, c2, _), _ = decoder.begin(shuffled)
+    h, c = decoder.init_state(grid)[:2]
+    h2, c2 = decoder.init_state(shuffled)[:2]
     assert torch.allclose(h, h2, atol=1e-6) and torch.allclose(c, c2, atol=1e-6)
     assert torch.allclose(h, torch.tanh(decoder.init_h(grid.mean(dim=1))))
 
 
-def test_sample_is_greedy_and_returns_each_words_attention():
+def greedy_alone(decoder, grid, max_len):
+    """Greedy ids (a list, `<start>` first) and each word's weights (words, positions) for one
+    image's grid (1, positions, features), one protocol step at a time."""
+    state, ids, weights = decoder.init_state(grid), [decoder.start_id], []
+    while len(ids) < max_len and ids[-1] != decoder.end_id:
+        scores, state, alpha = decoder.step(torch.tensor(ids[-1:]), state)
+        ids.append(int(scores.argmax(dim=1)))
+        weights.append(alpha[0])
+    return ids, torch.stack(weights) if weights else grid.new_zeros(0, grid.size(1))
+
+
+def test_stepping_greedily_gives_each_words_attention():
     decoder = random_attention_decoder(seed=2)
     grid = torch.randn(1, 6, FEATURES)
-    ids, weights = decoder.sample(grid, max_len=7)
+    ids, weights = greedy_alone(decoder, grid, max_len=7)
     assert ids[0] == 0 and type(ids) is list and all(type(i) is int for i in ids)
     assert len(ids) == 7 or ids[-1] == END
     assert weights.shape == (len(ids) - 1, 6)
@@ -156,10 +189,13 @@ def test_sample_is_greedy_and_returns_each_words_attention():
 
 def test_attention_penalty_is_zero_when_every_position_gets_one_word():
     uniform = torch.full((1, 4, 4), 0.25)  # four words, each spreading over four positions
-    assert float(AttentionDecoder.attention_penalty(uniform)) == pytest.approx(0.0)
+    assert float(attention_penalty(uniform)) == pytest.approx(0.0)
     peaked = torch.zeros(1, 4, 4)
     peaked[0, :, 0] = 1.0  # every word looks at position 0: it gets 4, the others 0
-    assert float(AttentionDecoder.attention_penalty(peaked)) == pytest.approx((9 + 1 + 1 + 1) / 4)
+    assert float(attention_penalty(peaked)) == pytest.approx((9 + 1 + 1 + 1) / 4)
+    decoder = random_attention_decoder(attention_weight=0.3)
+    output = decoder(torch.randn(2, 6, FEATURES), captions_with_padding())
+    assert torch.allclose(decoder.regulariser(output), 0.3 * attention_penalty(output.weights))
 
 
 def test_forget_gate_bias_is_set():
@@ -174,7 +210,8 @@ def test_forget_gate_bias_is_set():
      ("resnet18", 96, 2, 4, 512)],
 )  # fmt: skip
 def test_encoder_grid_is_the_last_feature_map(backbone, size, grid_size, positions, channels):
-    encoder = EncoderCNN(8, backbone, pretrained=False).eval()
+    encoder = EncoderCNN(8, SmallCNN() if backbone == "smallcnn" else backbone, pretrained=False)
+    encoder.eval()
     images = torch.randn(2, 3, size, size)
     with torch.no_grad():
         grid = encoder.extract_grid(images, grid_size)
@@ -194,14 +231,14 @@ def unpadded(ids, weights, row):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 6])
-def test_batched_greedy_equals_sample_per_image(seed):
+def test_batched_greedy_equals_greedy_per_image(seed):
     decoder = random_attention_decoder(seed, end_bias=0.5)
     grids = torch.randn(5, 6, FEATURES)
     ids, weights = greedy_decode(decoder, grids, max_len=8, with_attention=True)
     assert weights.shape == (5, ids.size(1) - 1, 6)
     lengths = set()
     for row in range(5):
-        expected_ids, expected_weights = decoder.sample(grids[row : row + 1], max_len=8)
+        expected_ids, expected_weights = greedy_alone(decoder, grids[row : row + 1], max_len=8)
         tokens, row_weights = unpadded(ids, weights, row)
         assert tokens == expected_ids
         assert torch.allclose(row_weights, expected_weights, atol=1e-6)
@@ -271,7 +308,7 @@ def test_grid_feature_cache_equals_the_grid_and_follows_the_weights(demo_root, t
     split = read_split(demo_root, "val")
     transform = make_transform(32)
     torch.manual_seed(0)
-    encoder = EncoderCNN(8, "smallcnn", pretrained=False, grid=True)
+    encoder = EncoderCNN(8, SmallCNN(), grid=True)
     cached = feature_cache.cached_features(
         encoder, split, transform, cache_dir=tmp_path, progress=False
     )
@@ -280,12 +317,12 @@ def test_grid_feature_cache_equals_the_grid_and_follows_the_weights(demo_root, t
         grids = encoder.eval().backbone_features(images)  # (images, 4, 128) at 32 px
     assert cached.shape == grids.shape == (len(split.image_ids), 4, 128)
     assert np.allclose(cached, grids.numpy().astype(np.float16), atol=1e-3)
-    pooled = EncoderCNN(8, "smallcnn", pretrained=False)
+    pooled = EncoderCNN(8, SmallCNN())
     pooled.backbone.load_state_dict(encoder.backbone.state_dict())
     keys = {
         feature_cache.cache_key(e, split, transform)
-        for e in (encoder, pooled, EncoderCNN(8, "smallcnn", pretrained=False, grid=True),
-                  EncoderCNN(8, "smallcnn", pretrained=False, grid=True, grid_size=1))
+        for e in (encoder, pooled, EncoderCNN(8, SmallCNN(), grid=True),
+                  EncoderCNN(8, SmallCNN(), grid=True, grid_size=1))
     }  # fmt: skip
     assert len(keys) == 4  # grid or pooled, other weights, other grid size: another cache
 
@@ -331,7 +368,7 @@ def test_caption_command_draws_each_words_attention(demo_root, tmp_path):
     for path in paths:
         words, weights = maps[path]
         grid = model.encode(make_transform(32)(load_image(path)).unsqueeze(0))
-        ids, expected = model.decoder.sample(grid, max_len=6)
+        ids, expected = greedy_alone(model.decoder, grid, max_len=6)
         assert words == [vocab.idx2word[i] for i in ids[1:]]
         assert torch.allclose(weights, expected, atol=1e-6)
     caption_main([str(checkpoint), *paths, "--draw", str(tmp_path / "drawn"), "--attention"])

@@ -1,7 +1,9 @@
 """Any torchvision classification backbone by name: pooled vector and grid, captions of a real COCO
-image, local weights, clear errors for unknown names and failed downloads."""
+image, local weights, checkpoints saved before the adapter, clear errors for unknown names and
+failed downloads."""
 
 import ast
+import dataclasses
 import sys
 import urllib.error
 from pathlib import Path
@@ -12,11 +14,12 @@ import torchvision
 
 import model as model_module
 from annotations import read_split
-from checkpoint import build_model
+from backbones import TORCHVISION_BACKBONES, build_backbone
+from checkpoint import build_model, load_trained, save_checkpoint
 from config import ConfigError, TrainConfig
 from data_loader import load_image, make_transform
 from decoding import decode_captions
-from model import BACKBONES, EncoderCNN, build_backbone
+from model import EncoderCNN
 from vocabulary import Vocabulary
 
 FAMILIES = ["vgg16", "efficientnet_b0", "convnext_tiny", "vit_b_16", "resnet50", "regnet_x_400mf",
@@ -36,9 +39,9 @@ def coco_images(coco_sample):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_each_family_gives_pooled_features_and_grid_and_captions_a_coco_image(name, coco_images):
     images, vocab = coco_images
-    assert name in BACKBONES
+    assert name in TORCHVISION_BACKBONES
     torch.manual_seed(0)
-    encoder = EncoderCNN(32, name, pretrained=False).eval()
+    encoder = EncoderCNN(32, build_backbone(name, pretrained=False)).eval()
     with torch.no_grad():
         pooled = encoder.extract(images)  # (2, feature_size)
         grid = encoder.extract_grid(images)  # (2, positions, feature_size)
@@ -52,8 +55,9 @@ def test_each_family_gives_pooled_features_and_grid_and_captions_a_coco_image(na
     if name != "vit_b_16":  # the pooled vector is the grid's average (ViT: its class token)
         assert (pooled - grid.mean(dim=1)).abs().max() <= 1e-4 * scale
     if name != "vgg16":  # and what torchvision's own forward gives its classifier (VGG: 7x7)
+        net = encoder.backbone if name == "resnet50" else encoder.backbone.net
         with torch.no_grad():
-            own = encoder.backbone(images).flatten(1)
+            own = net(images).flatten(1)
         assert (pooled - own).abs().max() <= 1e-4 * own.abs().max()
     assert (grid[0] - grid[1]).abs().max() > 1e-2 * scale  # two images, two grids
     for decoder in ("showtell", "attention"):
@@ -68,12 +72,12 @@ def test_each_family_gives_pooled_features_and_grid_and_captions_a_coco_image(na
 
 
 def test_trainable_blocks_unfreeze_the_last_stages():
-    encoder = EncoderCNN(32, "vgg16", pretrained=False, trainable_blocks=1)
-    trainable = {n for n, p in encoder.backbone.named_parameters() if p.requires_grad}
+    encoder = EncoderCNN(32, build_backbone("vgg16", pretrained=False), trainable_blocks=1)
+    trainable = {n for n, p in encoder.backbone.net.named_parameters() if p.requires_grad}
     # VGG16's last block: the three 3x3 convolutions after the fourth max-pooling layer.
     assert trainable == {f"features.{k}.{w}" for k in (24, 26, 28) for w in ("weight", "bias")}
-    vit = EncoderCNN(32, "vit_b_16", pretrained=False, trainable_blocks=2)
-    layers = {n.split(".")[2] for n, p in vit.backbone.named_parameters() if p.requires_grad}
+    vit = EncoderCNN(32, build_backbone("vit_b_16", pretrained=False), trainable_blocks=2)
+    layers = {n.split(".")[2] for n, p in vit.backbone.net.named_parameters() if p.requires_grad}
     assert layers == {f"encoder_layer_{k}" for k in range(6, 12)}  # 12 layers in 4 groups
 
 
@@ -81,13 +85,30 @@ def test_a_local_weights_file_is_loaded(tmp_path):
     torch.manual_seed(1)
     source = torchvision.models.efficientnet_b0(weights=None)
     torch.save(source.state_dict(), tmp_path / "weights.pth")
-    encoder = EncoderCNN(32, "efficientnet_b0", weights_path=str(tmp_path / "weights.pth"))
-    mine = encoder.backbone.state_dict()
+    backbone = build_backbone("efficientnet_b0", weights_path=str(tmp_path / "weights.pth"))
+    mine = backbone.net.state_dict()
     assert all(torch.equal(mine[k], v) for k, v in source.state_dict().items() if k in mine)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        EncoderCNN(32, "convnext_tiny", weights_path=str(tmp_path / "missing.pth"))
+        build_backbone("convnext_tiny", weights_path=str(tmp_path / "missing.pth"))
     with pytest.raises(RuntimeError, match="weights.pth: not usable convnext_tiny weights"):
-        EncoderCNN(32, "convnext_tiny", weights_path=str(tmp_path / "weights.pth"))
+        build_backbone("convnext_tiny", weights_path=str(tmp_path / "weights.pth"))
+
+
+def test_a_checkpoint_saved_before_the_adapter_loads(tmp_path):
+    vocab = Vocabulary(vocab_threshold=1, vocab_file=None, captions=[["a", "cat"]])
+    config = TrainConfig(backbone="squeezenet1_0", pretrained=False, embed_size=8, hidden_size=8)
+    torch.manual_seed(0)
+    captioner = build_model(config, vocab)
+    saved = captioner.state_dict()
+    # Before backbones.py's adapter, the torchvision network was the backbone itself.
+    old_layout = {
+        k.replace("encoder.backbone.net.", "encoder.backbone."): v for k, v in saved.items()
+    }
+    assert "encoder.backbone.features.0.weight" in old_layout
+    state = {"config": dataclasses.asdict(config), "vocab": vocab.to_dict(), "model": old_layout}
+    save_checkpoint(state, tmp_path / "old.pt")
+    loaded = load_trained(tmp_path / "old.pt")[0].state_dict()
+    assert list(loaded) == list(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
 def test_a_failed_download_says_where_the_weights_come_from(monkeypatch):
@@ -111,9 +132,15 @@ def test_unknown_names_are_refused_with_the_names_there_are():
 
 
 def test_model_imports_only_torch_torchvision_and_the_standard_library():
+    # At the top; the project's backbones module only inside EncoderCNN, for other networks
+    # than ResNets (test_model checks that ResNets build without it).
+    def imported(nodes):
+        names = {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+        return {n.split(".")[0] for n in names} | {
+            n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom)
+        }
+
     tree = ast.parse(Path(model_module.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}  # fmt: skip
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom)}  # fmt: skip
-    assert imported <= {"torch", "torchvision"} | set(sys.stdlib_module_names), imported
+    allowed = {"torch", "torchvision"} | set(sys.stdlib_module_names)
+    assert imported(tree.body) <= allowed, imported(tree.body)
+    assert imported(list(ast.walk(tree))) <= allowed | {"backbones"}

@@ -3,7 +3,7 @@
 import inspect
 import json
 import os
-import subprocess
+import runpy
 import sys
 import warnings
 
@@ -64,7 +64,7 @@ def expected_captions(checkpoint, paths, beam_size):
 
 
 def test_caption_command_on_grayscale_coco_image_and_a_folder(
-    checkpoint, coco_sample, demo_root, tmp_path
+    checkpoint, coco_sample, demo_root, tmp_path, monkeypatch, capsys
 ):
     grayscale = coco_sample / "val2017" / GRAYSCALE
     folder = tmp_path / "mine"
@@ -74,30 +74,20 @@ def test_caption_command_on_grayscale_coco_image_and_a_folder(
         os.symlink(image, folder / image.name)
     (folder / "notes.txt").write_text("not an image: ignored")
     out = tmp_path / "captions.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "caption.py"),
-            str(checkpoint),
-            str(grayscale),
-            str(folder),
-            "--beam",
-            "3",
-            "--json",
-            str(out),
-            "--draw",
-            str(tmp_path / "drawn"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stderr
+    # caption.py run as the command it is (its `__main__` block), in this process: a fresh
+    # interpreter would spend seconds importing torch again.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        sys, "argv", ["caption.py", str(checkpoint), str(grayscale), str(folder), "--beam", "3",
+                      "--json", str(out), "--draw", str(tmp_path / "drawn")],
+    )  # fmt: skip
+    runpy.run_path(str(ROOT / "caption.py"), run_name="__main__")
+    stdout = capsys.readouterr().out
     captions = json.loads(out.read_text())
     paths = [grayscale] + [folder / image.name for image in demo_images]
     assert list(captions) == [str(p) for p in paths]
     assert list(captions.values()) == expected_captions(checkpoint, paths, beam_size=3)
-    assert all(captions.values()) and f"{grayscale}: {captions[str(grayscale)]}" in run.stdout
+    assert all(captions.values()) and f"{grayscale}: {captions[str(grayscale)]}" in stdout
     assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == sorted(
         f"{p.stem}.png" for p in paths
     )

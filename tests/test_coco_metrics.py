@@ -35,6 +35,27 @@ class SpiceStub:
         return "SPICE"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_meteor_process():
+    """Every Meteor() in this module, ours and COCOEvalCap's, is one METEOR process."""
+    # Its Java start-up (loading the paraphrase tables) takes seconds, and each score depends
+    # only on the captions given, so the numbers are those of separate processes.
+    from pycocoevalcap import eval as coco_eval_module
+    from pycocoevalcap.meteor import meteor as meteor_module
+
+    real_meteor, started = meteor_module.Meteor, []
+
+    def shared_meteor():
+        if not started:
+            started.append(real_meteor())
+        return started[0]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(meteor_module, "Meteor", shared_meteor)
+        patch.setattr(coco_eval_module, "Meteor", shared_meteor)
+        yield
+
+
 @pytest.fixture(scope="module")
 def coco_files(tmp_path_factory):
     """Write a small COCO annotations file and a results file built from real captions."""
@@ -205,27 +226,45 @@ def test_python_tokenizer_follows_ptb_conventions():
     assert tokenize("Mr. Smith in the U.S. at 5 p.m.") == "mr. smith in the u.s. at 5 p.m."
 
 
+class MeteorStub:
+    """Stands in for pycocoevalcap's Meteor, whose Java start-up takes seconds."""
+
+    def compute_score(self, gts, res):
+        """Return zero scores for every image."""
+        return 0.0, [0.0] * len(gts)
+
+    def method(self):
+        """Name the stubbed metric like pycocoevalcap does."""
+        return "METEOR"
+
+
 @pytest.mark.filterwarnings("ignore:.*METEOR skipped:RuntimeWarning")
 def test_spice_without_models_warns_and_is_skipped(monkeypatch, tmp_path):
+    from pycocoevalcap.meteor import meteor as meteor_module
     from pycocoevalcap.spice import get_stanford_models
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     monkeypatch.setattr(
         get_stanford_models, "SPICEDIR", str(tmp_path)
     )  # jars absent whatever is installed
     monkeypatch.setattr(get_stanford_models, "urlretrieve", pytest.fail)  # must never download
-    monkeypatch.setattr(coco_metrics, "_warned_reasons", set())
-    use_java = coco_metrics.java_available()
-    with pytest.warns(RuntimeWarning, match="SPICE skipped") as recorded:
-        metrics, per_image = coco_metrics.score_captions(
-            {1: "a dog on a couch", 2: "a cat"},
-            {1: ["a dog on a sofa"], 2: ["a cat in a box"]},
-            use_java=use_java,
-            spice=True,
-        )
-    if use_java:
-        assert any("stanford-corenlp" in str(warning.message) for warning in recorded)
-    assert "SPICE" not in metrics and "CIDEr" in metrics
-    assert all("SPICE" not in scores for scores in per_image.values())
+    # The Java path without Java's start-ups (seconds each), and whether or not Java is here:
+    # what is checked is SPICE's jar check, not the tokenizer's or METEOR's numbers.
+    monkeypatch.setattr(coco_metrics, "java_available", lambda: True)
+    monkeypatch.setattr(PTBTokenizer, "tokenize", staticmethod(coco_metrics._tokenize_in_python))
+    monkeypatch.setattr(meteor_module, "Meteor", MeteorStub)
+    for use_java, reason in ((True, "stanford-corenlp"), (False, "SPICE skipped: it needs Java")):
+        monkeypatch.setattr(coco_metrics, "_warned_reasons", set())
+        with pytest.warns(RuntimeWarning, match="SPICE skipped") as recorded:
+            metrics, per_image = coco_metrics.score_captions(
+                {1: "a dog on a couch", 2: "a cat"},
+                {1: ["a dog on a sofa"], 2: ["a cat in a box"]},
+                use_java=use_java,
+                spice=True,
+            )
+        assert any(reason in str(warning.message) for warning in recorded), use_java
+        assert "SPICE" not in metrics and "CIDEr" in metrics
+        assert all("SPICE" not in scores for scores in per_image.values())
 
 
 def test_write_results_round_trip_is_official_format(tmp_path):

@@ -309,7 +309,8 @@ def exhaustive_best(decoder, features, max_len, penalties):
     # tokens. It ranks as beam_search documents: summed log-probabilities / length ** penalty.
     batch, vocab = features.size(0), decoder.fc.out_features
     go_on = torch.tensor([i for i in range(vocab) if i != END])  # (vocab - 1,)
-    states, word = decoder.begin(features)  # word: (batch,) `<start>`
+    states = decoder.init_state(features)
+    word = torch.full((batch,), decoder.start_id)  # (batch,) `<start>`
     prefixes = word[:1].unsqueeze(1)  # (live, t): the unfinished captions, the same for each image
     cum = torch.zeros(batch, 1)  # (batch, live) summed log-probabilities
     best = {p: torch.full((batch, max_len), PAD) for p in penalties}
@@ -323,7 +324,7 @@ def exhaustive_best(decoder, features, max_len, penalties):
         best_score[p] = torch.where(better, top, best_score[p])
 
     for t in range(1, max_len):
-        scores, states = decoder.step(decoder.embed(word).unsqueeze(1), states)  # (batch * live, V)
+        scores, states, _ = decoder.step(word, states)  # (batch * live, V)
         logp = cum.unsqueeze(2) + scores.log_softmax(dim=1).view(batch, -1, vocab)  # (b, live, V)
         ended = torch.full((len(prefixes), max_len), PAD)  # (live, max_len)
         ended[:, :t], ended[:, t] = prefixes, END
@@ -335,7 +336,7 @@ def exhaustive_best(decoder, features, max_len, penalties):
             [prefixes.repeat_interleave(len(go_on), dim=0), go_on.repeat(live).unsqueeze(1)], dim=1
         )  # (live * (vocab - 1), t + 1)
         word = prefixes[:, -1].repeat(batch)  # (batch * live,)
-        states = tuple(s.repeat_interleave(len(go_on), dim=1) for s in states)
+        states = tuple(s.repeat_interleave(len(go_on), dim=0) for s in states)  # batch first
     for p in penalties:
         keep_better(p, cum / max_len**p, prefixes)
     return best

@@ -1,16 +1,16 @@
 """The process-group module: device per rank, backends that serve the tensors they get, collectives
 on the right device, and ranks that stop together. CUDA and NCCL are not here: each of their rules
-is checked on the CPU another way (monkeypatched `torch.cuda`, a stand-in device, gloo runs)."""
+is checked on the CPU another way (monkeypatched `torch.cuda`, a stand-in device, gloo runs). The
+gloo runs, ranks stopping together included, are in test_two_processes."""
 
 import ast
-import re
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import distributed
-from tests.helpers import ROOT, run_two_processes, tiny_config
+from tests.helpers import ROOT
 
 
 def project_sources():
@@ -126,33 +126,3 @@ def test_alone_every_collective_returns_its_own_value():
     distributed.raise_together(None)
     with pytest.raises(FloatingPointError, match="boom"):
         distributed.raise_together(FloatingPointError("boom"))
-
-
-def read_errors(tmp_path):
-    return [(tmp_path / f"rank{r}_error.txt").read_text() for r in (0, 1)
-            if (tmp_path / f"rank{r}_error.txt").exists()]  # fmt: skip
-
-
-def test_a_nan_on_one_rank_stops_both_with_the_same_message(demo_root, tmp_path):
-    # Read at step 3: rank 1's third loss (step 2) is NaN, rank 0's first three are finite (the
-    # NaN reaches rank 0's weights through the gradient average only after step 2).
-    config = tiny_config(demo_root, tmp_path / "ddp", batch_size=8, epochs=1, log_every=3,
-                         trainable_blocks=0, feature_norm="layer")  # fmt: skip
-    done = run_two_processes(config, tmp_path, NAN_ON_RANK="1", CAPTIONING_CACHE=str(tmp_path))
-    assert done.returncode != 0
-    errors = read_errors(tmp_path)
-    # Rank 0's own losses are finite; it stops because rank 1's were not, and says so.
-    assert len(errors) == 2 and errors[0] == errors[1], (errors, done.stderr[-2000:])
-    assert re.search(r"rank 1: FloatingPointError: .*loss became nan at step 2", errors[0])
-
-
-def test_ranks_that_see_other_output_dirs_stop_at_start_up(demo_root, tmp_path):
-    config = tiny_config(demo_root, tmp_path / "ddp", batch_size=8, epochs=1,
-                         trainable_blocks=0, feature_norm="layer")  # fmt: skip
-    done = run_two_processes(config, tmp_path, OUTPUT_DIR_PER_RANK="1",
-                             CAPTIONING_CACHE=str(tmp_path))  # fmt: skip
-    assert done.returncode != 0
-    errors = read_errors(tmp_path)
-    assert len(errors) == 2 and all("must be a folder they share" in e for e in errors), errors
-    assert str(tmp_path / "ddp" / "rank0") in errors[0]
-    assert not (tmp_path / "ddp" / "rank0" / "last.pt").exists()  # stopped before training

@@ -1,14 +1,12 @@
 """Caches built by every process: each computes its own share, and the file is the one-process one;
-a build that fails or is killed leaves nothing that passes for a cache."""
+a build that fails or is killed leaves nothing that passes for a cache. The two-process builds are
+in test_two_processes."""
 
 import io
-import json
 import os
 import subprocess
 import sys
-import time
 from collections import namedtuple
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ import torch
 import feature_cache
 from annotations import read_split
 from data_loader import load_image, make_transform
+from demo_model import SmallCNN
 from feature_cache import (
     CacheSpaceError,
     build_cache,
@@ -27,63 +26,6 @@ from feature_cache import (
 )
 from model import EncoderCNN
 from tests.helpers import ROOT
-
-DELAY, TIMEOUT = 1.0, 6.0  # seconds a batch, and the process group's timeout
-
-
-def torchrun(mode, demo_root, cache_dir):
-    """Run tests/cache_worker.py `mode` in two gloo processes; the finished process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "tests" / "cache_worker.py"), mode, str(demo_root), str(cache_dir),
-               str(TIMEOUT), str(DELAY)]  # fmt: skip
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-
-
-def test_two_processes_build_the_caches_together_byte_for_byte(demo_root, tmp_path):
-    split = read_split(demo_root, "train")
-    batches = -(-len(split.image_ids) // 8)
-    # One process alone would keep the other waiting longer than the timeout.
-    assert batches * DELAY > TIMEOUT > (batches // 2 + 1) * DELAY
-    torch.manual_seed(0)
-    encoder = EncoderCNN(32, "smallcnn", pretrained=False, trainable_blocks=0)
-    options = dict(cache_dir=tmp_path / "one", batch_size=8, progress=False)
-    one = [cached_features(encoder, split, make_transform(32), **options).filename,
-           cached_images(split, 32, **options).filename]  # fmt: skip
-
-    started = time.time()
-    done = torchrun("build", demo_root, tmp_path / "two")
-    assert done.returncode == 0, done.stderr[-3000:]
-    for path in one:
-        kind = "features" if "features" in str(path) else "images"
-        other = tmp_path / "two" / kind / os.path.basename(path)
-        assert Path(path).read_bytes() == other.read_bytes(), kind  # byte for byte
-    shares = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert sum(map(sum, shares)) == len(split.image_ids)  # every image once, by one rank
-    assert [len(s) for s in shares] == [batches // 2, batches - batches // 2]
-    assert not list((tmp_path / "two").rglob(".*tmp*"))
-    assert time.time() - started > batches // 2 * DELAY
-
-
-def test_a_failure_on_one_rank_stops_both_with_one_message(demo_root, tmp_path):
-    # Rank 1's disk is full while rank 0 still has seconds of batches to compute; then the ranks
-    # do not share the cache folder; then rank 1's disk is too small. Each time both ranks raise
-    # the same error, before the process group's timeout (no rank left waiting).
-    done = torchrun("failures", demo_root, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads((tmp_path / f"rank{r}_failures.json").read_text()) for r in (0, 1)]
-    for failure in ("write", "unshared", "space"):
-        (message, seconds), (other, other_seconds) = results[0][failure], results[1][failure]
-        assert message is not None and message == other, failure
-        assert max(seconds, other_seconds) < TIMEOUT - 1, failure
-    assert "rank 1" in results[0]["write"][0] and "No space left" in results[0]["write"][0]
-    assert ".tmp-" in results[0]["write"][0]  # the message names the file
-    unshared = results[0]["unshared"][0]
-    assert str(tmp_path / "unshared" / "rank1") in unshared and "share the cache folder" in unshared
-    space = results[0]["space"][0]
-    assert str(tmp_path / "space" / "images") in space and "1000 bytes" in space
-    # Nothing is left behind: no cache, no temporary file.
-    assert [p for p in tmp_path.rglob("*") if p.is_file() and "rank" not in p.name] == []
 
 
 def rows_of(batches):
@@ -108,7 +50,7 @@ def test_feature_cache_holds_the_cnn_features_cast_to_float16(demo_root, tmp_pat
     # The cast happens on the device now; the bits are those numpy's cast gave.
     split = read_split(demo_root, "val")
     torch.manual_seed(0)
-    encoder = EncoderCNN(8, "smallcnn", pretrained=False, trainable_blocks=0)
+    encoder = EncoderCNN(8, SmallCNN(), trainable_blocks=0)
     transform = make_transform(32)
     cached = cached_features(encoder, split, transform, cache_dir=tmp_path, batch_size=6,
                              progress=False)  # fmt: skip

@@ -1,5 +1,6 @@
 """Hardening: untrusted files, bad images and annotations, mismatched checkpoints, kill -9, determinism."""
 
+import contextlib
 import json
 import os
 import pickle
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import plots
 from annotations import AnnotationError, read_split
 from checkpoint import CheckpointError, build_model, load_checkpoint, load_model_state, load_trained
 from data_loader import ImageLoadError, load_image
@@ -211,9 +214,10 @@ def test_checkpoint_with_other_vocabulary_names_both_sides(demo_root, tmp_path):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    import checkpoint, train as t
+    import checkpoint, plots, train as t
     from tests.helpers import tiny_config
     where, out, data = sys.argv[1], sys.argv[2], sys.argv[3]
+    plots.plot_learning_curves = lambda *a, **k: None  # seconds of drawing, no matter here
     if where == "write":
         real_save, saves = checkpoint.torch.save, []
         def dying_save(obj, f, *a, **k):
@@ -240,26 +244,68 @@ KILLER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("where", ["epoch", "write"])
-def test_kill_9_then_resume_from_last_complete_checkpoint(demo_root, tmp_path, where):
-    script = tmp_path / "killer.py"
+@contextlib.contextmanager
+def one_thread():
+    """Torch computes on one thread meanwhile, as the killed processes do."""
+    # The losses are the same bit for bit only at the same thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def kill_9_runs(demo_root, tmp_path_factory):
+    """{where: (return code, stderr, output folder)} of the killed runs; the full run's history."""
+    # The three run side by side, on one thread each: each process spends seconds importing
+    # torch, and the cores can take them together.
+    folder = tmp_path_factory.mktemp("kill_9")
+    script = folder / "killer.py"
     script.write_text(KILLER.format(root=str(ROOT)))
-    out = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, str(script), where, str(out), str(demo_root)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert done.returncode == -9, done.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = {}
+    try:
+        for where in ("epoch", "write"):
+            # stderr to a file: a full pipe nobody reads yet would stop the process.
+            with open(folder / f"{where}.stderr", "w") as stderr:
+                command = [sys.executable, str(script), where, str(folder / where), str(demo_root)]
+                processes[where] = subprocess.Popen(
+                    command, stdout=subprocess.DEVNULL, stderr=stderr, cwd=ROOT, env=env
+                )
+        with pytest.MonkeyPatch.context() as patch, one_thread():
+            patch.setattr(plots, "plot_learning_curves", lambda *a, **k: None)  # no matter here
+            full = train(tiny_config(demo_root, folder / "full", epochs=3))
+        runs = {
+            where: (
+                process.wait(timeout=300),
+                (folder / f"{where}.stderr").read_text(),
+                folder / where,
+            )
+            for where, process in processes.items()
+        }
+    finally:
+        for process in processes.values():
+            process.kill()  # a no-op for one that has ended
+    return runs, full
+
+
+@pytest.mark.parametrize("where", ["epoch", "write"])
+def test_kill_9_then_resume_from_last_complete_checkpoint(
+    kill_9_runs, demo_root, monkeypatch, where
+):
+    runs, full = kill_9_runs
+    monkeypatch.setattr(plots, "plot_learning_curves", lambda *a, **k: None)  # no matter here
+    returncode, stderr, out = runs[where]
+    assert returncode == -9, stderr[-2000:]
     assert load_checkpoint(out / "last.pt")["epoch"] == 0  # epoch 1's checkpoint, intact
     if where == "write":
         assert list(out.glob(".last.tmp-*"))  # the half-written file never replaced last.pt
-    resumed = train(tiny_config(demo_root, out, epochs=3, resume=True))
+    with one_thread():
+        resumed = train(tiny_config(demo_root, out, epochs=3, resume=True))
     assert resumed["epoch"] == [1, 2, 3]
     assert not list(out.glob(".*tmp*"))
-    full = train(tiny_config(demo_root, tmp_path / "full", epochs=3))
     assert resumed["step_loss"] == full["step_loss"]
 
 

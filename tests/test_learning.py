@@ -1,21 +1,26 @@
 """Learning from the image: a short run uses what it sees; a blind model sees only zero features."""
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
+import coco_metrics
 import decoding
 import evaluate as evaluate_module
+import plots
 from annotations import read_split
 from caption import caption_images
 from checkpoint import load_checkpoint, load_trained, save_checkpoint
 from data_loader import (
     CaptionDataset,
     ImageCaptionsDataset,
+    load_image,
     make_image_captions_loader,
     make_transform,
+    preprocessing_transform,
 )
 from demo_dataset import make_demo_dataset, object_accuracy
 from evaluate import evaluate
@@ -42,8 +47,11 @@ def trained_and_blind(one_shape_demo, tmp_path_factory):
         batch_size=32, epochs=12, lr=3e-3, lr_schedule="constant", cache_images=True, seed=0,
     )  # fmt: skip
     blind = dataclasses.replace(config, output_dir=str(out / "blind"), blind=True)
-    for run in (config, blind):
-        train(run)
+    with pytest.MonkeyPatch.context() as patch:
+        # Drawing the learning curves takes seconds; they are no matter here.
+        patch.setattr(plots, "plot_learning_curves", lambda *a, **k: None)
+        for run in (config, blind):
+            train(run)
     return config, out / "seeing" / "last.pt", out / "blind" / "last.pt"
 
 
@@ -132,3 +140,32 @@ def test_batched_evaluation_pairs_each_caption_with_its_image(trained_and_blind,
     alone = evaluate(seeing, "val", batch_size=1, **options)["predictions"]
     assert batched == alone
     assert len(set(alone.values())) > 5  # captions differ, so a wrong pairing would show
+
+
+def test_evaluate_command_captions_with_the_beam_size_it_is_given(
+    trained_and_blind, one_shape_demo, monkeypatch
+):
+    _, seeing, _ = trained_and_blind
+    model, vocab, config = load_trained(seeing)
+    split = read_split(one_shape_demo, "val")
+    n = 20
+    transform = preprocessing_transform(model.preprocessing)
+    images = torch.stack([transform(load_image(path)) for path in split.image_paths[:n]])
+    with torch.no_grad():
+        features = model.encode(images)
+        captions = {
+            size: decoding.decode_captions(
+                model.decoder, features, vocab, size, config.max_caption_len
+            )[1]
+            for size in (1, 3)
+        }
+    assert captions[1] != captions[3]  # else greedy captions would pass for beam search
+    # Python scoring: Java's METEOR start-up takes seconds, and the scores are no matter here.
+    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # METEOR skipped
+        result = evaluate_module.main(
+            [str(seeing), "--split", "val", "--data-dir", str(one_shape_demo), "--beam", "3",
+             "--limit", str(n)]
+        )  # fmt: skip
+    assert result["predictions"] == dict(zip(split.image_ids[:n], captions[3]))

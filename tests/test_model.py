@@ -1,12 +1,15 @@
 """Model: output shapes, the CVND `sample` contract, freezing, weight loading, download errors."""
 
+import sys
 import urllib.error
 
 import pytest
 import torch
 import torchvision
 
-from model import DecoderRNN, EncoderCNN, ShowAndTell
+from backbones import build_backbone
+from demo_model import SmallCNN
+from model import CaptionModel, DecoderRNN, EncoderCNN
 
 EMBED, HIDDEN, VOCAB = 32, 48, 40
 
@@ -44,7 +47,7 @@ def test_trainable_blocks_unfreezes_last_blocks():
 
 
 def test_smallcnn_backbone_for_small_images():
-    encoder = EncoderCNN(EMBED, backbone="smallcnn", trainable_blocks=-1)
+    encoder = EncoderCNN(EMBED, backbone=SmallCNN(), trainable_blocks=-1)
     assert all(p.requires_grad for p in encoder.parameters())
     assert encoder(torch.randn(3, 3, 64, 64)).shape == (3, EMBED)
 
@@ -94,12 +97,16 @@ def test_sample_matches_teacher_forced_argmax():
     assert scores[0, 1 : len(ids)].argmax(-1).tolist() == ids[1:]
 
 
-def test_show_and_tell_accepts_images_or_cached_features(resnet_encoder):
-    model = ShowAndTell(resnet_encoder, DecoderRNN(EMBED, HIDDEN, VOCAB)).eval()
+def test_caption_model_takes_images_or_cached_features_as_told(resnet_encoder):
+    model = CaptionModel(resnet_encoder, DecoderRNN(EMBED, HIDDEN, VOCAB)).eval()
     images = torch.randn(2, 3, 64, 64)
     captions = torch.randint(0, VOCAB, (2, 6))
     features = resnet_encoder.extract(images)
-    assert torch.allclose(model(images, captions), model(features, captions), atol=1e-5)
+    from_images = model(images, captions).scores  # (2, 5, VOCAB)
+    assert from_images.shape == (2, 5, VOCAB)
+    assert torch.allclose(from_images, model(features, captions, cached=True).scores, atol=1e-5)
+    with pytest.raises(RuntimeError):  # features are not images: nothing is guessed
+        model(features, captions)
 
 
 def test_local_weights_file(tmp_path):
@@ -126,7 +133,19 @@ def test_unknown_backbone():
     # A torchvision network without a feature map to take (auxiliary heads), and no network.
     for name in ("googlenet", "vgg17"):
         with pytest.raises(ValueError, match=f"'{name}' is not one this project can use"):
+            build_backbone(name, pretrained=False)
+        with pytest.raises(ValueError, match=f"'{name}' is not one this project can use"):
             EncoderCNN(EMBED, backbone=name, pretrained=False)
+
+
+def test_model_py_alone_builds_resnets_and_names_what_other_backbones_need(monkeypatch):
+    assert type(EncoderCNN(EMBED, "squeezenet1_0", pretrained=False).backbone).__name__ == (
+        "TorchvisionBackbone"
+    )
+    monkeypatch.setitem(sys.modules, "backbones", None)  # model.py copied without the project
+    EncoderCNN(EMBED, "resnet18", pretrained=False)
+    with pytest.raises(ValueError, match=r"'squeezenet1_0' is not a ResNet.*backbones.py"):
+        EncoderCNN(EMBED, "squeezenet1_0", pretrained=False)
 
 
 def test_forget_gate_bias_initialised():
@@ -144,5 +163,7 @@ def test_decoder_scores_only_the_masked_outputs():
     decoder = DecoderRNN(EMBED, HIDDEN, VOCAB).eval()
     features, captions = torch.randn(3, EMBED), torch.randint(0, VOCAB, (3, 7))
     scored = torch.rand(3, 7) > 0.4
-    full = decoder(features, captions)  # (3, 7, VOCAB)
-    assert torch.allclose(decoder(features, captions, scored), full[scored], atol=1e-6)
+    full = decoder(features, captions)  # (3, 7, VOCAB), CVND's: output t predicts captions[:, t]
+    assert torch.allclose(decoder.score(features, captions).scores, full[:, 1:], atol=1e-6)
+    only = decoder.score(features, captions, scored).scores  # (scored words after <start>, V)
+    assert torch.allclose(only, full[:, 1:][scored[:, 1:]], atol=1e-6)

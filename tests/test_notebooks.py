@@ -3,6 +3,7 @@ they run top to bottom (on a tiny demo dataset, with small settings injected aft
 parameters cell as papermill does)."""
 
 import ast
+import asyncio
 import os
 import re
 import shutil
@@ -80,22 +81,13 @@ def inject(nb, values):
     return nb
 
 
-@pytest.mark.parametrize("decoder", ["showtell", "attention"])
-def test_notebooks_run_in_order(demo_root, tmp_path, monkeypatch, decoder):
-    from nbclient import NotebookClient
+# Each decoder's notebooks, in chains that run in this order; notebooks 0 and 1 do not depend
+# on the decoder (they read no training output): the attention run starts at training.
+CHAINS = {"showtell": (NOTEBOOKS[:2], NOTEBOOKS[2:]), "attention": (NOTEBOOKS[2:],)}
 
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    # One thread: tiny models gain nothing from more, and on a busy machine (tests running in
-    # parallel) extra OpenMP threads make them many times slower.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    # As for a user without Java: evaluate scores in Python (tokenisation, no METEOR), which
-    # saves the JVM's start-ups; tests/test_coco_metrics.py checks the Java path.
-    no_java = tmp_path / "no-java"
-    no_java.mkdir()
-    (no_java / "java").write_text("#!/bin/sh\nexit 1\n")
-    (no_java / "java").chmod(0o755)
-    monkeypatch.setenv("PATH", os.pathsep.join([str(no_java), os.environ["PATH"]]))
-    # CAPTIONING_CACHE already points to a temporary folder (conftest), and the kernel inherits it.
+
+def notebook_values(demo_root, folder, decoder):
+    """Each notebook's injected settings: the test dataset, a tiny model, outputs in `folder`."""
     # The notebooks' make_demo_dataset call must find the fixture's dataset as it is (same
     # parameters), never regenerate the folder other tests share.
     marker = read_marker(demo_root)
@@ -104,11 +96,11 @@ def test_notebooks_run_in_order(demo_root, tmp_path, monkeypatch, decoder):
     }
     data = dict(DATA_DIR=str(demo_root), DEMO_OPTIONS=options)
     model = dict(IMAGE_SIZE=32, EMBED_SIZE=32, HIDDEN_SIZE=32)
-    checkpoint_dir = tmp_path / "outputs" / "model"
-    values = {
+    checkpoint_dir = folder / "outputs" / "model"
+    return {
         "0_Dataset.ipynb": dict(data, N_IMAGES=4, N_WORDS=10),
         "1_Preliminaries.ipynb": dict(
-            data, **model, BATCH_SIZE=4, THRESHOLDS=[1, 5], VOCAB_FILE=str(tmp_path / "vocab.json")
+            data, **model, BATCH_SIZE=4, THRESHOLDS=[1, 5], VOCAB_FILE=str(folder / "vocab.json")
         ),
         "2_Training.ipynb": dict(
             data,
@@ -128,39 +120,91 @@ def test_notebooks_run_in_order(demo_root, tmp_path, monkeypatch, decoder):
             CHECKPOINT=str(checkpoint_dir / "best.pt"),
             BEAM_SIZE=2,
             LIMIT=10,
-            RESULTS_DIR=str(tmp_path / "outputs" / "inference"),
+            RESULTS_DIR=str(folder / "outputs" / "inference"),
             N_SHOW=2,
             N_BEST_WORST=2,
             MY_IMAGE=str(demo_root / "test2017" / "000002000001.png"),
         ),
     }
-    # Notebooks 0 and 1 do not depend on the decoder: the attention run starts at training.
-    for name in NOTEBOOKS if decoder == "showtell" else NOTEBOOKS[2:]:
-        shutil.copy(ROOT / name, tmp_path / name)
-        nb = inject(nbformat.read(tmp_path / name, as_version=4), values[name])
-        started = time.time()
-        # Raises CellExecutionError, naming the cell and the error, if any cell fails.
-        NotebookClient(
-            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-        ).execute()
-        print(f"{name}: {time.time() - started:.1f} s")
-        if name == "3_Inference.ipynb":
-            cell = next(c for c in nb.cells if "attention_maps(" in c.source)
-            kinds = {o.get("output_type") for o in cell.outputs}
-            images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
-            if decoder == "attention":
-                assert len(images) == 2, kinds  # N_SHOW images, each with its words' maps
-            else:
-                assert not images and "no attention maps" in str(cell.outputs)
-            # Both checkpoints of the self-critical run, scored side by side.
-            cell = next(
-                c for c in nb.cells if c.cell_type == "code" and "cross_entropy" in c.source
+
+
+@pytest.fixture(scope="module")
+def executed_notebooks(demo_root, tmp_path_factory):
+    """{decoder: (folder, {name: executed notebook}, error or None)}, each in a fresh kernel."""
+    from nbclient import NotebookClient
+
+    folders = {decoder: tmp_path_factory.mktemp(decoder) for decoder in CHAINS}
+    executed = {decoder: {} for decoder in CHAINS}
+    errors = {decoder: None for decoder in CHAINS}
+
+    async def run_chain(decoder, names, kernels):
+        folder = folders[decoder]
+        for name in names:
+            shutil.copy(ROOT / name, folder / name)
+            values = notebook_values(demo_root, folder, decoder)[name]
+            nb = inject(nbformat.read(folder / name, as_version=4), values)
+            client = NotebookClient(
+                nb,
+                timeout=300,
+                kernel_name="python3",
+                resources={"metadata": {"path": str(folder)}},
             )
-            printed = "".join(o.get("text", "") for o in cell.outputs)
-            assert "best_cross_entropy.pt" in printed and "CIDEr" in printed, printed
+            async with kernels:
+                started = time.time()
+                try:
+                    # Raises CellExecutionError, naming the cell and the error, if any cell fails.
+                    await client.async_execute()
+                except Exception as error:
+                    errors[decoder] = errors[decoder] or error
+                    return  # the chain's next notebooks read this one's outputs
+            print(f"{decoder} {name}: {time.time() - started:.1f} s")
+            executed[decoder][name] = nb
+
+    async def run_all():
+        # Two kernels at a time, one per core: a kernel computes on one thread and spends
+        # seconds importing torch, so two chains side by side take about half as long.
+        kernels = asyncio.Semaphore(2)
+        chains = [(decoder, names) for decoder in CHAINS for names in CHAINS[decoder]]
+        await asyncio.gather(*(run_chain(decoder, names, kernels) for decoder, names in chains))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        # One thread: tiny models gain nothing from more, and on a busy machine (tests or
+        # kernels running in parallel) extra OpenMP threads make them many times slower.
+        patch.setenv("OMP_NUM_THREADS", "1")
+        # As for a user without Java: evaluate scores in Python (tokenisation, no METEOR), which
+        # saves the JVM's start-ups; tests/test_coco_metrics.py checks the Java path.
+        no_java = tmp_path_factory.mktemp("no-java")
+        (no_java / "java").write_text("#!/bin/sh\nexit 1\n")
+        (no_java / "java").chmod(0o755)
+        patch.setenv("PATH", os.pathsep.join([str(no_java), os.environ["PATH"]]))
+        # CAPTIONING_CACHE already points to a temporary folder (conftest): kernels inherit it.
+        asyncio.run(run_all())
+    return {decoder: (folders[decoder], executed[decoder], errors[decoder]) for decoder in CHAINS}
+
+
+@pytest.mark.parametrize("decoder", CHAINS)
+def test_notebooks_run_in_order(executed_notebooks, decoder):
+    folder, executed, error = executed_notebooks[decoder]
+    if error:
+        raise error
+    assert sorted(executed) == sorted(name for names in CHAINS[decoder] for name in names)
+    nb = executed["3_Inference.ipynb"]
+    cell = next(c for c in nb.cells if "attention_maps(" in c.source)
+    kinds = {o.get("output_type") for o in cell.outputs}
+    images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+    if decoder == "attention":
+        assert len(images) == 2, kinds  # N_SHOW images, each with its words' maps
+    else:
+        assert not images and "no attention maps" in str(cell.outputs)
+    # Both checkpoints of the self-critical run, scored side by side.
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "cross_entropy" in c.source)
+    printed = "".join(o.get("text", "") for o in cell.outputs)
+    assert "best_cross_entropy.pt" in printed and "CIDEr" in printed, printed
+    checkpoint_dir = folder / "outputs" / "model"
     assert (checkpoint_dir / "best.pt").exists() and (checkpoint_dir / "last.pt").exists()
     assert (checkpoint_dir / "best_cross_entropy.pt").exists()
     history = (checkpoint_dir / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 3, "one epoch, one more after resuming, one self-critical"
     assert [row.split(",")[8] for row in history[1:]] == ["xe", "xe", "scst"]
-    assert (tmp_path / "outputs" / "inference" / "results_test.json").exists()
+    assert (folder / "outputs" / "inference" / "results_test.json").exists()

@@ -24,6 +24,7 @@ from data_loader import (
     make_transform,
     pixels_to_input,
 )
+from demo_model import SmallCNN
 from feature_cache import cached_features, cached_images
 from model import EncoderCNN
 from tests.helpers import tiny_config
@@ -110,7 +111,7 @@ def test_a_cache_of_one_resize_is_never_read_for_the_other(photos, tmp_path):
     crop = cached_images(photos, 32, **options)
     full = cached_images(photos, 32, resize="full", **options)  # built after the crop one
     torch.manual_seed(0)
-    encoder = EncoderCNN(8, "smallcnn", pretrained=False, trainable_blocks=0).eval()
+    encoder = EncoderCNN(8, SmallCNN(), trainable_blocks=0).eval()
     features = {}
     for resize, pixels in (("crop", crop), ("full", full)):
         transform = make_transform(32, resize=resize)

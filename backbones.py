@@ -1,0 +1,115 @@
+"""Torchvision classification networks as captioning backbones, by name.
+
+`build_backbone(name)` gives the module `model.EncoderCNN` uses: for a ResNet, model.py's own;
+for any other family, the network wrapped in `TorchvisionBackbone`; for "smallcnn", the demo's
+small CNN. model.py imports this module only for names that are not ResNets, so that for the
+ResNets it stays one file that needs only torch and torchvision.
+"""
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from model import RESNETS, ResNet, torchvision_net
+
+# Families besides the ResNets whose last feature map (ViT: patch tokens) we know how to take:
+# RegNets, every `features` stack, Swin and ViT. Not GoogLeNet, Inception (auxiliary heads),
+# MNASNet, ShuffleNet or MaxViT.
+FAMILIES = ("regnet", "vgg", "alexnet", "efficientnet", "mobilenet", "convnext", "densenet",
+            "squeezenet", "swin", "vit_")  # fmt: skip
+TORCHVISION_BACKBONES = tuple(
+    name
+    for name in torchvision.models.list_models(module=torchvision.models)
+    if name in RESNETS or name.startswith(FAMILIES)
+)
+
+
+def build_backbone(name, pretrained=True, weights_path=None):
+    """EncoderCNN's backbone module for torchvision's network `name`, without its classifier,
+    with ImageNet weights (`pretrained`), a local file's (`weights_path`) or random ones; or
+    the demo's small CNN ("smallcnn", always trained from scratch)."""
+    if name == "smallcnn":
+        from demo_model import SmallCNN
+
+        return SmallCNN()
+    if name not in TORCHVISION_BACKBONES:
+        raise ValueError(
+            f"backbone {name!r} is not one this project can use; choose smallcnn or one of "
+            f"torchvision's: {', '.join(TORCHVISION_BACKBONES)}"
+        )
+    if name in RESNETS:  # model.py's own, so that a ResNet has one set of weight names
+        return ResNet(name, pretrained, weights_path)
+    return TorchvisionBackbone(torchvision_net(name, pretrained, weights_path))
+
+
+class TorchvisionBackbone(nn.Module):
+    """A torchvision classification network without its classifier, with EncoderCNN's backbone
+    interface: `out_features`, `blocks` (its last 4 stages), `feature_map` and pooled `forward`.
+
+    The network stays torchvision's own module, `net`: its weights keep torchvision's names.
+    """
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        if isinstance(net, torchvision.models.VisionTransformer):
+            net.heads = nn.Identity()
+            layers = list(net.encoder.layers)
+            size = -(-len(layers) // 4)  # (the encoder's layers in 4 groups)
+            self.blocks = [nn.Sequential(*layers[k * size : (k + 1) * size]) for k in range(4)]
+            self.out_features = net.hidden_dim
+            return
+        if hasattr(net, "trunk_output"):  # RegNet
+            self.out_features = net.fc.in_features
+            net.fc = nn.Identity()
+            self.blocks = list(net.trunk_output.children())[-4:]
+            return
+        # A `features` stack (VGG, AlexNet, EfficientNet, MobileNet, ConvNeXt, DenseNet,
+        # SqueezeNet, Swin): the classifier (VGG's holds 120M of its 138M weights) goes.
+        for head in ("classifier", "head"):
+            if hasattr(net, head):
+                setattr(net, head, nn.Identity())
+        stages = list(net.features.children())
+        if isinstance(net, (torchvision.models.VGG, torchvision.models.AlexNet)):
+            # Flat layers: a block is what lies between two max-pooling layers.
+            bounds = [0] + [k + 1 for k, m in enumerate(stages) if isinstance(m, nn.MaxPool2d)]
+            stages = [nn.Sequential(*stages[a:b]) for a, b in zip(bounds, bounds[1:])]
+        self.blocks = stages[-4:]
+        with torch.no_grad():
+            self.out_features = self.eval().feature_map(torch.zeros(1, 3, 224, 224)).shape[1]
+        self.train()
+
+    def feature_map(self, images):
+        """The last feature map (batch, out_features, h, w); a ViT's patch tokens laid out as
+        their grid."""
+        net = self.net
+        if isinstance(net, torchvision.models.VisionTransformer):
+            if images.shape[-1] != net.image_size or images.shape[-2] != net.image_size:
+                raise ValueError(
+                    f"a ViT takes {net.image_size}x{net.image_size} images, not "
+                    f"{images.shape[-2]}x{images.shape[-1]}: set image_size={net.image_size}"
+                )
+            # torchvision has no public call for the patch tokens: its forward keeps only the
+            # class token.
+            tokens = net._process_input(images)  # (batch, patches, hidden)
+            tokens = torch.cat([net.class_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+            patches = net.encoder(tokens)[:, 1:]  # (batch, patches, hidden), class token dropped
+            side = net.image_size // net.patch_size
+            # (batch, patches, hidden) -> (batch, hidden, side, side)
+            return patches.transpose(1, 2).reshape(patches.shape[0], -1, side, side)
+        if hasattr(net, "trunk_output"):
+            return net.trunk_output(net.stem(images))
+        x = net.features(images)
+        if isinstance(net, torchvision.models.SwinTransformer):
+            return net.permute(net.norm(x))  # (batch, h, w, channels) -> (batch, channels, h, w)
+        if isinstance(net, torchvision.models.DenseNet):
+            # DenseNet's forward applies its last ReLU after `features`.
+            return nn.functional.relu(x)
+        return x
+
+    def forward(self, images):
+        """The pooled feature that the network's classifier would read: (batch, out_features)."""
+        net = self.net
+        if isinstance(net, torchvision.models.VisionTransformer) or hasattr(net, "trunk_output"):
+            return net(images)  # ViT: the class token; RegNet: average pooling, fc=Identity
+        return self.feature_map(images).mean(dim=(2, 3))
