@@ -20,9 +20,11 @@ DEMO_VALUES = dict(
     hidden_size=256, dropout=0.0, forget_bias=5.0, batch_size=32, captions_per_image=1,
     epochs=30, lr=1e-3, val_images=300, patience=None, num_workers=0, cache_images=True,
 )  # fmt: skip
+# word_in_query and coverage: built into the attention decoder then, options now.
 ATTENTION_VALUES = dict(
     output_dir="outputs/demo-attention/model", decoder="attention", embed_size=128,
-    attention_size=128, attention_weight=0.1, lr=2e-3, epochs=16,
+    attention_size=128, attention_weight=0.1, lr=2e-3, epochs=16, word_in_query=True,
+    coverage=True,
 )  # fmt: skip
 
 

@@ -166,7 +166,7 @@ def test_validation_captions_from_float16_features_match_float32_ones(demo_root,
     full = {"features": rows.astype(np.float16).astype(np.float32)}
     captions = [
         predict_captions(model, vocab, TrainingData.val_image_loader(
-            config, split, make_transform(32), inputs, 10), max_len=8)
+            config, split, make_transform(32), inputs, 10), max_len=8, cached=True)
         for inputs in (half, full)
     ]  # fmt: skip
     assert captions[0] == captions[1] and len(captions[0]) == 10
