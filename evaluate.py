@@ -2,6 +2,7 @@
 and the captions' health (`caption_health`)."""
 
 import argparse
+import json
 import warnings
 from pathlib import Path
 
@@ -140,7 +141,9 @@ def main(argv=None):
         if not args.annotations or args.checkpoint:
             parser.error("--results needs --annotations and no checkpoint")
         metrics, per_image = score_results_file(args.results, args.annotations, spice=args.spice)
-        result = {"metrics": metrics, "per_image": per_image}
+        results = json.loads(Path(args.results).read_text(encoding="utf-8"))  # checked just now
+        captions = {r["image_id"]: r["caption"] for r in results}
+        result = {"metrics": metrics, "health": measure_health(captions), "per_image": per_image}
     elif args.checkpoint:
         result = evaluate(
             args.checkpoint, args.split, args.data_dir, args.layout, args.beam,

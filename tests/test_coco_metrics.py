@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from caption_health import format_health, measure_health
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import coco_metrics  # noqa: E402
 
@@ -123,7 +125,11 @@ def test_evaluate_command_scores_a_results_file(coco_files, java_scores, capsys)
     annotations_file, results_file, _, _ = coco_files
     result = evaluate.main(["--results", str(results_file), "--annotations", str(annotations_file)])
     assert result["metrics"] == java_scores[0]
-    assert f"CIDEr    {java_scores[0]['CIDEr']:.4f}" in capsys.readouterr().out
+    captions = {r["image_id"]: r["caption"] for r in json.loads(results_file.read_text())}
+    assert result["health"] == measure_health(captions)  # a results file's captions' health too
+    printed = capsys.readouterr().out
+    assert f"CIDEr    {java_scores[0]['CIDEr']:.4f}" in printed
+    assert format_health(result["health"]) in printed
 
 
 @needs_java
