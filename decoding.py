@@ -2,7 +2,7 @@
 decoder protocol of `model` (`init_state`, `step`; CPU or GPU).
 
 The decoder should be in eval mode (the caller's job: these functions never change the mode).
-Sequences follow the decoders' `sample`: every sequence begins with the given `<start>` id,
+Sequences follow `DecoderRNN.sample`: every sequence begins with the given `<start>` id,
 and ends with (and includes) `end_id`. Greedy and beam search can hold captions to
 `DecodingOptions` (all off by default).
 """
