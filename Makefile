@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
-# Both depend on `make venv`, which creates .venv and installs requirements.txt once
-# (again only when requirements.txt changes).
+# Both depend on `make venv`, which creates .venv and installs requirements.txt once (the project
+# editable with its extras; again only when requirements.txt or pyproject.toml changes).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 .PHONY: venv demo demo-attention demo-scst demo-attention-scst test bench lint gpu-check
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install -r requirements.txt
@@ -38,7 +38,7 @@ bench: venv
 # torchrun commands shrunk to the COCO sample in ../shared/data (else the demo data), then the
 # GPU benchmark and tests/test_cuda.py; one table, also in outputs/gpu-check/summary.md.
 gpu-check: venv
-	$(PY) gpu_check.py
+	$(PY) -m captioning.gpu_check
 
 lint: venv
 	$(VENV)/bin/ruff check .

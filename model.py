@@ -18,17 +18,12 @@ RESNETS = tuple(
 
 
 def torchvision_net(name, pretrained=True, weights_path=None):
-    """torchvision's classification network `name`, with ImageNet weights (`pretrained`), a
-    local file's (`weights_path`) or random ones."""
-    if weights_path is not None:
-        net = torchvision.models.get_model(name, weights=None)
-        load_weights(net, name, weights_path)
-        return net
-    if not pretrained:
-        return torchvision.models.get_model(name, weights=None)
-    weights = torchvision.models.get_model_weights(name).DEFAULT
+    """torchvision's network `name` with ImageNet weights (`pretrained`), a local file's
+    (`weights_path`) or random ones."""
+    download = pretrained and weights_path is None
+    weights = torchvision.models.get_model_weights(name).DEFAULT if download else None
     try:
-        return torchvision.models.get_model(name, weights=weights)
+        net = torchvision.models.get_model(name, weights=weights)
     except (urllib.error.URLError, OSError) as e:
         raise RuntimeError(
             f"Could not download the ImageNet weights for {name} from {weights.url} ({e}). "
@@ -36,6 +31,9 @@ def torchvision_net(name, pretrained=True, weights_path=None):
             "or pass weights_path=<local .pth file>, or pretrained=False for random "
             "weights."
         ) from None
+    if weights_path is not None:
+        load_weights(net, name, weights_path)
+    return net
 
 
 def load_weights(net, name, weights_path):
@@ -62,11 +60,8 @@ def load_weights(net, name, weights_path):
 
 
 class ResNet(nn.Module):
-    """A torchvision ResNet (or ResNeXt, Wide ResNet) without its classifier, as a backbone.
-
-    It holds torchvision's layers under their own names, so that the weights keep the names
-    every checkpoint has; the class keeps torchvision's name, which feature caches are keyed by.
-    """
+    """A torchvision ResNet (or ResNeXt, Wide ResNet) without its classifier, as a backbone; its
+    layers keep torchvision's names, which every checkpoint's weights have."""
 
     def __init__(self, name="resnet50", pretrained=True, weights_path=None):
         super().__init__()
@@ -98,35 +93,23 @@ class ResNet(nn.Module):
 
 
 class EncoderCNN(nn.Module):
-    """CNN backbone (frozen by default) then a linear projection: images -> (batch, embed_size).
+    """CNN backbone (frozen by default) then a linear projection: images -> (batch, embed_size);
+    with `grid`, the spatial grid (batch, positions, feature_size) for attention instead.
 
-    `backbone`: a ResNet's torchvision name (RESNETS), built here with ImageNet weights
-    (`pretrained`) or a local file's (`weights_path`); another name, built by the project's
-    `backbones.build_backbone`; or a module with `out_features`, `blocks` (its last 4 stages, for
-    `trainable_blocks`), `feature_map(images)` -> (batch, out_features, h, w) and a pooled
-    `forward(images)` -> (batch, out_features).
-
-    With `grid`, the spatial grid (batch, positions, feature_size) instead, for the attention
-    decoder (`grid_size` as in `extract_grid`).
+    `backbone`: a ResNet's name (RESNETS), with ImageNet weights (`pretrained`) or a local file's
+    (`weights_path`); another torchvision name, built by captioning/backbones.py; or a module with
+    `out_features`, `blocks` (its last 4 stages, for `trainable_blocks`), `feature_map(images)`
+    -> (batch, out_features, h, w) and a pooled `forward(images)` -> (batch, out_features).
     """
 
-    def __init__(
-        self,
-        embed_size,
-        backbone="resnet50",
-        pretrained=True,
-        weights_path=None,
-        trainable_blocks=0,
-        feature_norm="batch",
-        grid=False,
-        grid_size=None,
-    ):
+    def __init__(self, embed_size, backbone="resnet50", pretrained=True, weights_path=None,
+                 trainable_blocks=0, feature_norm="batch", grid=False, grid_size=None):  # fmt: skip
         super().__init__()
         if isinstance(backbone, str) and backbone in RESNETS:
             backbone = ResNet(backbone, pretrained, weights_path)
         elif isinstance(backbone, str):  # imported here: for ResNets, model.py stands alone
             try:
-                from backbones import build_backbone
+                from captioning.backbones import build_backbone
             except ImportError:
                 raise ValueError(
                     f"backbone {backbone!r} is not a ResNet, the family model.py builds alone; "
@@ -177,15 +160,9 @@ class EncoderCNN(nn.Module):
         embedded = self.embed(features)
         if self.training and embedded.shape[0] == 1 and type(self.norm) is nn.BatchNorm1d:
             # Batch statistics of one sample are undefined: a lone caption uses the running ones.
+            norm = self.norm
             return nn.functional.batch_norm(
-                embedded,
-                self.norm.running_mean,
-                self.norm.running_var,
-                self.norm.weight,
-                self.norm.bias,
-                False,
-                0.0,
-                self.norm.eps,
+                embedded, norm.running_mean, norm.running_var, norm.weight, norm.bias, eps=norm.eps
             )
         return self.norm(embedded)
 

@@ -119,8 +119,8 @@ def coco_scale_dir(workdir, copies):
 
 def coco_vocab():
     """Vocabulary of the 25,014 real val2017 captions, every word kept (7,380 entries)."""
-    from annotations import read_coco_file
-    from data_loader import load_or_build_vocab
+    from captioning.data.annotations import read_coco_file
+    from captioning.data.loading import load_or_build_vocab
 
     split = read_coco_file(VAL_CAPTIONS, VAL_CAPTIONS.parent, "val")
     return load_or_build_vocab(

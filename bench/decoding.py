@@ -39,7 +39,7 @@ def batched(decode, decoder, feats, **kwargs):
 
 def run(workdir, quick):
     """Yield the greedy and beam-search rows (captions per second)."""
-    from decoding import beam_search, greedy_decode
+    from captioning.decoding import beam_search, greedy_decode
 
     decoder = make_decoder()
     (n_greedy, m_greedy), (n_beam, m_beam) = sizes(quick)

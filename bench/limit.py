@@ -41,7 +41,7 @@ def gemm_peak(device, quick):
 
 def caption_lengths(count, seed=0):
     """Words per caption drawn from the real val2017 captions' lengths, `count` of them."""
-    from annotations import tokenize
+    from captioning.data.annotations import tokenize
 
     captions = [a["caption"] for a in json.loads(VAL_CAPTIONS.read_text())["annotations"]]
     lengths = np.array([len(tokenize(c)) for c in captions])
@@ -77,7 +77,7 @@ def training_flops(batch):
 
 def model_and_config(device):
     """The COCO preset's Show-and-Tell model (random ResNet-50 never run: features are cached)."""
-    from config import TrainConfig
+    from captioning.config import TrainConfig
     from model import CaptionModel, DecoderRNN, EncoderCNN
 
     config = TrainConfig(pretrained=False, progress=False, device=str(device), log_every=50)
@@ -95,8 +95,8 @@ class Vocab:
 
 def run(workdir, quick, device="cpu"):
     """Yield the peak, the two achieved-FLOP/s rows and the COCO-scale epoch row."""
-    from decoding import greedy_decode
-    from train import make_optimizer, make_scheduler, run_epoch
+    from captioning.decoding import greedy_decode
+    from captioning.training.train import make_optimizer, make_scheduler, run_epoch
 
     device = torch.device(device)
     peak = gemm_peak(device, quick)

@@ -20,7 +20,7 @@ def probe(name, workdir, quick):
     """Run one workload in this (fresh) process; (MiB after imports, peak MiB)."""
     import pycocotools.coco  # noqa: F401
 
-    import train  # noqa: F401  the same imports before either way
+    import captioning.training.train  # noqa: F401  the same imports before either way
     from bench import loader, training
 
     baseline = peak_mib()

@@ -31,8 +31,8 @@ def run(workdir, quick):
     """Yield the reward row (sampled captions per second), for one batch of images."""
     from pycocoevalcap.cider.cider import Cider
 
-    from cider_d import CiderD
-    from coco_metrics import _tokenize_like_ptb
+    from captioning.evaluation.cider_d import CiderD
+    from captioning.evaluation.coco_metrics import _tokenize_like_ptb
 
     images = 64 if quick else 500
     references = {}

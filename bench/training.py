@@ -18,8 +18,8 @@ def steps(quick):
 
 def setup():
     """Config, vocabulary, the 80 train images of coco-sample and a seeded Show-and-Tell model."""
-    from annotations import read_split
-    from config import TrainConfig
+    from captioning.config import TrainConfig
+    from captioning.data.annotations import read_split
     from model import CaptionModel, DecoderRNN, EncoderCNN
 
     config = TrainConfig(
@@ -39,15 +39,15 @@ def setup():
 
 def features(model, split):
     """The project's feature cache of the split (computed once, then a memmap)."""
-    from data_loader import make_transform
-    from feature_cache import cached_features
+    from captioning.data.feature_cache import cached_features
+    from captioning.data.loading import make_transform
 
     return cached_features(model.encoder, split, make_transform(224), progress=False)
 
 
 def make_loader(split, vocab, cache=None):
     """Equal-length caption batches: cached features when `cache` is given, else images."""
-    from data_loader import CaptionDataset, make_caption_loader, make_transform
+    from captioning.data.loading import CaptionDataset, make_caption_loader, make_transform
 
     dataset = CaptionDataset(split, vocab, make_transform(224), features=cache)
     return make_caption_loader(dataset, BATCH_SIZE, seed=0, drop_last=True)
@@ -69,7 +69,7 @@ def batches(loader, n, counted):
 
 def train_steps(model, vocab, config, loader, n):
     """Captions per second of `n` training steps, each exactly as `train.run_epoch` takes them."""
-    from train import make_optimizer, make_scheduler, run_epoch
+    from captioning.training.train import make_optimizer, make_scheduler, run_epoch
 
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer, n)
@@ -117,15 +117,15 @@ def run(workdir, quick):
 
 def demo_epoch_rate(config, vocab, split, state, cache_images, num_workers):
     """Images/s of one epoch of the demo preset's training steps, after two warm-up steps."""
-    from checkpoint import build_model
-    from data_loader import (
+    from captioning.checkpoint import build_model
+    from captioning.data.feature_cache import cached_images
+    from captioning.data.loading import (
         CaptionDataset,
         ImageCaptionsDataset,
         make_image_captions_loader,
         make_transform,
     )
-    from feature_cache import cached_images
-    from train import make_optimizer, make_scheduler, run_epoch
+    from captioning.training.train import make_optimizer, make_scheduler, run_epoch
 
     pixels = cached_images(split, config.image_size, progress=False) if cache_images else None
     captions = CaptionDataset(split, vocab, make_transform(config.image_size), pixels=pixels)
@@ -148,11 +148,11 @@ def run_demo_cnn(workdir, quick):
     """Yield the demo row: SmallCNN training from the image cache vs decoding the PNG files."""
     import dataclasses
 
-    from annotations import read_split
-    from checkpoint import build_model
-    from data_loader import load_or_build_vocab
-    from demo import DEMO_CONFIG
-    from demo_dataset import make_demo_dataset
+    from captioning.checkpoint import build_model
+    from captioning.data.annotations import read_split
+    from captioning.data.loading import load_or_build_vocab
+    from captioning.demo.dataset import make_demo_dataset
+    from captioning.presets import DEMO_CONFIG
 
     n_images = 320 if quick else 1600
     root = make_demo_dataset(

@@ -13,11 +13,11 @@ from collections import namedtuple
 
 import torch
 
-import feature_cache
-from annotations import read_split
-from data_loader import make_transform
-from demo_model import SmallCNN
-from feature_cache import cached_features, cached_images
+from captioning.data import feature_cache
+from captioning.data.annotations import read_split
+from captioning.data.feature_cache import cached_features, cached_images
+from captioning.data.loading import make_transform
+from captioning.demo.small_cnn import SmallCNN
 from model import EncoderCNN
 
 

@@ -18,7 +18,7 @@ def isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """A small built-in demo dataset (the generator's real output, fewer images)."""
-    from demo_dataset import make_demo_dataset
+    from captioning.demo.dataset import make_demo_dataset
 
     root = tmp_path_factory.mktemp("demo") / "demo"
     return make_demo_dataset(root, n_train=60, n_val=20, n_test=20, seed=1, progress=False)

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import train as train_module
-from config import TrainConfig
-from data_loader import ImageCaptionsDataset
-from self_critical import IndexedImages
+from captioning.config import TrainConfig
+from captioning.data.loading import ImageCaptionsDataset
+from captioning.training import train as train_module
+from captioning.training.self_critical import IndexedImages
 
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "reduce", "gather", "scatter", "barrier")
 

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import train as train_module
-from config import TrainConfig
+from captioning.config import TrainConfig
+from captioning.training import train as train_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-import feature_cache
-from annotations import read_split
-from caption import attention_maps
-from caption import main as caption_main
-from checkpoint import CheckpointError, load_trained
-from data_loader import load_image, make_transform
-from decoding import beam_search, decode_captions, greedy_decode
-from demo_dataset import attention_on_objects, cells_overlapping, object_box
-from demo_model import SmallCNN
+from captioning.caption import attention_maps
+from captioning.caption import main as caption_main
+from captioning.checkpoint import CheckpointError, load_trained
+from captioning.data import feature_cache
+from captioning.data.annotations import read_split
+from captioning.data.loading import load_image, make_transform
+from captioning.data.vocabulary import Vocabulary
+from captioning.decoding import beam_search, decode_captions, greedy_decode
+from captioning.demo.dataset import attention_on_objects, cells_overlapping, object_box
+from captioning.demo.small_cnn import SmallCNN
+from captioning.training.train import train
 from model import AttentionDecoder, EncoderCNN, attention_penalty
 from tests.helpers import interrupt_training_at_epoch, tiny_config
-from train import train
-from vocabulary import Vocabulary
 
 FEATURES, EMBED, HIDDEN, VOCAB, PAD, END = 12, 8, 16, 10, 3, 1
 

@@ -13,14 +13,14 @@ import torch
 import torchvision
 
 import model as model_module
-from annotations import read_split
-from backbones import TORCHVISION_BACKBONES, build_backbone
-from checkpoint import build_model, load_trained, save_checkpoint
-from config import ConfigError, TrainConfig
-from data_loader import load_image, make_transform
-from decoding import decode_captions
+from captioning.backbones import TORCHVISION_BACKBONES, build_backbone
+from captioning.checkpoint import build_model, load_trained, save_checkpoint
+from captioning.config import ConfigError, TrainConfig
+from captioning.data.annotations import read_split
+from captioning.data.loading import load_image, make_transform
+from captioning.data.vocabulary import Vocabulary
+from captioning.decoding import decode_captions
 from model import EncoderCNN
-from vocabulary import Vocabulary
 
 FAMILIES = ["vgg16", "efficientnet_b0", "convnext_tiny", "vit_b_16", "resnet50", "regnet_x_400mf",
             "swin_t", "densenet121"]  # fmt: skip
@@ -143,4 +143,4 @@ def test_model_imports_only_torch_torchvision_and_the_standard_library():
     tree = ast.parse(Path(model_module.__file__).read_text())
     allowed = {"torch", "torchvision"} | set(sys.stdlib_module_names)
     assert imported(tree.body) <= allowed, imported(tree.body)
-    assert imported(list(ast.walk(tree))) <= allowed | {"backbones"}
+    assert imported(list(ast.walk(tree))) <= allowed | {"captioning"}

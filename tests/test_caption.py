@@ -10,13 +10,13 @@ import warnings
 import pytest
 import torch
 
-from caption_health import SAME_CAPTION_SHARE, measure_health
-from checkpoint import load_checkpoint, load_trained, save_checkpoint
-from config import TrainConfig
-from data_loader import load_image, make_transform
-from decoding import DecodingOptions, decode_captions
+from captioning.checkpoint import load_checkpoint, load_trained, save_checkpoint
+from captioning.config import TrainConfig
+from captioning.data.loading import load_image, make_transform
+from captioning.decoding import DecodingOptions, decode_captions
+from captioning.evaluation.caption_health import SAME_CAPTION_SHARE, measure_health
+from captioning.training.train import train
 from tests.helpers import ROOT
-from train import train
 
 GRAYSCALE = "000000431848.jpg"  # a grayscale image in COCO val2017
 
@@ -94,7 +94,7 @@ def test_caption_command_on_grayscale_coco_image_and_a_folder(
 
 
 def test_caption_greedy_default_and_missing_file(checkpoint, coco_sample, tmp_path, monkeypatch):
-    import caption
+    from captioning import caption
 
     monkeypatch.chdir(tmp_path)
     grayscale = coco_sample / "val2017" / GRAYSCALE
@@ -106,9 +106,8 @@ def test_caption_greedy_default_and_missing_file(checkpoint, coco_sample, tmp_pa
 
 
 def test_length_penalty_flags_reach_the_beam_search(checkpoint, coco_sample, monkeypatch):
-    import caption
-    import decoding
-    import evaluate
+    from captioning import caption, decoding
+    from captioning.evaluation import evaluate
 
     # The functions behind the commands (and the demo's evaluation) default to the same ranking.
     for function in (evaluate.evaluate, evaluate.predict_captions, caption.caption_images,
@@ -149,7 +148,7 @@ def with_decoder_weights(checkpoint, path, same_features=False):
 def test_evaluate_reports_caption_health_and_warns_when_images_share_a_caption(
     checkpoint, demo_root, tmp_path
 ):
-    import evaluate
+    from captioning.evaluation import evaluate
 
     options = dict(data_dir=demo_root, num_workers=0, progress=False, use_java=False)
     varied = with_decoder_weights(checkpoint, tmp_path / "varied.pt")
@@ -169,9 +168,8 @@ def test_evaluate_reports_caption_health_and_warns_when_images_share_a_caption(
 
 
 def test_decoding_option_flags_reach_the_decoder(checkpoint, demo_root, monkeypatch, capsys):
-    import caption
-    import decoding
-    import evaluate
+    from captioning import caption, decoding
+    from captioning.evaluation import evaluate
 
     for function in (evaluate.evaluate, evaluate.predict_captions, caption.caption_images,
                      caption.attention_maps):  # fmt: skip

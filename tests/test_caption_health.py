@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from caption_health import (
+from captioning.config import TrainConfig
+from captioning.evaluation.caption_health import (
     BAD_ENDINGS,
     SAME_CAPTION_SHARE,
     describe_same_caption,
@@ -12,7 +13,6 @@ from caption_health import (
     measure_health,
     repeats_itself,
 )
-from config import TrainConfig
 
 CAPTIONS = {
     1: "a man riding a horse",  # "a" twice, but no word pair twice: healthy
@@ -71,7 +71,7 @@ def test_same_caption_warning_names_the_checkpoints_preprocessing():
 
 
 def test_demo_table_shows_the_health_of_each_row(capsys):
-    from demo import report
+    from captioning.demo.run import report
 
     def row(cider, bad, repeats, distinct):
         return {"CIDEr": cider, "Bleu_4": 0.1, "accuracy": 0.5, "by_count": {1: 0.6},

@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-import cider_d
-from annotations import _cache_key, read_split
-from cider_d import END_TOKEN, CiderD, corpus_cider_d, ptb_tokens, training_scorer
-from coco_metrics import _tokenize_like_ptb
+from captioning.data.annotations import _cache_key, read_split
+from captioning.evaluation import cider_d
+from captioning.evaluation.cider_d import (
+    END_TOKEN,
+    CiderD,
+    corpus_cider_d,
+    ptb_tokens,
+    training_scorer,
+)
+from captioning.evaluation.coco_metrics import _tokenize_like_ptb
 from tests.helpers import COCO_VAL_CAPTIONS
 
 

@@ -2,17 +2,14 @@
 
 import json
 import random
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from caption_health import format_health, measure_health
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import coco_metrics  # noqa: E402
+from captioning.evaluation import coco_metrics
+from captioning.evaluation.caption_health import format_health, measure_health
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VAL_CAPTIONS = SHARED_DATA / "coco-sample" / "annotations" / "captions_val2017.json"
@@ -120,7 +117,7 @@ def java_scores(coco_files):
 
 @needs_java
 def test_evaluate_command_scores_a_results_file(coco_files, java_scores, capsys):
-    import evaluate
+    from captioning.evaluation import evaluate
 
     annotations_file, results_file, _, _ = coco_files
     result = evaluate.main(["--results", str(results_file), "--annotations", str(annotations_file)])

@@ -10,10 +10,16 @@ import sys
 import numpy as np
 import pytest
 
-from checkpoint import CheckpointError
-from config import RESUMABLE_CHANGES, ConfigError, TrainConfig, parse_config, resume_conflicts
+from captioning.checkpoint import CheckpointError
+from captioning.config import (
+    RESUMABLE_CHANGES,
+    ConfigError,
+    TrainConfig,
+    parse_config,
+    resume_conflicts,
+)
+from captioning.training.train import train
 from tests.helpers import ROOT, tiny_config
-from train import train
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from checkpoint import load_trained
-from decoding import PAD_ID, beam_search, greedy_decode
+from captioning.checkpoint import load_trained
+from captioning.decoding import PAD_ID, beam_search, greedy_decode
+from captioning.training.train import train
 from tests.helpers import tiny_config
-from train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import annotations
-from annotations import AnnotationError, read_split
-from data_loader import ImageLoadError, get_loader, load_image, make_transform
-from length_bucket_sampler import LengthBucketSampler
+from captioning.data import annotations
+from captioning.data.annotations import AnnotationError, read_split
+from captioning.data.length_bucket_sampler import LengthBucketSampler
+from captioning.data.loading import ImageLoadError, load_image, make_transform
+from data_loader import get_loader
 
 
 def loader(root, tmp_path, mode="train", **kw):
@@ -226,8 +227,12 @@ def test_sampler_reshuffles_per_epoch():
 
 
 def test_image_grouped_batches_cover_every_caption_with_its_own_image(demo_root, tmp_path):
-    from data_loader import CaptionDataset, ImageCaptionsDataset, make_image_captions_loader
-    from vocabulary import Vocabulary
+    from captioning.data.loading import (
+        CaptionDataset,
+        ImageCaptionsDataset,
+        make_image_captions_loader,
+    )
+    from captioning.data.vocabulary import Vocabulary
 
     split = read_split(demo_root, "train")
     vocab = Vocabulary(1, None, captions=split.tokenized())
@@ -256,8 +261,12 @@ def test_image_grouped_batches_cover_every_caption_with_its_own_image(demo_root,
 
 
 def test_image_grouped_loader_shards_images_across_ranks(demo_root):
-    from data_loader import CaptionDataset, ImageCaptionsDataset, make_image_captions_loader
-    from vocabulary import Vocabulary
+    from captioning.data.loading import (
+        CaptionDataset,
+        ImageCaptionsDataset,
+        make_image_captions_loader,
+    )
+    from captioning.data.vocabulary import Vocabulary
 
     split = read_split(demo_root, "val")
     grouped = ImageCaptionsDataset(
@@ -277,8 +286,8 @@ def test_image_grouped_loader_shards_images_across_ranks(demo_root):
 
 
 def test_captions_per_image_draws_a_seeded_subset_per_epoch(demo_root):
-    from data_loader import CaptionDataset, ImageCaptionsDataset
-    from vocabulary import Vocabulary
+    from captioning.data.loading import CaptionDataset, ImageCaptionsDataset
+    from captioning.data.vocabulary import Vocabulary
 
     split = read_split(demo_root, "val")
     captions = CaptionDataset(
@@ -308,8 +317,8 @@ def test_captions_per_image_draws_a_seeded_subset_per_epoch(demo_root):
 def test_cached_pixels_give_exactly_the_transformed_image(coco_sample, tmp_path):
     # Real COCO images of every size (the grayscale one included) are resized and cropped once;
     # each epoch's input made from the cached bytes must equal the file read through the transform.
-    from data_loader import pixels_to_input
-    from feature_cache import cached_images
+    from captioning.data.feature_cache import cached_images
+    from captioning.data.loading import pixels_to_input
 
     split = read_split(coco_sample, "val")
     pixels = cached_images(split, 96, cache_dir=tmp_path, progress=False)
@@ -323,7 +332,7 @@ def test_cached_pixels_give_exactly_the_transformed_image(coco_sample, tmp_path)
 
 
 def test_default_num_workers_shares_the_cpus_this_process_may_use(monkeypatch):
-    from data_loader import default_num_workers, resolve_num_workers
+    from captioning.data.loading import default_num_workers, resolve_num_workers
 
     monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's, not this process's
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 5, 6, 7}, raising=False)
@@ -343,8 +352,8 @@ def test_default_num_workers_shares_the_cpus_this_process_may_use(monkeypatch):
 
 
 def val_captions(demo_root, **inputs):
-    from data_loader import CaptionDataset
-    from vocabulary import Vocabulary
+    from captioning.data.loading import CaptionDataset
+    from captioning.data.vocabulary import Vocabulary
 
     split = read_split(demo_root, "val")
     return CaptionDataset(split, Vocabulary(1, None, captions=split.tokenized()), **inputs)
@@ -352,8 +361,12 @@ def val_captions(demo_root, **inputs):
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # none is started
 def test_training_loaders_keep_their_workers_and_pin_for_cuda(demo_root, monkeypatch):
-    import data_loader
-    from data_loader import ImageCaptionsDataset, make_caption_loader, make_image_captions_loader
+    from captioning.data import loading as data_loader
+    from captioning.data.loading import (
+        ImageCaptionsDataset,
+        make_caption_loader,
+        make_image_captions_loader,
+    )
 
     captions = val_captions(demo_root, features=np.zeros((20, 4), np.float16))
     for workers in (0, 1):
@@ -371,9 +384,9 @@ def test_training_loaders_keep_their_workers_and_pin_for_cuda(demo_root, monkeyp
 def test_persistent_workers_give_each_epoch_what_a_resumed_run_reads(demo_root, tmp_path, batch_by):
     # Persistent workers keep the dataset they started with: the epoch (captions drawn per image)
     # and the augmentation's seed must still follow the epoch, as in a run resumed at that epoch.
-    from checkpoint import build_model
+    from captioning.checkpoint import build_model
+    from captioning.data.training_data import TrainingData
     from tests.helpers import tiny_config
-    from training_data import TrainingData
 
     config = tiny_config(demo_root, tmp_path, num_workers=1, augment=True, batch_by=batch_by,
                          captions_per_image=2 if batch_by == "image" else None)  # fmt: skip
@@ -396,7 +409,7 @@ def test_persistent_workers_give_each_epoch_what_a_resumed_run_reads(demo_root, 
 
 
 def data_loader_vocab(split):
-    from data_loader import load_or_build_vocab
+    from captioning.data.loading import load_or_build_vocab
 
     return load_or_build_vocab(
         vocab_file=None, vocab_threshold=1, vocab_from_file=False, train_split=split
@@ -408,7 +421,7 @@ def test_spawned_workers_map_the_cache_and_see_each_epoch(demo_root, tmp_path):
     # themselves, and still see set_epoch when they persist.
     import functools
 
-    from data_loader import ImageCaptionsDataset, image_captions_collate
+    from captioning.data.loading import ImageCaptionsDataset, image_captions_collate
 
     rows = np.random.default_rng(0).standard_normal((20, 16)).astype(np.float16)
     np.save(tmp_path / "features.npy", rows)

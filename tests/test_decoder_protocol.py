@@ -6,11 +6,11 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from checkpoint import build_model, load_trained, save_checkpoint
-from config import resume_conflicts
+from captioning.checkpoint import build_model, load_trained, save_checkpoint
+from captioning.config import resume_conflicts
+from captioning.data.vocabulary import Vocabulary
 from model import AttentionDecoder, DecoderOutput, DecoderRNN
 from tests.helpers import tiny_config
-from vocabulary import Vocabulary
 
 FEATURES, EMBED, HIDDEN, VOCAB = 12, 8, 16, 10
 DECODERS = {

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from decoding import DecodingOptions, beam_search, decode_captions, greedy_decode
+from captioning.data.vocabulary import Vocabulary
+from captioning.decoding import DecodingOptions, beam_search, decode_captions, greedy_decode
 from model import DecoderRNN
-from vocabulary import Vocabulary
 
 EMBED, HIDDEN, VOCAB, END, PAD = 16, 32, 30, 1, 3
 BIGRAM = 20  # vocabulary (and embedding and hidden) size of the hand-built decoder

@@ -3,14 +3,14 @@
 import dataclasses
 import json
 
-import coco_metrics
-import demo
-from demo import (
+from captioning.demo import run as demo
+from captioning.demo.run import run_demo
+from captioning.evaluation import coco_metrics
+from captioning.presets import (
     ATTENTION_DEMO_CONFIG,
     ATTENTION_SCST_DEMO_CONFIG,
     DEMO_CONFIG,
     SCST_DEMO_CONFIG,
-    run_demo,
 )
 
 METRICS = {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}

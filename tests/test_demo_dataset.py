@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-import demo_dataset
-from demo_dataset import (
+from captioning.demo import dataset as demo_dataset
+from captioning.demo.dataset import (
     COLOURS,
     MARKER_NAME,
     SHAPES,
@@ -216,7 +216,7 @@ def test_object_accuracy_rejects_unknown_ids(demo_root):
 
 
 def test_redrawn_references_name_the_same_objects_in_new_phrasings(demo_root):
-    from demo_dataset import redraw_references
+    from captioning.demo.dataset import redraw_references
 
     path = demo_root / "annotations" / "captions_test2017.json"
     coco = json.loads(path.read_text())
@@ -235,7 +235,7 @@ def test_redrawn_references_name_the_same_objects_in_new_phrasings(demo_root):
 
 
 def test_cider_over_redrawn_references_ranks_right_objects_above_wrong(demo_root):
-    from demo_dataset import cider_over_redrawn_references
+    from captioning.demo.dataset import cider_over_redrawn_references
 
     path = demo_root / "annotations" / "captions_test2017.json"
     images = json.loads(path.read_text())["images"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import distributed
+from captioning import distributed
 from tests.helpers import ROOT
 
 

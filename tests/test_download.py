@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 
-import download
-from download import DownloadError, RemoteFile, download_coco, download_file, extract_archive
+from captioning.data import download
+from captioning.data.download import (
+    DownloadError,
+    RemoteFile,
+    download_coco,
+    download_file,
+    extract_archive,
+)
 
 
 @dataclass

@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import feature_cache
-from annotations import read_split
-from data_loader import load_image, make_transform
-from demo_model import SmallCNN
-from feature_cache import (
+from captioning.data import feature_cache
+from captioning.data.annotations import read_split
+from captioning.data.feature_cache import (
     CacheSpaceError,
     build_cache,
     cached_features,
@@ -24,6 +22,8 @@ from feature_cache import (
     npy_header,
     open_cache,
 )
+from captioning.data.loading import load_image, make_transform
+from captioning.demo.small_cnn import SmallCNN
 from model import EncoderCNN
 from tests.helpers import ROOT
 
@@ -147,7 +147,7 @@ def test_a_killed_build_leaves_nothing_that_passes_for_a_cache(tmp_path):
     # kill -9 midway: no clean-up runs; the final name must still not exist.
     script = f"""
 import os, signal, numpy as np, torch
-from feature_cache import build_cache
+from captioning.data.feature_cache import build_cache
 def batches(first, last):
     for k in range(first, last):
         if k == 2:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpu_check
-from demo_dataset import DEFAULT_DEMO_ROOT
+from captioning import gpu_check
+from captioning.demo.dataset import DEFAULT_DEMO_ROOT
 
 
 def dry_run(capsys, *args):

@@ -15,13 +15,19 @@ import pytest
 import torch
 from PIL import Image
 
-import plots
-from annotations import AnnotationError, read_split
-from checkpoint import CheckpointError, build_model, load_checkpoint, load_model_state, load_trained
-from data_loader import ImageLoadError, load_image
+from captioning import plots
+from captioning.checkpoint import (
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    load_model_state,
+    load_trained,
+)
+from captioning.data.annotations import AnnotationError, read_split
+from captioning.data.loading import ImageLoadError, load_image
+from captioning.data.vocabulary import Vocabulary
+from captioning.training.train import train
 from tests.helpers import ROOT, tiny_config
-from train import train
-from vocabulary import Vocabulary
 
 
 class PlantsMarker:
@@ -214,7 +220,8 @@ def test_checkpoint_with_other_vocabulary_names_both_sides(demo_root, tmp_path):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    import checkpoint, plots, train as t
+    from captioning import checkpoint, plots
+    from captioning.training import train as t
     from tests.helpers import tiny_config
     where, out, data = sys.argv[1], sys.argv[2], sys.argv[3]
     plots.plot_learning_curves = lambda *a, **k: None  # seconds of drawing, no matter here

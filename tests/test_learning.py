@@ -7,14 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-import coco_metrics
-import decoding
-import evaluate as evaluate_module
-import plots
-from annotations import read_split
-from caption import caption_images
-from checkpoint import load_checkpoint, load_trained, save_checkpoint
-from data_loader import (
+from captioning import decoding, plots
+from captioning.caption import caption_images
+from captioning.checkpoint import load_checkpoint, load_trained, save_checkpoint
+from captioning.data.annotations import read_split
+from captioning.data.loading import (
     CaptionDataset,
     ImageCaptionsDataset,
     load_image,
@@ -22,11 +19,13 @@ from data_loader import (
     make_transform,
     preprocessing_transform,
 )
-from demo_dataset import make_demo_dataset, object_accuracy
-from evaluate import evaluate
+from captioning.data.training_data import image_inputs
+from captioning.demo.dataset import make_demo_dataset, object_accuracy
+from captioning.evaluation import coco_metrics
+from captioning.evaluation import evaluate as evaluate_module
+from captioning.evaluation.evaluate import evaluate
+from captioning.training.train import caption_loss, train
 from tests.helpers import tiny_config
-from train import caption_loss, train
-from training_data import image_inputs
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from backbones import build_backbone
-from demo_model import SmallCNN
+from captioning.backbones import build_backbone
+from captioning.demo.small_cnn import SmallCNN
 from model import CaptionModel, DecoderRNN, EncoderCNN
 
 EMBED, HIDDEN, VOCAB = 32, 48, 40
@@ -142,7 +142,9 @@ def test_model_py_alone_builds_resnets_and_names_what_other_backbones_need(monke
     assert type(EncoderCNN(EMBED, "squeezenet1_0", pretrained=False).backbone).__name__ == (
         "TorchvisionBackbone"
     )
-    monkeypatch.setitem(sys.modules, "backbones", None)  # model.py copied without the project
+    monkeypatch.setitem(
+        sys.modules, "captioning.backbones", None
+    )  # model.py copied without the project
     EncoderCNN(EMBED, "resnet18", pretrained=False)
     with pytest.raises(ValueError, match=r"'squeezenet1_0' is not a ResNet.*backbones.py"):
         EncoderCNN(EMBED, "squeezenet1_0", pretrained=False)

@@ -12,7 +12,7 @@ import time
 import nbformat
 import pytest
 
-from demo_dataset import read_marker
+from captioning.demo.dataset import read_marker
 from tests.helpers import ROOT
 
 NOTEBOOKS = ("0_Dataset.ipynb", "1_Preliminaries.ipynb", "2_Training.ipynb", "3_Inference.ipynb")

@@ -8,14 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-import caption
-import checkpoint
-import config
-import data_loader
-import evaluate
-from annotations import CaptionSplit, read_split
-from checkpoint import build_model, load_checkpoint, save_checkpoint
-from data_loader import (
+from captioning import caption, checkpoint, config
+from captioning.checkpoint import build_model, load_checkpoint, save_checkpoint
+from captioning.data import loading as data_loader
+from captioning.data.annotations import CaptionSplit, read_split
+from captioning.data.feature_cache import cached_features, cached_images
+from captioning.data.loading import (
     CaptionDataset,
     ImageDataset,
     load_image,
@@ -24,12 +22,12 @@ from data_loader import (
     make_transform,
     pixels_to_input,
 )
-from demo_model import SmallCNN
-from feature_cache import cached_features, cached_images
+from captioning.data.training_data import TrainingData
+from captioning.demo.small_cnn import SmallCNN
+from captioning.evaluation import evaluate
+from captioning.training.train import train
 from model import EncoderCNN
 from tests.helpers import tiny_config
-from train import train
-from training_data import TrainingData
 
 # ImageNet's statistics, as every checkpoint so far was trained with them.
 MEAN, STD = list(data_loader.IMAGENET_MEAN), list(data_loader.IMAGENET_STD)
@@ -205,7 +203,7 @@ def test_old_and_new_checkpoints_caption_with_their_own_preprocessing(
 def test_evaluate_feeds_a_checkpoint_its_own_preprocessing(
     checkpoints, demo_root, model_inputs, other_defaults, monkeypatch
 ):
-    import coco_metrics
+    from captioning.evaluation import coco_metrics
 
     monkeypatch.setattr(coco_metrics, "score_captions", lambda *a, **k: ({}, {}))
     paths = read_split(demo_root, "test").image_paths[:2]

@@ -5,13 +5,11 @@ import dataclasses
 
 import pytest
 
-import demo
-import presets
-from annotations import read_split
-from config import TrainConfig
-from presets import ATTENTION_DEMO_CONFIG, DEMO_CONFIG, coco_config, demo_config
+from captioning.config import TrainConfig
+from captioning.data.annotations import read_split
+from captioning.presets import ATTENTION_DEMO_CONFIG, DEMO_CONFIG, coco_config, demo_config
+from captioning.training.train import parse_command_line, train
 from tests.helpers import ROOT, tiny_config
-from train import parse_command_line, train
 
 # The demo presets as demo.py defined them before they moved to presets.py (its figures).
 DEMO_VALUES = dict(
@@ -40,10 +38,6 @@ def test_demo_presets_are_unchanged():
         scst_lr=2e-4,
     )  # fmt: skip
     assert not DEMO_CONFIG.cut_captions  # demo captions run to 24 words: cut, they would change
-    # demo.py still offers them by their old names.
-    assert demo.DEMO_CONFIG is DEMO_CONFIG and demo.demo_config is demo_config
-    assert demo.SCST_DEMO_CONFIG is presets.SCST_DEMO_CONFIG
-    assert demo.ATTENTION_SCST_DEMO_CONFIG is presets.ATTENTION_SCST_DEMO_CONFIG
 
 
 # Each value's source is in docs/coco_recipes.md.

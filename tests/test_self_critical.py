@@ -8,19 +8,19 @@ import pytest
 import torch
 from pycocoevalcap.cider.cider import Cider
 
-import self_critical
-import train as train_module
-from annotations import CaptionSplit, read_split
-from checkpoint import CheckpointError, build_model, load_checkpoint, load_trained
-from cider_d import END_TOKEN, CiderD, training_scorer
-from coco_metrics import _tokenize_like_ptb
-from config import ConfigError
-from decoding import greedy_decode, sample_decode, sampling_log_probs
+from captioning.checkpoint import CheckpointError, build_model, load_checkpoint, load_trained
+from captioning.config import ConfigError
+from captioning.data.annotations import CaptionSplit, read_split
+from captioning.data.vocabulary import Vocabulary
+from captioning.decoding import greedy_decode, sample_decode, sampling_log_probs
+from captioning.evaluation.cider_d import END_TOKEN, CiderD, training_scorer
+from captioning.evaluation.coco_metrics import _tokenize_like_ptb
+from captioning.training import self_critical
+from captioning.training import train as train_module
+from captioning.training.self_critical import CaptionReward, advantages, self_critical_loss
+from captioning.training.train import train
 from model import AttentionDecoder, DecoderRNN
-from self_critical import CaptionReward, advantages, self_critical_loss
 from tests.helpers import tiny_config
-from train import train
-from vocabulary import Vocabulary
 
 EMBED, HIDDEN, VOCAB, PAD, END = 8, 16, 10, 3, 1
 
@@ -285,7 +285,7 @@ def test_a_non_finite_self_critical_loss_stops_the_run(demo_root, tmp_path, monk
 def training_reward(checkpoint, demo_root, samples=8):
     """Mean CIDEr-D of captions sampled from a checkpoint for every training image (seeded): the
     training-set CIDEr that the self-critical stage maximises."""
-    from data_loader import ImageDataset, make_transform
+    from captioning.data.loading import ImageDataset, make_transform
 
     model, vocab, config = load_trained(checkpoint)
     split = read_split(demo_root, "train")
@@ -374,7 +374,7 @@ def test_config_refuses_a_stage_it_cannot_run(demo_root, tmp_path):
 
 
 def test_learning_curves_show_the_self_critical_stage():
-    from plots import plot_learning_curves
+    from captioning.plots import plot_learning_curves
 
     history = {
         "epoch": [1, 2, 3], "train_loss": [2.0, 1.5, None], "train_perplexity": [7.4, 4.5, None],

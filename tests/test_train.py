@@ -9,11 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import data_loader
-import feature_cache
-import train as train_module
-from annotations import read_split
-from checkpoint import (
+from captioning.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_trained,
@@ -21,11 +17,15 @@ from checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from config import TrainConfig
-from loss_log import LossLog
+from captioning.config import TrainConfig
+from captioning.data import feature_cache
+from captioning.data import loading as data_loader
+from captioning.data.annotations import read_split
+from captioning.training import train as train_module
+from captioning.training.loss_log import LossLog
+from captioning.training.train import train
 from model import DecoderOutput, DecoderRNN
 from tests.helpers import interrupt_training_at_epoch, tiny_config
-from train import train
 
 
 def test_caption_loss_scores_every_word_after_start_and_no_padding():
@@ -77,7 +77,7 @@ def test_resume_continues_exactly_like_uninterrupted_run(demo_root, tmp_path, mo
 
 
 def test_outputs_history_and_checkpoint_contents(demo_root, tmp_path, monkeypatch):
-    import plots
+    from captioning import plots
 
     drawn, draw = [], plots.plot_learning_curves
     monkeypatch.setattr(plots, "plot_learning_curves", lambda h, *a: drawn.append(h["epoch"][:]))
@@ -266,8 +266,8 @@ def test_frozen_encoder_trains_from_feature_cache(demo_root, tmp_path, monkeypat
 
 
 def test_feature_cache_key_changes_with_weights(demo_root):
-    from annotations import read_split
-    from data_loader import make_transform
+    from captioning.data.annotations import read_split
+    from captioning.data.loading import make_transform
     from model import EncoderCNN
 
     split = read_split(demo_root, "val")
@@ -288,8 +288,8 @@ def test_image_cache_trains_exactly_as_reading_the_files(
     cached = train(tiny_config(demo_root, tmp_path / "cached", epochs=2, cache_images=True))
     assert cached["step_loss"] == plain["step_loss"]
     assert (cached["val_loss"], cached["val_cider"]) == (plain["val_loss"], plain["val_cider"])
-    from annotations import read_split
-    from data_loader import make_pixel_transform
+    from captioning.data.annotations import read_split
+    from captioning.data.loading import make_pixel_transform
 
     for split in ("train", "val"):
         key = feature_cache.cache_key(None, read_split(demo_root, split), make_pixel_transform(32))
@@ -308,7 +308,7 @@ def test_image_cache_refuses_augmentation(demo_root, tmp_path):
 def test_image_cache_is_rebuilt_when_an_image_file_changes(demo_root, tmp_path):
     from PIL import Image
 
-    from annotations import read_split
+    from captioning.data.annotations import read_split
 
     data = tmp_path / "demo"
     shutil.copytree(demo_root, data)
@@ -326,8 +326,8 @@ def test_image_cache_is_rebuilt_when_an_image_file_changes(demo_root, tmp_path):
 
 
 def test_image_cache_left_unwritten_when_an_image_is_unreadable(demo_root, tmp_path):
-    from annotations import read_split
-    from data_loader import ImageLoadError
+    from captioning.data.annotations import read_split
+    from captioning.data.loading import ImageLoadError
 
     data = tmp_path / "demo"
     shutil.copytree(demo_root, data)
@@ -380,7 +380,7 @@ def test_fits_real_coco_captions(coco_sample, tmp_path):
 
 
 def test_learning_curves_show_token_accuracy():
-    from plots import plot_learning_curves
+    from captioning.plots import plot_learning_curves
 
     history = {
         "epoch": [1, 2], "train_loss": [2.0, 1.5], "train_perplexity": [7.4, 4.5],

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from annotations import TokenizedCaptions, read_split
-from checkpoint import build_model
-from data_loader import (
+from captioning.checkpoint import build_model
+from captioning.data.annotations import TokenizedCaptions, read_split
+from captioning.data.loading import (
     CaptionDataset,
     ImageCaptionsDataset,
     ImageDataset,
@@ -17,8 +17,8 @@ from data_loader import (
     load_or_build_vocab,
     make_transform,
 )
+from captioning.data.training_data import TrainingData, cut_captions, image_inputs, to_device
 from tests.helpers import tiny_config
-from training_data import TrainingData, cut_captions, image_inputs, to_device
 
 FEATURES = 8192  # wide enough that a pickled copy of the rows could not pass for a path
 
@@ -151,7 +151,7 @@ def test_only_rank_0_builds_the_validation_images(demo_root, tmp_path, rank):
 
 def test_validation_captions_from_float16_features_match_float32_ones(demo_root, tmp_path):
     # predict_captions widens what the validation loader gives (float16 cached features).
-    from evaluate import predict_captions
+    from captioning.evaluation.evaluate import predict_captions
 
     config = tiny_config(demo_root, tmp_path, trainable_blocks=0, batch_size=8)
     split = read_split(demo_root, "val")

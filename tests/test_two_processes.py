@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from annotations import read_split
-from checkpoint import load_checkpoint
-from data_loader import make_transform
-from demo_model import SmallCNN
-from feature_cache import cached_features, cached_images
+from captioning.checkpoint import load_checkpoint
+from captioning.data.annotations import read_split
+from captioning.data.feature_cache import cached_features, cached_images
+from captioning.data.loading import make_transform
+from captioning.demo.small_cnn import SmallCNN
+from captioning.training.train import train
 from model import EncoderCNN
 from tests.helpers import run_two_processes, tiny_config
-from train import train
 
 TRAINING_TIMEOUT = 120.0  # seconds a rank may wait for the other: rank 0 alone scores and saves
 DELAY, CACHE_TIMEOUT = 1.0, 6.0  # seconds a cache batch takes, and the process group's timeout

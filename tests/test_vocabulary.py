@@ -6,8 +6,8 @@ import pickle
 import nltk
 import pytest
 
+from captioning.data.vocabulary import Vocabulary, tokenize
 from tests.helpers import COCO_VAL_CAPTIONS
-from vocabulary import Vocabulary, tokenize
 
 CAPTIONS = [
     "A dog runs on the grass.",

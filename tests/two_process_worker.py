@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import distributed
+from captioning import distributed
 from tests.cache_worker import build_caches, cache_failures, reopen_cut_short
 from tests.ddp_worker import train_scenario
 

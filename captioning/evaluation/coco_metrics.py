@@ -10,7 +10,7 @@ import warnings
 from functools import cache, lru_cache
 from pathlib import Path
 
-from atomic_file import atomic_path
+from captioning.atomic_file import atomic_path
 
 METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 

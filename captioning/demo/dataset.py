@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-DEFAULT_DEMO_ROOT = Path(__file__).resolve().parent / "data" / "demo"
+DEFAULT_DEMO_ROOT = Path(__file__).resolve().parents[2] / "data" / "demo"  # the repository's data/
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = ("red", "green", "blue", "yellow", "purple")
 SPLITS = ("train2017", "val2017", "test2017")
@@ -367,7 +367,7 @@ def cider_over_redrawn_references(predictions: dict, annotations_file, draws=60,
     """{name: corpus CIDEr per draw} for named sets of predictions ({image id: caption}), each
     draw against freshly written references: the spread is what the choice of phrasings alone
     does to a CIDEr difference on this data (Python tokenisation, as `cider_score`)."""
-    from coco_metrics import cider_score
+    from captioning.evaluation.coco_metrics import cider_score
 
     images = json.loads(Path(annotations_file).read_text())["images"]
     by_id = {

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from caption_health import BAD_ENDINGS
+from captioning.evaluation.caption_health import BAD_ENDINGS
 
 PAD_ID = 3  # `<pad>` in vocabulary.Vocabulary
 # Beam search ranks by the raw summed log-probability by default, as im2txt does: length

@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from annotations import TokenizedCaptions
-from data_loader import (
+from captioning.data.annotations import TokenizedCaptions
+from captioning.data.loading import (
     CaptionDataset,
     ImageCaptionsDataset,
     ImageDataset,
@@ -14,7 +14,7 @@ from data_loader import (
     make_transform,
     resolve_num_workers,
 )
-from feature_cache import cached_features, cached_images
+from captioning.data.feature_cache import cached_features, cached_images
 
 
 def to_device(tensors, device):
@@ -92,7 +92,7 @@ class TrainingData:
         # The self-critical stage reads images (each with its index, for its references).
         self.images = None
         if config.scst_epochs:
-            from self_critical import make_image_loader
+            from captioning.training.self_critical import make_image_loader
 
             self.images = make_image_loader(train_captions, config, **sharding)
         self.val = self.make_loader(

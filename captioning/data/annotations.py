@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from nltk.tokenize import TreebankWordTokenizer
 
-from atomic_file import atomic_path
+from captioning.atomic_file import atomic_path
 
 KARPATHY_FILES = ("dataset_coco.json", "dataset_flickr8k.json", "dataset_flickr30k.json")
 CSV_FILES = ("captions.txt", "captions.csv")

@@ -10,7 +10,7 @@ matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(
 ) else None
 import matplotlib.pyplot as plt  # noqa: E402
 
-from atomic_file import atomic_path  # noqa: E402
+from captioning.atomic_file import atomic_path  # noqa: E402
 
 
 def _save(fig, path, bbox_inches="tight"):

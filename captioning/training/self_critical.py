@@ -9,8 +9,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import distributed
-from cider_d import (
+from captioning import distributed
+from captioning.data.loading import resolve_num_workers
+from captioning.data.training_data import to_device
+from captioning.decoding import greedy_decode, sample_decode, sampling_log_probs
+from captioning.evaluation.cider_d import (
     END_TOKEN,
     TokenMap,
     concatenated_ranges,
@@ -18,10 +21,7 @@ from cider_d import (
     select_sentences,
     training_scorer,
 )
-from data_loader import resolve_num_workers
-from decoding import greedy_decode, sample_decode, sampling_log_probs
-from loss_log import LossLog
-from training_data import to_device
+from captioning.training.loss_log import LossLog
 
 
 class CaptionReward:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atomic_file import atomic_path
+from captioning.atomic_file import atomic_path
 
 MAX_N = 4
 SIGMA = 6.0
@@ -216,7 +216,7 @@ def corpus_cider_d(hypotheses, references):
 
 def ptb_tokens(words):
     """Each word's tokens as the COCO scorer's tokenisation gives them (punctuation dropped)."""
-    from coco_metrics import _tokenize_like_ptb
+    from captioning.evaluation.coco_metrics import _tokenize_like_ptb
 
     return [_tokenize_like_ptb(word).split() for word in words]
 
@@ -266,7 +266,7 @@ def training_scorer(split, cache_dir=None):
     no pickle) beside the token cache; edited captions get a new file, and so does a new
     `CACHE_VERSION` (the file's name hashes it).
     """
-    from annotations import _cache_key, default_cache_dir
+    from captioning.data.annotations import _cache_key, default_cache_dir
 
     tokens = split.tokenized(cache_dir)
     key = hashlib.sha1(f"{CACHE_VERSION}|{_cache_key(split)}".encode()).hexdigest()[:20]

@@ -29,7 +29,7 @@ def build_backbone(name, pretrained=True, weights_path=None):
     with ImageNet weights (`pretrained`), a local file's (`weights_path`) or random ones; or
     the demo's small CNN ("smallcnn", always trained from scratch)."""
     if name == "smallcnn":
-        from demo_model import SmallCNN
+        from captioning.demo.small_cnn import SmallCNN
 
         return SmallCNN()
     if name not in TORCHVISION_BACKBONES:

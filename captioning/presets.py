@@ -2,8 +2,8 @@
 
 import dataclasses
 
-from config import TrainConfig
-from demo_dataset import DEFAULT_DEMO_ROOT, read_marker
+from captioning.config import TrainConfig
+from captioning.demo.dataset import DEFAULT_DEMO_ROOT, read_marker
 
 # Chosen by measurement on 2 CPU cores (README, "The demo dataset"): the images' own 64 px
 # (at 48 px shapes blur into their neighbours: 61% of captions right, not 68%); 32 images a

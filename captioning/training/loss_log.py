@@ -5,7 +5,7 @@ import math
 
 import torch
 
-import distributed
+from captioning import distributed
 
 
 class LossLog:

@@ -8,9 +8,9 @@ import re
 import types
 from dataclasses import dataclass, field
 
-from annotations import LAYOUTS
-from backbones import TORCHVISION_BACKBONES
-from data_loader import RESIZE_MODES
+from captioning.backbones import TORCHVISION_BACKBONES
+from captioning.data.annotations import LAYOUTS
+from captioning.data.loading import RESIZE_MODES
 
 # What a resumed run may change: how long and where it runs, never what it trains.
 RESUMABLE_CHANGES = (

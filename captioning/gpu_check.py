@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: commands run from there
 COCO_SAMPLE = ROOT.parent / "shared" / "data" / "coco-sample"
 # demo_dataset.DEFAULT_DEMO_ROOT, where train.py writes the demo data when data_dir is none; not
 # imported, so that the check still starts and reports when a project module is broken.

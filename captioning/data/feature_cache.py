@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import distributed
-from annotations import default_cache_dir
-from data_loader import ImageDataset, make_pixel_transform, resolve_num_workers
+from captioning import distributed
+from captioning.data.annotations import default_cache_dir
+from captioning.data.loading import ImageDataset, make_pixel_transform, resolve_num_workers
 
 
 def encoder_fingerprint(encoder):

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atomic_file import atomic_path
-from data_loader import IMAGENET_MEAN, IMAGENET_STD, preprocessing
+from captioning.atomic_file import atomic_path
+from captioning.data.loading import IMAGENET_MEAN, IMAGENET_STD, preprocessing
 from model import AttentionDecoder, CaptionModel, DecoderRNN, EncoderCNN
 
 # What the images of checkpoints saved before they recorded it went through, fixed here so that
@@ -148,8 +148,8 @@ def load_trained(path, device="cpu", decoder=None):
     `decoder` ("showtell" or "attention"), when given, is the kind the caller needs: a
     checkpoint of the other kind is refused.
     """
-    from config import TrainConfig, config_from_dict
-    from vocabulary import Vocabulary
+    from captioning.config import TrainConfig, config_from_dict
+    from captioning.data.vocabulary import Vocabulary
 
     state = load_checkpoint(path)
     config = config_from_dict(TrainConfig, state["config"])

@@ -1,0 +1,164 @@
+"""Caption your own images with a trained checkpoint (greedy or beam search); CLI on top."""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from captioning.decoding import LENGTH_PENALTY, DecodingOptions
+from captioning.distributed import resolve_device
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def find_images(inputs):
+    """Image files named in `inputs`, folders expanded (sorted, non-recursive)."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.exists():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such image file or folder")
+    return files
+
+
+def image_batches(paths, preprocessing, batch_size, device):
+    """(paths, model inputs) in chunks of `batch_size` images, made as the `preprocessing` record
+    (`model.preprocessing` of a loaded checkpoint) says."""
+    from captioning.data.loading import load_image, preprocessing_transform
+
+    transform = preprocessing_transform(preprocessing)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        yield chunk, torch.stack([transform(load_image(p)) for p in chunk]).to(device)
+
+
+@torch.no_grad()
+def caption_images(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None,
+                   length_penalty=LENGTH_PENALTY, options=None):  # fmt: skip
+    """{path: caption} for image files, using the model saved in `checkpoint`; `options`: the
+    `decoding.DecodingOptions` captions keep to (None: none)."""
+    from captioning.checkpoint import load_trained
+    from captioning.decoding import decode_captions
+
+    device = resolve_device(device or "auto")
+    model, vocab, config = load_trained(checkpoint, device)
+    captions = {}
+    for chunk, images in image_batches(paths, model.preprocessing, batch_size, device):
+        features = model.encode(images)  # (batch, embed) or a grid; zeros seen if blind
+        _, texts = decode_captions(
+            model.decoder, features, vocab, beam_size, max_len or config.max_caption_len,
+            length_penalty, options,
+        )  # fmt: skip
+        captions.update(zip(map(str, chunk), texts))
+    return captions
+
+
+@torch.no_grad()
+def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None,
+                   length_penalty=LENGTH_PENALTY, options=None):  # fmt: skip
+    """{path: (words, weights (words, positions))}: each generated word of an attention model's
+    caption, `<end>` included, and where it looked; `options` as for `caption_images`."""
+    from captioning.checkpoint import load_trained
+    from captioning.decoding import beam_search, greedy_decode
+
+    device = resolve_device(device or "auto")
+    model, vocab, config = load_trained(checkpoint, device, decoder="attention")
+    max_len = max_len or config.max_caption_len
+    options = options and options.for_vocab(vocab)
+    maps = {}
+    for chunk, images in image_batches(paths, model.preprocessing, batch_size, device):
+        grids = model.encode(images)  # (batch, positions, features)
+        if beam_size == 1:
+            ids, weights = greedy_decode(model.decoder, grids, max_len, vocab.pad_id, True,
+                                         options)  # fmt: skip
+        else:
+            ids, weights = beam_search(model.decoder, grids, beam_size, max_len, length_penalty,
+                                       vocab.pad_id, with_attention=True,
+                                       options=options)  # fmt: skip
+        for path, row, row_weights in zip(chunk, ids.tolist(), weights.cpu()):
+            words = [vocab.idx2word[i] for i in row[1:]]
+            words = words[: words.index(vocab.end_word) + 1] if vocab.end_word in words else words
+            maps[str(path)] = (words, row_weights[: len(words)])
+    return maps
+
+
+def draw_captions(captions, folder):
+    """Save each image with its caption under it as <folder>/<name>.png."""
+    from captioning.data.loading import load_image
+    from captioning.plots import plot_captioned_images
+
+    folder = Path(folder)
+    return [
+        plot_captioned_images([load_image(p)], [c], folder / f"{Path(p).stem}.png", columns=1)
+        for p, c in captions.items()
+    ]
+
+
+def draw_attention(maps, folder):
+    """Save each image's attention maps, one panel per word, as <folder>/<name>_attention.png."""
+    from captioning.data.loading import load_image
+    from captioning.plots import plot_attention
+
+    folder = Path(folder)
+    return [
+        plot_attention(load_image(p), words, weights, folder / f"{Path(p).stem}_attention.png")
+        for p, (words, weights) in maps.items()
+    ]
+
+
+def main(argv=None):
+    """python caption.py CHECKPOINT IMAGE_OR_FOLDER... [--beam K] [--json OUT] [--draw DIR]
+    [--attention]"""
+    from captioning.atomic_file import write_json
+
+    parser = argparse.ArgumentParser(description=caption_images.__doc__)
+    parser.add_argument("checkpoint")
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
+    parser.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+    parser.add_argument(
+        "--length-penalty", type=float, default=LENGTH_PENALTY,
+        help="beam: rank by log-prob / length ** this (default 0: the raw sum)",
+    )  # fmt: skip
+    parser.add_argument("--max-len", type=int)
+    DecodingOptions.add_flags(parser)
+    parser.add_argument(
+        "--json", help="write {path: caption} here (default captions.json when a folder is given)"
+    )
+    parser.add_argument("--draw", metavar="DIR", help="save each image with its caption here")
+    parser.add_argument(
+        "--attention", action="store_true",
+        help="with --draw and an attention checkpoint: also each word's attention map",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.attention and not args.draw:
+        parser.error("--attention draws the attention maps: give --draw DIR too")
+    paths = find_images(args.inputs)
+    if not paths:
+        parser.error("no images found in " + " ".join(args.inputs))
+    options = DecodingOptions.from_flags(args)
+    captions = caption_images(
+        args.checkpoint, paths, args.beam, args.max_len, length_penalty=args.length_penalty,
+        options=options,
+    )  # fmt: skip
+    for path, text in captions.items():
+        print(f"{path}: {text}")
+    json_path = args.json or (
+        "captions.json" if any(Path(i).is_dir() for i in args.inputs) else None
+    )
+    if json_path:
+        print(f"captions written to {write_json(captions, json_path)}")
+    if args.draw:
+        draw_captions(captions, args.draw)
+        if args.attention:
+            draw_attention(
+                attention_maps(
+                    args.checkpoint, paths, args.beam, args.max_len,
+                    length_penalty=args.length_penalty, options=options,
+                ),
+                args.draw,
+            )  # fmt: skip
+        print(f"captioned images saved in {args.draw}/")
+    return captions

@@ -1,0 +1,1 @@
+"""Captioning data: annotation layouts, the vocabulary, datasets and loaders, caches, COCO download."""

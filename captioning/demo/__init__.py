@@ -1,0 +1,1 @@
+"""The built-in demo: a synthetic shapes dataset that knows every object, its small CNN, the demo job."""

@@ -1,0 +1,162 @@
+"""Evaluate a checkpoint on a split: captions in COCO results format, official COCO metrics,
+and the captions' health (`caption_health`)."""
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from captioning.atomic_file import write_json
+from captioning.data.training_data import to_device
+from captioning.decoding import LENGTH_PENALTY, DecodingOptions, decode_captions
+from captioning.distributed import resolve_device
+from captioning.evaluation.caption_health import (
+    describe_same_caption,
+    format_health,
+    measure_health,
+)
+
+
+@torch.no_grad()
+def predict_captions(
+    model,
+    vocab,
+    loader,
+    device="cpu",
+    beam_size=1,
+    max_len=20,
+    length_penalty=LENGTH_PENALTY,
+    progress=False,
+    options=None,
+    cached=False,
+):
+    """{image id: caption} for a loader of (images, or cached features with `cached`, image
+    ids); `options`: the `DecodingOptions` captions keep to (None: none)."""
+    model.eval()
+    predictions = {}
+    for inputs, image_ids in tqdm(loader, desc="captioning", unit="batch", disable=not progress):
+        # Cached features come in their stored dtype (float16): widened on the device.
+        features = model.encode(*to_device([inputs], device), cached)  # (batch, embed) or grid
+        _, captions = decode_captions(
+            model.decoder, features, vocab, beam_size, max_len, length_penalty, options
+        )
+        predictions.update(zip((int(i) for i in image_ids), captions))
+    return predictions
+
+
+def evaluate(
+    checkpoint,
+    split="test",
+    data_dir=None,
+    layout=None,
+    beam_size=1,
+    max_len=None,
+    length_penalty=LENGTH_PENALTY,
+    batch_size=64,
+    num_workers=2,
+    limit=None,
+    output_dir=None,
+    use_java=None,
+    spice=False,
+    device=None,
+    progress=True,
+    options=None,
+):
+    """Caption `split` with a checkpoint and score it; returns metrics, caption health (its
+    figures: `caption_health.measure_health`), per-image scores, captions.
+
+    With `output_dir`, writes results_<split>.json (COCO results format), metrics and per-image
+    scores there. `data_dir`/`layout` default to those the model was trained on. `options`:
+    the `decoding.DecodingOptions` captions keep to (None: none). Warns when most images get
+    the same caption (`caption_health.SAME_CAPTION_SHARE`).
+    """
+    from captioning.checkpoint import load_trained
+    from captioning.data.annotations import read_split
+    from captioning.data.loading import ImageDataset, preprocessing_transform, resolve_data_dir
+    from captioning.evaluation.coco_metrics import score_captions, write_results
+
+    device = resolve_device(device or "auto")
+    model, vocab, config = load_trained(checkpoint, device)
+    data = read_split(resolve_data_dir(data_dir or config.data_dir), split, layout or config.layout)
+    dataset = ImageDataset(data, preprocessing_transform(model.preprocessing))
+    if limit:
+        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    predictions = predict_captions(
+        model,
+        vocab,
+        loader,
+        device,
+        beam_size,
+        max_len or config.max_caption_len,
+        length_penalty,
+        progress,
+        options,
+    )
+    health = measure_health(predictions)
+    same_caption = describe_same_caption(health, config)
+    if same_caption:
+        warnings.warn(same_caption, stacklevel=2)
+    references = data.references()
+    metrics, per_image = score_captions(predictions, references, use_java=use_java, spice=spice)
+    result = {
+        "metrics": metrics,
+        "health": health,
+        "per_image": per_image,
+        "predictions": predictions,
+        "references": {i: references[i] for i in predictions},
+    }
+    if output_dir:
+        tag = f"{split}" + (f"_beam{beam_size}" if beam_size > 1 else "")
+        write_results(predictions, Path(output_dir) / f"results_{tag}.json")
+        write_json(metrics, Path(output_dir) / f"metrics_{tag}.json")
+        write_json(
+            {str(k): v for k, v in per_image.items()}, Path(output_dir) / f"per_image_{tag}.json"
+        )
+    return result
+
+
+def main(argv=None):
+    """Command line: python evaluate.py CHECKPOINT [--split test] [--beam 3] ..., or
+    python evaluate.py --results RESULTS.json --annotations captions_val2014.json."""
+    from captioning.evaluation.coco_metrics import format_metrics, score_results_file
+
+    parser = argparse.ArgumentParser(description=evaluate.__doc__)
+    parser.add_argument("checkpoint", nargs="?", help="the model to caption the split with")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--layout", choices=("auto", "coco", "karpathy", "csv"))
+    parser.add_argument("--beam", type=int, default=1)
+    parser.add_argument(
+        "--length-penalty", type=float, default=LENGTH_PENALTY,
+        help="beam: rank by log-prob / length ** this (default 0: the raw sum)",
+    )  # fmt: skip
+    DecodingOptions.add_flags(parser)
+    parser.add_argument("--limit", type=int, help="score only the first N images")
+    parser.add_argument("--output-dir", help="where results and metrics JSON go")
+    parser.add_argument("--spice", action="store_true", help="also SPICE (needs its CoreNLP jars)")
+    parser.add_argument("--results", help="instead of a checkpoint: score this COCO results file")
+    parser.add_argument("--annotations", help="with --results: the COCO captions file to score on")
+    args = parser.parse_args(argv)
+    if args.results:
+        if not args.annotations or args.checkpoint:
+            parser.error("--results needs --annotations and no checkpoint")
+        metrics, per_image = score_results_file(args.results, args.annotations, spice=args.spice)
+        results = json.loads(Path(args.results).read_text(encoding="utf-8"))  # checked just now
+        captions = {r["image_id"]: r["caption"] for r in results}
+        result = {"metrics": metrics, "health": measure_health(captions), "per_image": per_image}
+    elif args.checkpoint:
+        result = evaluate(
+            args.checkpoint, args.split, args.data_dir, args.layout, args.beam,
+            length_penalty=args.length_penalty, limit=args.limit,
+            output_dir=args.output_dir, spice=args.spice, options=DecodingOptions.from_flags(args),
+        )  # fmt: skip
+    else:
+        parser.error("give a checkpoint, or --results with --annotations")
+    print(format_metrics(result["metrics"]))
+    if "health" in result:
+        print(format_health(result["health"]))
+    return result
