@@ -37,3 +37,28 @@ def test_the_top_level_holds_the_user_layout_and_thin_commands():
         # a docstring, one import of the package's `main`, and the __main__ guard
         assert len(body) == 3, f"{name}.py is more than a thin command"
         assert body[1].module.startswith("captioning.") and body[1].names[0].name == "main"
+
+
+def test_pyproject_installs_the_package_the_user_modules_and_the_commands():
+    import importlib
+
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    setuptools = project["tool"]["setuptools"]
+    assert set(setuptools["py-modules"]) == {"model", "data_loader", "vocabulary"}
+    assert setuptools["packages"]["find"]["include"] == ["captioning*"]
+    # setuptools finds a folder only through its __init__.py: every folder of code needs one.
+    folders = {p.parent for p in (ROOT / "captioning").rglob("*.py")} - {ROOT / "captioning"}
+    assert [f for f in folders if not (f / "__init__.py").exists()] == []
+    # Each console script names a `main` that exists, and each thin command calls the same one.
+    scripts = project["project"]["scripts"]
+    for script, target in scripts.items():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), script
+    for name in ("train", "evaluate", "caption", "demo", "download"):
+        command = ast.parse((ROOT / f"{name}.py").read_text()).body[1]
+        assert f"{command.module}:main" == scripts[f"captioning-{name}"]
+    # requirements.txt (what `make venv` installs) is the project itself, with its extras.
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    assert [line for line in lines if not line.startswith("#")] == ["-e .[notebooks,dev]"]

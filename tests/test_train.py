@@ -340,20 +340,17 @@ def test_image_cache_left_unwritten_when_an_image_is_unreadable(demo_root, tmp_p
 
 
 def test_fits_real_coco_captions(coco_sample, tmp_path):
-    # Validate on the training images themselves: training-set CIDEr must rise. No pretrained
-    # weights offline, so the frozen ResNet-18 is random: the decoder memorises captions slowly
-    # (greedy CIDEr stays near 0.1 for ~25 epochs, then climbs to about 2 by epoch 40).
-    # Scored on a quarter of them: the validation passes of 40 epochs cost as much as training.
+    # Train and validate on the same 20 real COCO images: training-set CIDEr must rise. No
+    # pretrained weights offline, so the frozen ResNet-18 is random: the decoder memorises the
+    # captions slowly (greedy CIDEr near 0.2 for ~20 epochs, then about 1.6 by epoch 30).
     data = tmp_path / "coco"
     (data / "annotations").mkdir(parents=True)
-    train_file = coco_sample / "annotations" / "captions_train2017.json"
-    os.symlink(train_file, data / "annotations" / "captions_train2017.json")
-    captions = json.loads(train_file.read_text())
-    scored = {image["id"] for image in captions["images"][:20]}
-    captions["images"] = [i for i in captions["images"] if i["id"] in scored]
-    captions["annotations"] = [a for a in captions["annotations"] if a["image_id"] in scored]
-    (data / "annotations" / "captions_val2017.json").write_text(json.dumps(captions))
+    captions = json.loads((coco_sample / "annotations" / "captions_train2017.json").read_text())
+    kept = {image["id"] for image in captions["images"][:20]}
+    captions["images"] = [i for i in captions["images"] if i["id"] in kept]
+    captions["annotations"] = [a for a in captions["annotations"] if a["image_id"] in kept]
     for split in ("train", "val"):
+        (data / "annotations" / f"captions_{split}2017.json").write_text(json.dumps(captions))
         os.symlink(coco_sample / "train2017", data / f"{split}2017")
     config = TrainConfig(
         data_dir=str(data),
@@ -365,8 +362,8 @@ def test_fits_real_coco_captions(coco_sample, tmp_path):
         embed_size=256,
         hidden_size=512,
         batch_size=8,
-        epochs=40,
-        lr=3e-3,
+        epochs=30,
+        lr=5e-3,
         dropout=0.0,
         val_images=None,
         patience=None,
@@ -374,8 +371,8 @@ def test_fits_real_coco_captions(coco_sample, tmp_path):
         progress=False,
     )
     history = train(config)
-    assert history["val_cider"][-1] > 3 * history["val_cider"][0]
-    assert history["val_cider"][-1] > 1.0
+    assert max(history["val_cider"][:5]) < 0.5  # it starts from nothing ...
+    assert history["val_cider"][-1] > 1.0  # ... and learns these images' captions
     assert history["train_loss"][-1] < 0.5 * history["train_loss"][0]
 
 
