@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo demo-attention demo-scst demo-attention-scst test bench lint gpu-check
+.PHONY: venv demo demo-attention demo-scst demo-attention-scst demo-transformer demo-transformer-scst test bench lint gpu-check notebooks docs
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -28,13 +28,30 @@ demo-scst: venv
 demo-attention-scst: venv
 	$(PY) demo.py --decoder attention --scst
 
+# The transformer decoder (captioning/transformer.py); its demo preset is not tuned yet.
+demo-transformer: venv
+	$(PY) demo.py --decoder transformer
+
+demo-transformer-scst: venv
+	$(PY) demo.py --decoder transformer --scst
+
 test: venv
 	$(PY) -m pytest
+
+# Re-run the four notebooks in place on the demo, in order (3_Inference reads the checkpoint
+# 2_Training writes), so that the committed notebooks show a run's outputs; no progress bars.
+NOTEBOOKS := 0_Dataset.ipynb 1_Preliminaries.ipynb 2_Training.ipynb 3_Inference.ipynb
+notebooks: venv
+	for notebook in $(NOTEBOOKS); do \
+		CAPTIONING_PROGRESS=0 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+			--ExecutePreprocessor.timeout=3600 --ExecutePreprocessor.record_timing=False \
+			$$notebook || exit 1; \
+	done
 
 bench: venv
 	$(PY) -m bench
 
-# On a machine with CUDA: the README's train.py, evaluate.py, caption.py and (with 2+ GPUs)
+# On a machine with CUDA: the documented train.py, evaluate.py, caption.py and (with 2+ GPUs)
 # torchrun commands shrunk to the COCO sample in ../shared/data (else the demo data), then the
 # GPU benchmark and tests/test_cuda.py; one table, also in outputs/gpu-check/summary.md.
 gpu-check: venv
@@ -43,3 +60,7 @@ gpu-check: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The TrainConfig field table in docs/training.md, written from captioning/config.py.
+docs: venv
+	$(PY) -c "from captioning.config import write_fields_doc; write_fields_doc('docs/training.md')"

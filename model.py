@@ -17,6 +17,10 @@ RESNETS = tuple(
 )
 
 
+class WeightsError(RuntimeError):
+    """ImageNet weights that could not be downloaded, or a weights file that cannot be used."""
+
+
 def torchvision_net(name, pretrained=True, weights_path=None):
     """torchvision's network `name` with ImageNet weights (`pretrained`), a local file's
     (`weights_path`) or random ones."""
@@ -25,7 +29,7 @@ def torchvision_net(name, pretrained=True, weights_path=None):
     try:
         net = torchvision.models.get_model(name, weights=weights)
     except (urllib.error.URLError, OSError) as e:
-        raise RuntimeError(
+        raise WeightsError(
             f"Could not download the ImageNet weights for {name} from {weights.url} ({e}). "
             f"Connect to the internet, or put that file in {torch.hub.get_dir()}/checkpoints/, "
             "or pass weights_path=<local .pth file>, or pretrained=False for random "
@@ -52,7 +56,7 @@ def load_weights(net, name, weights_path):
         refused = [line for line in lines if line.startswith("WeightsUnpickler error:")]
         detail = refused[0].split(". ")[0] if refused else " ".join(lines) or "empty"
         detail = detail if len(detail) <= 300 else detail[:300] + " ..."
-        raise RuntimeError(
+        raise WeightsError(
             f"{weights_path}: not usable {name} weights ({type(e).__name__}: {detail}). "
             "Weights files are read with weights_only=True, so files holding code are "
             "refused; give a state dict saved with torch.save(model.state_dict(), path)."

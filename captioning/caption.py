@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from captioning.command import add_debug_flag, command
 from captioning.decoding import LENGTH_PENALTY, DecodingOptions
 from captioning.distributed import resolve_device
 
@@ -58,14 +59,20 @@ def caption_images(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
 
 @torch.no_grad()
 def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None,
-                   length_penalty=LENGTH_PENALTY, options=None):  # fmt: skip
-    """{path: (words, weights (words, positions))}: each generated word of an attention model's
-    caption, `<end>` included, and where it looked; `options` as for `caption_images`."""
-    from captioning.checkpoint import load_trained
+                   length_penalty=LENGTH_PENALTY, options=None, layer=None):  # fmt: skip
+    """{path: (words, weights (words, positions))}: each generated word of an attention or
+    transformer model's caption, `<end>` included, and where it looked (a transformer: the
+    cross-attention of decoder layer `layer`, None: the last, averaged over the heads);
+    `options` as for `caption_images`."""
+    from captioning.checkpoint import GRID_DECODERS, load_trained
     from captioning.decoding import beam_search, greedy_decode
 
     device = resolve_device(device or "auto")
-    model, vocab, config = load_trained(checkpoint, device, decoder="attention")
+    model, vocab, config = load_trained(checkpoint, device, decoder=GRID_DECODERS)
+    if layer is not None:
+        if config.decoder != "transformer":
+            raise ValueError(f"layer={layer}: only a transformer has layers of attention")
+        model.decoder.attention_layer = layer
     max_len = max_len or config.max_caption_len
     options = options and options.for_vocab(vocab)
     maps = {}
@@ -109,6 +116,7 @@ def draw_attention(maps, folder):
     ]
 
 
+@command
 def main(argv=None):
     """python caption.py CHECKPOINT IMAGE_OR_FOLDER... [--beam K] [--json OUT] [--draw DIR]
     [--attention]"""
@@ -130,8 +138,10 @@ def main(argv=None):
     parser.add_argument("--draw", metavar="DIR", help="save each image with its caption here")
     parser.add_argument(
         "--attention", action="store_true",
-        help="with --draw and an attention checkpoint: also each word's attention map",
+        help="with --draw and an attention or transformer checkpoint: also each word's "
+        "attention map",
     )  # fmt: skip
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.attention and not args.draw:
         parser.error("--attention draws the attention maps: give --draw DIR too")

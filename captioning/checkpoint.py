@@ -9,7 +9,12 @@ import torch
 
 from captioning.atomic_file import atomic_path
 from captioning.data.loading import IMAGENET_MEAN, IMAGENET_STD, preprocessing
+from captioning.transformer import TransformerDecoder
 from model import AttentionDecoder, CaptionModel, DecoderRNN, EncoderCNN
+
+# The decoders that read the CNN's spatial grid (batch, positions, feature_size), not the pooled
+# feature: their encoder gives the grid, their feature cache holds it, they have attention maps.
+GRID_DECODERS = ("attention", "transformer")
 
 # What the images of checkpoints saved before they recorded it went through, fixed here so that
 # a later change of the defaults never changes how those models are fed.
@@ -115,14 +120,20 @@ def backbone_net_keys(state_dict, model_state):
 
 def build_model(config, vocab):
     """Encoder and decoder described by `config`."""
-    attention = config.decoder == "attention"
     encoder = EncoderCNN(
         config.embed_size, config.backbone, config.pretrained, config.weights_path,
-        config.trainable_blocks, config.feature_norm, grid=attention, grid_size=config.grid_size,
+        config.trainable_blocks, config.feature_norm, grid=config.decoder in GRID_DECODERS,
+        grid_size=config.grid_size,
     )  # fmt: skip
     common = dict(dropout=config.dropout, end_id=vocab.end_id, start_id=vocab.start_id,
                   forget_bias=config.forget_bias)  # fmt: skip
-    if attention:
+    if config.decoder == "transformer":
+        decoder = TransformerDecoder(
+            encoder.feature_size, len(vocab), config.embed_size, config.heads,
+            config.encoder_layers, config.decoder_layers, config.feed_forward, config.dropout,
+            end_id=vocab.end_id, start_id=vocab.start_id,
+        )  # fmt: skip
+    elif config.decoder == "attention":
         decoder = AttentionDecoder(
             encoder.feature_size, config.embed_size, config.hidden_size, len(vocab),
             attention_size=config.attention_size, attention_weight=config.attention_weight,
@@ -135,6 +146,13 @@ def build_model(config, vocab):
     return CaptionModel(encoder, decoder, blind=config.blind)
 
 
+def decoder_sizes(decoder):
+    """The config fields that size a decoder of kind `decoder`, besides embed_size."""
+    if decoder == "transformer":
+        return ("encoder_layers", "decoder_layers", "heads", "feed_forward")
+    return ("hidden_size", "num_layers")
+
+
 def checkpoint_preprocessing(state, config):
     """The checkpoint's `preprocessing` record; for an older checkpoint, that of its `config`
     with the preprocessing of its time."""
@@ -145,18 +163,20 @@ def load_trained(path, device="cpu", decoder=None):
     """(model in eval mode, vocabulary, config) rebuilt from a checkpoint's config and weights;
     `model.preprocessing` is what its images went through (`checkpoint_preprocessing`).
 
-    `decoder` ("showtell" or "attention"), when given, is the kind the caller needs: a
-    checkpoint of the other kind is refused.
+    `decoder` ("showtell", "attention" or "transformer", or a tuple of them), when given, is
+    the kind the caller needs: a checkpoint of another kind is refused.
     """
     from captioning.config import TrainConfig, config_from_dict
     from captioning.data.vocabulary import Vocabulary
 
     state = load_checkpoint(path)
     config = config_from_dict(TrainConfig, state["config"])
-    if decoder is not None and decoder != config.decoder:
+    kinds = (decoder,) if isinstance(decoder, str) else decoder
+    if kinds is not None and config.decoder not in kinds:
+        wanted = " or ".join(map(repr, kinds))
         raise CheckpointError(
-            f"{path}: a checkpoint of a {config.decoder!r} decoder, not {decoder!r}; "
-            f"train one with decoder={decoder!r}"
+            f"{path}: a checkpoint of a {config.decoder!r} decoder, not {wanted}; "
+            f"train one with decoder={kinds[0]!r}"
         )
     vocab = Vocabulary.from_dict(state["vocab"])
     # The checkpoint holds every weight: build without downloading ImageNet weights.
@@ -169,7 +189,7 @@ def load_trained(path, device="cpu", decoder=None):
         f"vocabulary of {len(vocab)} words, "
         + ", ".join(
             f"{k}={getattr(config, k)}"
-            for k in ("decoder", "backbone", "embed_size", "hidden_size", "num_layers")
+            for k in ("decoder", "backbone", "embed_size", *decoder_sizes(config.decoder))
         ),
     )
     model.preprocessing = checkpoint_preprocessing(state, config)

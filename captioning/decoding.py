@@ -16,7 +16,8 @@ from captioning.evaluation.caption_health import BAD_ENDINGS
 
 PAD_ID = 3  # `<pad>` in vocabulary.Vocabulary
 # Beam search ranks by the raw summed log-probability by default, as im2txt does: length
-# normalisation (1.0) preferred longer phrasings and cost CIDEr on the demo (README, "Beam search").
+# normalisation (1.0) preferred longer phrasings and cost CIDEr on the demo
+# (docs/decoding.md, "Length penalty").
 LENGTH_PENALTY = 0.0
 
 

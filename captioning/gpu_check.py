@@ -1,4 +1,5 @@
-"""`python gpu_check.py` (`make gpu-check`): the README's GPU commands as written, shrunk, on CUDA."""
+"""`python -m captioning.gpu_check` (`make gpu-check`): the documented GPU commands as written,
+shrunk, on CUDA."""
 
 import argparse
 import functools
@@ -62,7 +63,7 @@ def project_path(path):
 
 
 def launchers():
-    """(python, torchrun): the commands the README types, from this interpreter's environment."""
+    """(python, torchrun): the commands the documentation types, from this interpreter's environment."""
     python = project_path(sys.executable)  # .venv/bin/python under `make`
     torchrun = Path(sys.executable).parent / "torchrun"
     if torchrun.exists():

@@ -68,10 +68,34 @@ ATTENTION_SCST_DEMO_CONFIG = dataclasses.replace(
 )  # fmt: skip
 
 
+# The transformer's demo preset: small (2 encoder and 2 decoder layers 128 wide, 4 heads), with a
+# short warm-up. A first setting that trains at all, not yet tuned against the issue's targets.
+TRANSFORMER_DEMO_CONFIG = dataclasses.replace(
+    DEMO_CONFIG,
+    output_dir="outputs/demo-transformer/model",
+    decoder="transformer",
+    embed_size=128,
+    encoder_layers=2,
+    decoder_layers=2,
+    heads=4,
+    feed_forward=512,
+    dropout=0.1,
+    lr=1e-3,
+    warmup_steps=200,
+    epochs=16,
+)
+TRANSFORMER_SCST_DEMO_CONFIG = dataclasses.replace(
+    TRANSFORMER_DEMO_CONFIG, output_dir="outputs/demo-transformer-scst/model", epochs=12,
+    scst_epochs=3, scst_lr=2e-4,
+)  # fmt: skip
+
+
 def demo_config(decoder="showtell", scst=False):
     """The demo preset for one decoder, with the self-critical stage or without."""
     if decoder == "attention":
         return ATTENTION_SCST_DEMO_CONFIG if scst else ATTENTION_DEMO_CONFIG
+    if decoder == "transformer":
+        return TRANSFORMER_SCST_DEMO_CONFIG if scst else TRANSFORMER_DEMO_CONFIG
     return SCST_DEMO_CONFIG if scst else DEMO_CONFIG
 
 
@@ -113,10 +137,22 @@ COCO_CONFIG = TrainConfig(
 # 224 px; grid_size=7 keeps 448 px and averages it down to that).
 ATTENTION_COCO_CHANGES = dict(decoder="attention", grid_size=14)
 
+# ruotianluo's transformer (configs/transformer/transformer.yml): 6 encoder and 6 decoder layers,
+# d_model 512 (embed_size), 8 heads, feed-forward 2048, dropout 0.1, 15 epochs, over the same
+# 14 x 14 grid (and feature cache) as attention. Its Noam schedule (20000 warm-up steps, peak
+# 512 ** -0.5 * 20000 ** -0.5 = 3.125e-4, then falling as 1 / sqrt(step)) becomes the same
+# warm-up to the same peak, then cosine: over 15 epochs of 11,300 steps both average 1.6e-4.
+# Its self-critical stage (transformer_nsc.yml) runs at 1e-5.
+TRANSFORMER_COCO_CHANGES = dict(
+    decoder="transformer", grid_size=14, encoder_layers=6, decoder_layers=6, heads=8,
+    feed_forward=2048, dropout=0.1, epochs=15, lr=3.125e-4, warmup_steps=20000, scst_lr=1e-5,
+)  # fmt: skip
+COCO_CHANGES = {"attention": ATTENTION_COCO_CHANGES, "transformer": TRANSFORMER_COCO_CHANGES}
+
 
 def coco_config(decoder="showtell", **changes):
     """The COCO preset for one decoder (docs/coco_recipes.md), with `changes` applied."""
-    preset = ATTENTION_COCO_CHANGES if decoder == "attention" else {"decoder": decoder}
+    preset = COCO_CHANGES.get(decoder, {"decoder": decoder})
     return dataclasses.replace(COCO_CONFIG, **{**preset, **changes})
 
 

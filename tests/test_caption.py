@@ -93,7 +93,9 @@ def test_caption_command_on_grayscale_coco_image_and_a_folder(
     )
 
 
-def test_caption_greedy_default_and_missing_file(checkpoint, coco_sample, tmp_path, monkeypatch):
+def test_caption_greedy_default_and_missing_file(
+    checkpoint, coco_sample, tmp_path, monkeypatch, capsys
+):
     from captioning import caption
 
     monkeypatch.chdir(tmp_path)
@@ -101,8 +103,14 @@ def test_caption_greedy_default_and_missing_file(checkpoint, coco_sample, tmp_pa
     captions = caption.main([str(checkpoint), str(grayscale)])
     assert list(captions.values()) == expected_captions(checkpoint, [grayscale], beam_size=1)
     assert not (tmp_path / "captions.json").exists()  # one file given: no JSON unless asked
-    with pytest.raises(FileNotFoundError, match="nope.jpg: no such image file or folder"):
+    with pytest.raises(SystemExit) as exit_:  # a person gets the one line, no traceback
         caption.main([str(checkpoint), str(tmp_path / "nope.jpg")])
+    assert (
+        exit_.value.code == 1
+        and "nope.jpg: no such image file or folder" in capsys.readouterr().err
+    )
+    with pytest.raises(FileNotFoundError, match="nope.jpg: no such image file or folder"):
+        caption.main([str(checkpoint), str(tmp_path / "nope.jpg"), "--debug"])
 
 
 def test_length_penalty_flags_reach_the_beam_search(checkpoint, coco_sample, monkeypatch):

@@ -6,9 +6,10 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from captioning.checkpoint import build_model, load_trained, save_checkpoint
+from captioning.checkpoint import GRID_DECODERS, build_model, load_trained, save_checkpoint
 from captioning.config import resume_conflicts
 from captioning.data.vocabulary import Vocabulary
+from captioning.transformer import TransformerDecoder
 from model import AttentionDecoder, DecoderOutput, DecoderRNN
 from tests.helpers import tiny_config
 
@@ -19,6 +20,13 @@ DECODERS = {
     "attention": lambda: (AttentionDecoder(FEATURES, EMBED, HIDDEN, VOCAB), torch.randn(3, 5, FEATURES)),
     "attention-options": lambda: (
         AttentionDecoder(FEATURES, EMBED, HIDDEN, VOCAB, word_in_query=True, coverage=True),
+        torch.randn(3, 5, FEATURES),
+    ),
+    "transformer": lambda: (
+        TransformerDecoder(FEATURES, VOCAB, EMBED, 2, 2, 2, HIDDEN), torch.randn(3, 4, FEATURES)
+    ),
+    "transformer-first-layer-attention": lambda: (
+        TransformerDecoder(FEATURES, VOCAB, EMBED, 4, 1, 3, HIDDEN, attention_layer=0),
         torch.randn(3, 5, FEATURES),
     ),
 }  # fmt: skip
@@ -45,8 +53,8 @@ def test_teacher_forced_output_t_is_the_step_that_reads_word_t(kind):
             steps.append(scores)
             weights.append(alpha)
     torch.testing.assert_close(output.scores, torch.stack(steps, dim=1), rtol=1e-5, atol=1e-5)
-    if kind.startswith("attention"):
-        assert output.weights.shape == (3, 4, 5)
+    if kind.startswith(GRID_DECODERS):
+        assert output.weights.shape == (3, 4, features.size(1))
         torch.testing.assert_close(output.weights, torch.stack(weights, dim=1))
     else:
         assert output.weights is None and weights == [None] * 4

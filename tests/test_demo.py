@@ -1,4 +1,4 @@
-"""The README's main command, `demo.run_demo`, on a shrunk preset."""
+"""The main demo command, `captioning.demo.run.run_demo`, on a shrunk preset."""
 
 import dataclasses
 import json

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
+from captioning.command import add_debug_flag, command, progress_disabled
+
 
 class DownloadError(RuntimeError):
     """A file could not be downloaded, verified or unpacked."""
@@ -134,7 +136,7 @@ def fetch_into(url, part, resume_from, *, progress, chunk_size, timeout):
                 unit_scale=True,
                 unit_divisor=1024,
                 desc=Path(part).stem,
-                disable=not progress,
+                disable=progress_disabled(progress),
             ) as bar,
         ):
             try:
@@ -282,6 +284,7 @@ def download_coco(root, year=2014, splits=("train", "val"), karpathy=True, progr
     return root
 
 
+@command
 def main(argv=None):
     """Command-line entry point: python download.py --root data/coco --year 2014."""
     parser = argparse.ArgumentParser(
@@ -296,12 +299,10 @@ def main(argv=None):
         "--no-karpathy", action="store_true", help="skip Karpathy's caption_datasets.zip"
     )
     parser.add_argument("--no-progress", action="store_true")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        root = download_coco(
-            args.root, args.year, tuple(args.splits), not args.no_karpathy, not args.no_progress
-        )
-    except DownloadError as error:
-        parser.exit(1, f"error: {error}\n")
+    root = download_coco(
+        args.root, args.year, tuple(args.splits), not args.no_karpathy, not args.no_progress
+    )
     print(f"COCO {args.year} ready in {root}")
-
+    return root

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from captioning import distributed
+from captioning.command import progress_disabled
 from captioning.data.annotations import default_cache_dir
 from captioning.data.loading import ImageDataset, make_pixel_transform, resolve_num_workers
 
@@ -142,7 +143,7 @@ def build_cache(path, shape, dtype, batches_between, batch_size, desc, progress=
         try:
             rows = batches_between(first, last)
             rows = tqdm(rows, desc=desc if world == 1 else f"{desc} (rank {rank})", unit="batch",
-                        total=last - first, disable=not progress)  # fmt: skip
+                        total=last - first, disable=progress_disabled(progress))  # fmt: skip
             written = _write_share(tmp, failed, rows, len(header) + first * batch_size * row_bytes,
                                    shape[1:], dtype)  # fmt: skip
         except Exception as e:  # any rank's failure stops every rank (not only this one)

@@ -364,6 +364,8 @@ def find_unreadable_images(split, num_workers=0, progress=True):
     """{image index: error message} for every image of `split` that cannot be loaded."""
     from tqdm.auto import tqdm
 
+    from captioning.command import progress_disabled
+
     loader = data.DataLoader(
         _ImageCheck(split),
         batch_size=64,
@@ -372,7 +374,10 @@ def find_unreadable_images(split, num_workers=0, progress=True):
     )
     errors, start = {}, 0
     for messages in tqdm(
-        loader, desc=f"checking {split.name} images", unit="batch", disable=not progress
+        loader,
+        desc=f"checking {split.name} images",
+        unit="batch",
+        disable=progress_disabled(progress),
     ):
         errors.update((start + k, m) for k, m in enumerate(messages) if m)
         start += len(messages)

@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from captioning.command import progress_disabled
+
 DEFAULT_DEMO_ROOT = Path(__file__).resolve().parents[2] / "data" / "demo"  # the repository's data/
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = ("red", "green", "blue", "yellow", "purple")
@@ -291,7 +293,9 @@ def make_demo_dataset(
     shutil.rmtree(temporary, ignore_errors=True)
     try:
         (temporary / "annotations").mkdir(parents=True)
-        with tqdm(total=sum(sizes), desc="demo dataset", unit="img", disable=not progress) as bar:
+        with tqdm(
+            total=sum(sizes), desc="demo dataset", unit="img", disable=progress_disabled(progress)
+        ) as bar:
             for split, n_images in zip(SPLITS, sizes):
                 write_split(temporary, split, n_images, image_size, seed, max_shapes, bar)
         (temporary / MARKER_NAME).write_text(
@@ -374,7 +378,7 @@ def cider_over_redrawn_references(predictions: dict, annotations_file, draws=60,
         name: {int(i): c for i, c in captions.items()} for name, captions in predictions.items()
     }
     scores = {name: [] for name in predictions}
-    for draw in tqdm(range(draws), desc="reference draws", disable=not progress):
+    for draw in tqdm(range(draws), desc="reference draws", disable=progress_disabled(progress)):
         references = redraw_references(images, np.random.default_rng([seed, draw]))
         for name, captions in by_id.items():
             scores[name].append(cider_score(captions, references))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from captioning.atomic_file import write_json
+from captioning.command import add_debug_flag, command
 from captioning.demo.dataset import attention_on_objects, make_demo_dataset, object_accuracy
 from captioning.presets import DEMO_CONFIG, demo_config
 
@@ -47,11 +48,12 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, datase
     "blind_greedy", "cider_ratio_to_blind", "blind_train_seconds". A run with a self-critical
     stage adds "cross_entropy_greedy" and "cross_entropy_beam3" (its best cross-entropy
     checkpoint, best_cross_entropy.pt; "greedy" and "beam3" are best.pt's) and
-    "best_epoch_stage". An attention model adds
+    "best_epoch_stage". An attention or transformer model adds
     "attention" (`demo_dataset.attention_on_objects` on the test split) and draws the first
     test images' attention maps in <output_dir>/attention/. `dataset_options` go to
     `make_demo_dataset` (its defaults: the standard demo dataset).
     """
+    from captioning.checkpoint import GRID_DECODERS
     from captioning.data.loading import load_image
     from captioning.plots import plot_captioned_images
     from captioning.training.train import train
@@ -84,7 +86,7 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, datase
     showtell = config.decoder == "showtell" and not config.scst_epochs
     if showtell if blind is None else blind:
         summary.update(blind_baseline(config, output_dir / "blind", data_dir, greedy))
-    if config.decoder == "attention":
+    if config.decoder in GRID_DECODERS:  # attention and transformer: where the words looked
         summary["attention"] = attention_summary(checkpoint, data_dir, output_dir / "attention")
     with open(data_dir / "annotations" / "captions_test2017.json") as f:
         files = {im["id"]: data_dir / "test2017" / im["file_name"] for im in json.load(f)["images"]}
@@ -169,12 +171,15 @@ def report(summary, output_dir, grid):
     print(f"checkpoint:       {output_dir / 'model' / 'best.pt'}")
 
 
+@command
 def main(argv=None):
-    """python demo.py [--decoder attention] [--scst] [--output-dir DIR] [--epochs N]
+    """python demo.py [--decoder attention|transformer] [--scst] [--output-dir DIR] [--epochs N]
     [--dataset-seed S]"""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output-dir", help="default outputs/demo (outputs/demo-attention)")
-    parser.add_argument("--decoder", choices=("showtell", "attention"), default="showtell")
+    parser.add_argument(
+        "--decoder", choices=("showtell", "attention", "transformer"), default="showtell"
+    )
     parser.add_argument(
         "--scst", action="store_true",
         help="add the self-critical stage (outputs/demo-scst, outputs/demo-attention-scst)",
@@ -184,6 +189,7 @@ def main(argv=None):
         "--dataset-seed", type=int, default=0,
         help="draw another demo dataset (written beside the standard one, data/demo-seed<S>)",
     )  # fmt: skip
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     config = demo_config(args.decoder, args.scst)
     config = dataclasses.replace(config, epochs=args.epochs or config.epochs)

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from captioning.atomic_file import write_json
+from captioning.command import add_debug_flag, command, progress_disabled
 from captioning.data.training_data import to_device
 from captioning.decoding import LENGTH_PENALTY, DecodingOptions, decode_captions
 from captioning.distributed import resolve_device
@@ -37,7 +38,9 @@ def predict_captions(
     ids); `options`: the `DecodingOptions` captions keep to (None: none)."""
     model.eval()
     predictions = {}
-    for inputs, image_ids in tqdm(loader, desc="captioning", unit="batch", disable=not progress):
+    for inputs, image_ids in tqdm(
+        loader, desc="captioning", unit="batch", disable=progress_disabled(progress)
+    ):
         # Cached features come in their stored dtype (float16): widened on the device.
         features = model.encode(*to_device([inputs], device), cached)  # (batch, embed) or grid
         _, captions = decode_captions(
@@ -119,6 +122,7 @@ def evaluate(
     return result
 
 
+@command
 def main(argv=None):
     """Command line: python evaluate.py CHECKPOINT [--split test] [--beam 3] ..., or
     python evaluate.py --results RESULTS.json --annotations captions_val2014.json."""
@@ -140,6 +144,7 @@ def main(argv=None):
     parser.add_argument("--spice", action="store_true", help="also SPICE (needs its CoreNLP jars)")
     parser.add_argument("--results", help="instead of a checkpoint: score this COCO results file")
     parser.add_argument("--annotations", help="with --results: the COCO captions file to score on")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.results:
         if not args.annotations or args.checkpoint:

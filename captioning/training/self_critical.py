@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from captioning import distributed
+from captioning.command import progress_disabled
 from captioning.data.loading import resolve_num_workers
 from captioning.data.training_data import to_device
 from captioning.decoding import greedy_decode, sample_decode, sampling_log_probs
@@ -178,7 +179,9 @@ def run_self_critical_epoch(model, forward, loader, reward, vocab, config, devic
     # gradient taken of, the very model that captions at test time.
     model.train(False)
     sums = np.zeros(4)
-    bar = tqdm(loader, desc=desc, unit="batch", disable=not config.progress, leave=False)
+    bar = tqdm(
+        loader, desc=desc, unit="batch", disable=progress_disabled(config.progress), leave=False
+    )
     # Read every step: each step waits for the device anyway (the reward is computed on the host
     # from the sampled captions), and a non-finite update must stop the run before the next
     # sampling draws from NaN probabilities (a device-side assert on CUDA).

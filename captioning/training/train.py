@@ -28,6 +28,7 @@ from captioning.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from captioning.command import add_debug_flag, command, progress_disabled
 from captioning.config import ConfigError, TrainConfig, parse_config, resume_conflicts
 from captioning.data.annotations import read_split
 from captioning.data.loading import (
@@ -192,7 +193,9 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
     step = make_step(model, optimizer, scheduler, scaler, config.grad_clip) if training else None
     # Loss x tokens, tokens, right tokens: float64 sums, in the order the host summed them before.
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    bar = tqdm(loader, desc=desc, unit="batch", disable=not config.progress, leave=False)
+    bar = tqdm(
+        loader, desc=desc, unit="batch", disable=progress_disabled(config.progress), leave=False
+    )
     losses = LossLog(config.log_every, bar, desc, "lower the learning rate or check the data")
     with torch.set_grad_enabled(training):
         for batch in bar:
@@ -547,6 +550,7 @@ def parse_command_line(argv=None):
         "own; auto: coco for a --data-dir that is not a demo dataset, else none. Flags override "
         "them; --help with --data-dir, --decoder or --preset shows that preset's values",
     )  # fmt: skip
+    add_debug_flag(preset)  # shown in --help, acted on by `command`
     # The preset depends on the data and the decoder: read them before the full parse.
     peek = argparse.ArgumentParser(add_help=False, parents=[preset])
     peek.add_argument("--data-dir", type=lambda text: None if text.lower() == "none" else text)
@@ -559,6 +563,7 @@ def parse_command_line(argv=None):
     return parse_config(TrainConfig, argv, train.__doc__, base=base, parents=[preset])
 
 
+@command
 def main(argv=None):
     """train.py: train with the command line's config; the history."""
     return train(parse_command_line(argv))
