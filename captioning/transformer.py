@@ -213,3 +213,25 @@ class TransformerDecoder(nn.Module):
     def regulariser(self, output):
         """Nothing is added to the transformer's loss."""
         return 0.0
+
+
+class PrefixDecoder:
+    """A decoder's protocol without a cache, the reference that cached decoding must equal (and
+    the benchmark's baseline): each step re-runs `score` on the grid and the whole prefix."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.start_id, self.end_id = decoder.start_id, decoder.end_id
+        self.vocab_size = decoder.vocab_size
+
+    def init_state(self, grid):
+        """(grid, no words yet), batch first."""
+        return grid, torch.zeros(grid.size(0), 0, dtype=torch.long, device=grid.device)
+
+    def step(self, words, state):
+        """The scores of the word after `words`, from a pass over the prefix and the grid."""
+        grid, prefix = state
+        prefix = torch.cat([prefix, words.unsqueeze(1)], dim=1)  # (batch, t + 1)
+        # score's output t predicts captions[:, t + 1]: a last column to predict, any word.
+        output = self.decoder.score(grid, torch.cat([prefix, prefix[:, :1]], dim=1))
+        return output.scores[:, -1], (grid, prefix), output.weights[:, -1]

@@ -23,7 +23,7 @@ from captioning.presets import (
     preset_config,
 )
 from captioning.training.train import train
-from captioning.transformer import TransformerDecoder, grid_positions, sinusoids
+from captioning.transformer import PrefixDecoder, TransformerDecoder, grid_positions, sinusoids
 from tests.helpers import ROOT, interrupt_training_at_epoch, tiny_config
 from tests.test_self_critical import training_reward
 
@@ -60,26 +60,6 @@ def random_transformer(seed=0, end_bias=0.0, layers=2, **kwargs):
 def captions_with_padding():
     """Two captions, `<start>` first; the second is two words shorter and padded."""
     return torch.tensor([[0, 4, 5, 6, 7, END], [0, 8, 9, END, PAD, PAD]])
-
-
-class Uncached:
-    """The same decoder without its cache, as the protocol's reference: each step re-runs the
-    whole prefix through `score`; the state is (grid, the words read so far), batch first."""
-
-    def __init__(self, decoder):
-        self.decoder = decoder
-        self.start_id, self.end_id = decoder.start_id, decoder.end_id
-        self.vocab_size = decoder.vocab_size
-
-    def init_state(self, grid):
-        return grid, torch.zeros(grid.size(0), 0, dtype=torch.long)
-
-    def step(self, words, state):
-        grid, prefix = state
-        prefix = torch.cat([prefix, words.unsqueeze(1)], dim=1)  # (batch, t + 1)
-        # score's output t predicts captions[:, t + 1]: a last column to predict, any word.
-        output = self.decoder.score(grid, torch.cat([prefix, prefix[:, :1]], dim=1))
-        return output.scores[:, -1], (grid, prefix), output.weights[:, -1]
 
 
 def test_shapes_and_the_state_grows_one_word_a_step():
@@ -232,12 +212,12 @@ def test_cached_greedy_equals_rerunning_the_prefix(seed):
     decoder = random_transformer(seed, end_bias=2.0)
     grids = torch.randn(6, 9, FEATURES)
     ids, weights = greedy_decode(decoder, grids, max_len=10, with_attention=True)
-    slow_ids, slow_weights = greedy_decode(Uncached(decoder), grids, max_len=10,
+    slow_ids, slow_weights = greedy_decode(PrefixDecoder(decoder), grids, max_len=10,
                                            with_attention=True)  # fmt: skip
     assert torch.equal(ids, slow_ids)
     torch.testing.assert_close(weights, slow_weights, rtol=1e-5, atol=1e-6)
     # And step by step, the cached scores are those of the prefix re-run.
-    state, slow, word = decoder.init_state(grids), Uncached(decoder), ids[:, 0]
+    state, slow, word = decoder.init_state(grids), PrefixDecoder(decoder), ids[:, 0]
     slow_state = slow.init_state(grids)
     for t in range(ids.size(1) - 1):
         scores, state, _ = decoder.step(word, state)
@@ -252,7 +232,7 @@ def test_cached_beam_search_equals_rerunning_the_prefix(beam_size, penalty):
     grids = torch.randn(6, 9, FEATURES) * 3  # varied images: beams overtake each other
     options = dict(beam_size=beam_size, max_len=8, length_penalty=penalty, with_attention=True)
     ids, weights = beam_search(decoder, grids, **options)
-    slow_ids, slow_weights = beam_search(Uncached(decoder), grids, **options)
+    slow_ids, slow_weights = beam_search(PrefixDecoder(decoder), grids, **options)
     assert torch.equal(ids, slow_ids)
     torch.testing.assert_close(weights, slow_weights, rtol=1e-5, atol=1e-6)
     for row in range(6):
