@@ -30,3 +30,14 @@ def coco_sample():
     if not (COCO_SAMPLE / "annotations" / "captions_train2017.json").exists():
         pytest.skip(f"real COCO sample not found at {COCO_SAMPLE} (see shared/data/README.md)")
     return COCO_SAMPLE
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module's tests (those that ask for it), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,13 +11,8 @@ EMBED, HIDDEN, VOCAB, END, PAD = 16, 32, 30, 1, 3
 BIGRAM = 20  # vocabulary (and embedding and hidden) size of the hand-built decoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Single-threaded torch: these tiny ops only lose time to thread hand-offs on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Single-threaded torch: these tiny ops only lose time to thread hand-offs on a busy CPU.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_decoder(seed, num_layers=1, end_bias=0.5):

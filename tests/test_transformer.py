@@ -33,13 +33,8 @@ TINY = dict(decoder="transformer", embed_size=32, heads=4, encoder_layers=1, dec
             feed_forward=64, dropout=0.1)  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Single-threaded torch: these tiny ops only lose time to thread hand-offs on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Single-threaded torch: these tiny ops only lose time to thread hand-offs on a busy CPU.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_transformer(seed=0, end_bias=0.0, layers=2, **kwargs):
