@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from captioning.config import TrainConfig
 from captioning.training import train as train_module
 
@@ -51,3 +53,29 @@ def run_two_processes(plan, out_dir, timeout=600):
                str(ROOT / "tests" / "two_process_worker.py"), str(plan_path),
                str(out_dir)]  # fmt: skip
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_cut_and_resumed(demo_root, tmp_path, monkeypatch, **changes):
+    """(history of an uninterrupted run, history of the same run cut during epoch 2 and resumed),
+    trained under tmp_path/full and tmp_path/cut."""
+    import pytest
+
+    full = train_module.train(tiny_config(demo_root, tmp_path / "full", **changes))
+    with monkeypatch.context() as m:
+        interrupt_training_at_epoch(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train_module.train(tiny_config(demo_root, tmp_path / "cut", **changes))
+    return full, train_module.train(
+        tiny_config(demo_root, tmp_path / "cut", resume=True, **changes)
+    )
+
+
+def greedy_alone(decoder, grid, max_len):
+    """Greedy ids (a list, `<start>` first) and each word's weights (words, positions) for one
+    image's grid (1, positions, features), one protocol step at a time."""
+    state, ids, weights = decoder.init_state(grid), [decoder.start_id], []
+    while len(ids) < max_len and ids[-1] != decoder.end_id:
+        scores, state, alpha = decoder.step(torch.tensor(ids[-1:]), state)
+        ids.append(int(scores.argmax(dim=1)))
+        weights.append(alpha[0])
+    return ids, torch.stack(weights) if weights else grid.new_zeros(0, grid.size(1))

@@ -19,7 +19,11 @@ from captioning.demo.dataset import attention_on_objects, cells_overlapping, obj
 from captioning.demo.small_cnn import SmallCNN
 from captioning.training.train import train
 from model import AttentionDecoder, EncoderCNN, attention_penalty
-from tests.helpers import interrupt_training_at_epoch, tiny_config
+from tests.helpers import (
+    greedy_alone,
+    tiny_config,
+    train_cut_and_resumed,
+)
 
 FEATURES, EMBED, HIDDEN, VOCAB, PAD, END = 12, 8, 16, 10, 3, 1
 
@@ -163,17 +167,6 @@ def test_state_starts_from_the_mean_grid_feature():
     assert torch.allclose(h, torch.tanh(decoder.init_h(grid.mean(dim=1))))
 
 
-def greedy_alone(decoder, grid, max_len):
-    """Greedy ids (a list, `<start>` first) and each word's weights (words, positions) for one
-    image's grid (1, positions, features), one protocol step at a time."""
-    state, ids, weights = decoder.init_state(grid), [decoder.start_id], []
-    while len(ids) < max_len and ids[-1] != decoder.end_id:
-        scores, state, alpha = decoder.step(torch.tensor(ids[-1:]), state)
-        ids.append(int(scores.argmax(dim=1)))
-        weights.append(alpha[0])
-    return ids, torch.stack(weights) if weights else grid.new_zeros(0, grid.size(1))
-
-
 def test_stepping_greedily_gives_each_words_attention():
     decoder = random_attention_decoder(seed=2)
     grid = torch.randn(1, 6, FEATURES)
@@ -284,13 +277,8 @@ def test_attention_training_resumes_exactly_like_an_uninterrupted_run(
     demo_root, tmp_path, monkeypatch
 ):
     config = dict(decoder="attention", epochs=3, dropout=0.2)
-    full = train(tiny_config(demo_root, tmp_path / "full", **config))
+    full, resumed = train_cut_and_resumed(demo_root, tmp_path, monkeypatch, **config)
     assert full["train_loss"][-1] < full["train_loss"][0]
-    with monkeypatch.context() as m:
-        interrupt_training_at_epoch(m, 2)
-        with pytest.raises(KeyboardInterrupt):
-            train(tiny_config(demo_root, tmp_path / "cut", **config))
-    resumed = train(tiny_config(demo_root, tmp_path / "cut", resume=True, **config))
     assert resumed["step_loss"] == full["step_loss"] and resumed["val_loss"] == full["val_loss"]
     model, _, loaded = load_trained(tmp_path / "full" / "best.pt", decoder="attention")
     assert isinstance(model.decoder, AttentionDecoder) and loaded.decoder == "attention"

@@ -24,7 +24,12 @@ from captioning.presets import (
 )
 from captioning.training.train import train
 from captioning.transformer import PrefixDecoder, TransformerDecoder, grid_positions, sinusoids
-from tests.helpers import ROOT, interrupt_training_at_epoch, tiny_config
+from tests.helpers import (
+    ROOT,
+    greedy_alone,
+    tiny_config,
+    train_cut_and_resumed,
+)
 from tests.test_self_critical import training_reward
 
 FEATURES, VOCAB, WIDTH, HEADS, PAD, END = 12, 10, 16, 4, 3, 1
@@ -152,17 +157,6 @@ def test_the_grid_has_a_2d_position_code():
         assert not torch.allclose(decoder(grid, words).scores, shuffled, atol=1e-4)
 
 
-def greedy_alone(decoder, grid, max_len):
-    """Greedy ids (a list, `<start>` first) and each word's weights (words, positions) for one
-    image's grid (1, positions, features), one protocol step at a time."""
-    state, ids, weights = decoder.init_state(grid), [decoder.start_id], []
-    while len(ids) < max_len and ids[-1] != decoder.end_id:
-        scores, state, alpha = decoder.step(torch.tensor(ids[-1:]), state)
-        ids.append(int(scores.argmax(dim=1)))
-        weights.append(alpha[0])
-    return ids, torch.stack(weights) if weights else grid.new_zeros(0, grid.size(1))
-
-
 def unpadded(ids, weights, row):
     """Row `row` of batched ids (through `<end>`) and its words' weights."""
     tokens = ids[row].tolist()
@@ -288,13 +282,8 @@ def test_config_builds_the_transformer_on_the_grid_and_checks_the_heads(demo_roo
 
 
 def test_training_resumes_exactly_like_an_uninterrupted_run(demo_root, tmp_path, monkeypatch):
-    full = train(tiny_config(demo_root, tmp_path / "full", **TINY))
+    full, resumed = train_cut_and_resumed(demo_root, tmp_path, monkeypatch, **TINY)
     assert full["train_loss"][-1] < full["train_loss"][0]
-    with monkeypatch.context() as m:
-        interrupt_training_at_epoch(m, 2)
-        with pytest.raises(KeyboardInterrupt):
-            train(tiny_config(demo_root, tmp_path / "cut", **TINY))
-    resumed = train(tiny_config(demo_root, tmp_path / "cut", resume=True, **TINY))
     assert resumed["step_loss"] == full["step_loss"] and resumed["val_loss"] == full["val_loss"]
     model, _, loaded = load_trained(tmp_path / "full" / "best.pt", decoder="transformer")
     assert isinstance(model.decoder, TransformerDecoder) and loaded.decoder == "transformer"
