@@ -3,7 +3,11 @@
 import dataclasses
 import json
 
+import numpy as np
+import pytest
+
 from captioning.demo import run as demo
+from captioning.demo.dataset import cider_over_redrawn_references
 from captioning.demo.run import run_demo
 from captioning.evaluation import coco_metrics
 from captioning.presets import (
@@ -30,11 +34,13 @@ def test_run_demo_writes_its_documented_outputs(demo_root, tmp_path, capsys, mon
         epochs=2, val_images=10, progress=False,
     )  # fmt: skip
     options = dict(n_train=60, n_val=20, n_test=20, seed=1)  # demo_root's own: not regenerated
-    summary = run_demo(tmp_path / "demo", config, grid_size=4, dataset_options=options)
+    summary = run_demo(
+        tmp_path / "demo", config, grid_size=4, dataset_options=options, reference_draws=3
+    )
     written = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert set(written) == {
         "greedy", "beam3", "blind_greedy", "cider_ratio_to_blind", "train_seconds",
-        "blind_train_seconds", "epochs", "config", "total_seconds",
+        "blind_train_seconds", "epochs", "config", "total_seconds", "beam_vs_greedy",
     }  # fmt: skip
     for decoding in ("greedy", "beam3", "blind_greedy"):
         assert METRICS - {"METEOR"} <= set(written[decoding]) and set(written[decoding]) >= OBJECTS
@@ -50,7 +56,31 @@ def test_run_demo_writes_its_documented_outputs(demo_root, tmp_path, capsys, mon
         assert (tmp_path / "demo" / name).exists(), name
     printed = capsys.readouterr().out
     assert "greedy" in printed and "blind" in printed and "CIDEr vs blind" in printed
+    assert "redrawn reference sets" in printed
+    assert written["beam_vs_greedy"]["draws"] == 3
     assert not list((tmp_path / "demo").rglob(".*.tmp-*"))
+
+
+def test_beam_against_greedy_is_the_mean_gain_over_redrawn_references(demo_root):
+    path = demo_root / "annotations" / "captions_test2017.json"
+    images = json.loads(path.read_text())["images"]
+    right = {im["id"]: " and ".join(f"a {o['color']} {o['shape']}" for o in im["objects"])
+             for im in images}  # fmt: skip
+    ids = list(right)
+    wrong = {i: right[ids[(k + 1) % len(ids)]] for k, i in enumerate(ids)}  # the next image's
+    half = {i: wrong[i] if k % 2 else right[i] for k, i in enumerate(ids)}
+    scores = cider_over_redrawn_references(
+        {"right": right, "half": half}, path, draws=4, progress=False
+    )
+    gains = np.subtract(scores["right"], scores["half"])  # (4,)
+    better = demo.beam_against_greedy(greedy=half, beam=right, annotations_file=path, draws=4)
+    assert better["mean"] == pytest.approx(gains.mean()) and better["mean"] > 0.5
+    assert better["sd"] == pytest.approx(gains.std(ddof=1)) and better["sd"] > 0
+    assert better["level_or_better"] == 4 and better["draws"] == 4
+    worse = demo.beam_against_greedy(greedy=right, beam=half, annotations_file=path, draws=4)
+    assert worse["mean"] == pytest.approx(-gains.mean()) and worse["level_or_better"] == 0
+    level = demo.beam_against_greedy(greedy=right, beam=right, annotations_file=path, draws=4)
+    assert level["mean"] == 0 and level["level_or_better"] == 4
 
 
 def test_run_demo_with_attention_adds_the_attention_measure_and_maps(

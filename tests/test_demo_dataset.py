@@ -251,6 +251,14 @@ def test_cider_over_redrawn_references_ranks_right_objects_above_wrong(demo_root
     assert len(set(scores["right"])) == 3  # each draw writes other references
     again = cider_over_redrawn_references({"right": right}, path, draws=3, progress=False)
     assert again["right"] == scores["right"]
+    # Each draw's score is pycocoevalcap's Cider on the same references.
+    from captioning.demo.dataset import redraw_references
+    from captioning.evaluation.coco_metrics import cider_score
+
+    for draw in range(3):
+        references = redraw_references(images, np.random.default_rng([0, draw]))
+        for name, captions in (("right", right), ("wrong", wrong)):
+            assert scores[name][draw] == pytest.approx(cider_score(captions, references), abs=1e-9)
 
 
 def test_command_line_writes_dataset(tmp_path, capsys):

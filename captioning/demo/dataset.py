@@ -370,18 +370,25 @@ def cider_over_redrawn_references(predictions: dict, annotations_file, draws=60,
                                   progress=True) -> dict[str, list[float]]:  # fmt: skip
     """{name: corpus CIDEr per draw} for named sets of predictions ({image id: caption}), each
     draw against freshly written references: the spread is what the choice of phrasings alone
-    does to a CIDEr difference on this data (Python tokenisation, as `cider_score`)."""
-    from captioning.evaluation.coco_metrics import cider_score
+    does to a CIDEr difference on this data (Python tokenisation, as `cider_score`, and the
+    in-process CIDEr-D that equals its scorer)."""
+    from captioning.evaluation.cider_d import corpus_cider_d
+    from captioning.evaluation.coco_metrics import _tokenize_like_ptb
 
     images = json.loads(Path(annotations_file).read_text())["images"]
-    by_id = {
-        name: {int(i): c for i, c in captions.items()} for name, captions in predictions.items()
+    tokens = {
+        name: {int(i): _tokenize_like_ptb(c).split() for i, c in captions.items()}
+        for name, captions in predictions.items()
     }
     scores = {name: [] for name in predictions}
     for draw in tqdm(range(draws), desc="reference draws", disable=progress_disabled(progress)):
         references = redraw_references(images, np.random.default_rng([seed, draw]))
-        for name, captions in by_id.items():
-            scores[name].append(cider_score(captions, references))
+        tokenised = {}  # each image's references tokenised once per draw, for every name
+        for name, hypotheses in tokens.items():
+            for i in hypotheses.keys() - tokenised.keys():
+                tokenised[i] = [_tokenize_like_ptb(r).split() for r in references[i]]
+            score, _ = corpus_cider_d(list(hypotheses.values()), [tokenised[i] for i in hypotheses])
+            scores[name].append(score)
     return scores
 
 

@@ -13,7 +13,12 @@ from pathlib import Path
 
 from captioning.atomic_file import write_json
 from captioning.command import add_debug_flag, command
-from captioning.demo.dataset import attention_on_objects, make_demo_dataset, object_accuracy
+from captioning.demo.dataset import (
+    attention_on_objects,
+    cider_over_redrawn_references,
+    make_demo_dataset,
+    object_accuracy,
+)
 from captioning.presets import DEMO_CONFIG, demo_config
 
 
@@ -38,12 +43,13 @@ def evaluate_demo(checkpoint, data_dir, beam_size=1):
 
 
 def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, dataset_options=None,
-             blind=None):  # fmt: skip
+             blind=None, reference_draws=60):  # fmt: skip
     """Run the whole demo and return the summary written to metrics.json.
 
     metrics.json holds "greedy" and "beam3" (each the COCO metrics, the object accuracy:
     "accuracy", "by_count", "n", and the caption health: `caption_health.measure_health`),
-    "train_seconds", "epochs", "config" and "total_seconds".
+    "train_seconds", "epochs", "config", "total_seconds" and "beam_vs_greedy"
+    (`beam_against_greedy` over `reference_draws` redrawn reference sets).
     With `blind` (default: for Show and Tell) the blind baseline is trained and scored too:
     "blind_greedy", "cider_ratio_to_blind", "blind_train_seconds". A run with a self-critical
     stage adds "cross_entropy_greedy" and "cross_entropy_beam3" (its best cross-entropy
@@ -69,9 +75,13 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, datase
     checkpoint = output_dir / "model" / "best.pt"
     greedy = evaluate_demo(checkpoint, data_dir)
     beam = evaluate_demo(checkpoint, data_dir, beam_size=3)
+    test_annotations = data_dir / "annotations" / "captions_test2017.json"
     summary = {
         "greedy": greedy["row"],
         "beam3": beam["row"],
+        "beam_vs_greedy": beam_against_greedy(
+            greedy["predictions"], beam["predictions"], test_annotations, reference_draws
+        ),
         "train_seconds": train_seconds,
         "epochs": len(history["epoch"]),
         "config": dataclasses.asdict(model_cfg),
@@ -88,7 +98,7 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, datase
         summary.update(blind_baseline(config, output_dir / "blind", data_dir, greedy))
     if config.decoder in GRID_DECODERS:  # attention and transformer: where the words looked
         summary["attention"] = attention_summary(checkpoint, data_dir, output_dir / "attention")
-    with open(data_dir / "annotations" / "captions_test2017.json") as f:
+    with open(test_annotations) as f:
         files = {im["id"]: data_dir / "test2017" / im["file_name"] for im in json.load(f)["images"]}
     shown = list(greedy["predictions"].items())[:grid_size]
     grid = plot_captioned_images(
@@ -101,6 +111,20 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, datase
     write_json(summary, output_dir / "metrics.json")
     report(summary, output_dir, grid)
     return summary
+
+
+def beam_against_greedy(greedy, beam, annotations_file, draws=60):
+    """Beam minus greedy CIDEr over `draws` redrawn reference sets: "mean", "sd", "level_or_better"
+    (the draws where beam scored at least greedy's) and "draws". One draw of references is a
+    lottery of phrasings that can decide a difference this small (docs/experiments.md)."""
+    scores = cider_over_redrawn_references(
+        {"greedy": greedy, "beam": beam}, annotations_file, draws=draws, progress=False
+    )
+    gains = [b - g for b, g in zip(scores["beam"], scores["greedy"])]
+    mean = sum(gains) / draws
+    sd = (sum((x - mean) ** 2 for x in gains) / max(1, draws - 1)) ** 0.5
+    level = sum(x >= 0 for x in gains)
+    return {"mean": mean, "sd": sd, "level_or_better": level, "draws": draws}
 
 
 def blind_baseline(config, output_dir, data_dir, greedy):
@@ -152,6 +176,9 @@ def report(summary, output_dir, grid):
         before, after = summary["cross_entropy_greedy"]["CIDEr"], summary["greedy"]["CIDEr"]
         print(f"self-critical stage: greedy CIDEr {after / before - 1:+.1%} over cross-entropy "
               f"(best.pt is from the {summary['best_epoch_stage']} stage)")  # fmt: skip
+    b = summary["beam_vs_greedy"]
+    print(f"beam 3 minus greedy CIDEr over {b['draws']} redrawn reference sets: {b['mean']:+.3f} "
+          f"(sd {b['sd']:.3f}; beam at least level in {b['level_or_better']})")  # fmt: skip
     if "blind_greedy" in summary:
         print(
             f"CIDEr vs blind: {summary['cider_ratio_to_blind']:.1f}x; training "
