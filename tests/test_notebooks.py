@@ -207,8 +207,12 @@ def inject(nb, values):
 
 
 # Each decoder's notebooks, in chains that run in this order; notebooks 0 and 1 do not depend
-# on the decoder (they read no training output): the attention run starts at training.
-CHAINS = {"showtell": (NOTEBOOKS[:2], NOTEBOOKS[2:]), "attention": (NOTEBOOKS[2:],)}
+# on the decoder (they read no training output): the grid decoders' runs start at training.
+CHAINS = {
+    "showtell": (NOTEBOOKS[:2], NOTEBOOKS[2:]),
+    "attention": (NOTEBOOKS[2:],),
+    "transformer": (NOTEBOOKS[2:],),
+}
 
 
 def notebook_values(demo_root, folder, decoder):
@@ -320,7 +324,7 @@ def test_notebooks_run_in_order(executed_notebooks, decoder):
     cell = next(c for c in nb.cells if "attention_maps(" in c.source)
     kinds = {o.get("output_type") for o in cell.outputs}
     images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
-    if decoder == "attention":
+    if decoder in ("attention", "transformer"):
         assert len(images) == 2, kinds  # N_SHOW images, each with its words' maps
     else:
         assert not images and "no attention maps" in str(cell.outputs)
