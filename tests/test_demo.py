@@ -15,6 +15,7 @@ from captioning.presets import (
     ATTENTION_SCST_DEMO_CONFIG,
     DEMO_CONFIG,
     SCST_DEMO_CONFIG,
+    TRANSFORMER_DEMO_CONFIG,
 )
 
 METRICS = {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
@@ -97,6 +98,28 @@ def test_run_demo_with_attention_adds_the_attention_measure_and_maps(
     assert set(summary["attention"]) == {"on_object", "chance", "words"}
     drawn = sorted((tmp_path / "demo" / "attention").glob("*_attention.png"))
     assert len(drawn) == 4
+
+
+def test_run_demo_with_a_transformer_measures_each_layers_attention(
+    demo_root, tmp_path, monkeypatch
+):
+    without_java(monkeypatch)
+    config = dataclasses.replace(
+        TRANSFORMER_DEMO_CONFIG, data_dir=str(demo_root), image_size=32, embed_size=32,
+        feed_forward=64, epochs=1, val_images=10, progress=False,
+    )  # fmt: skip
+    layers = []
+    measure = demo.attention_summary
+    monkeypatch.setattr(
+        demo, "attention_summary", lambda *a, **k: layers.append(k.get("layer")) or measure(*a, **k)
+    )
+    options = dict(n_train=60, n_val=20, n_test=20, seed=1)
+    summary = run_demo(
+        tmp_path / "demo", config, grid_size=4, dataset_options=options, reference_draws=2
+    )
+    assert layers == [None, 0, 1]  # the default (the last layer), then each layer in turn
+    assert summary["attention_by_layer"][-1] == summary["attention"]
+    assert len(list((tmp_path / "demo" / "attention").glob("*_attention.png"))) == 4
 
 
 def test_run_demo_with_self_critical_stage_scores_both_checkpoints(

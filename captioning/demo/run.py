@@ -56,8 +56,9 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, datase
     checkpoint, best_cross_entropy.pt; "greedy" and "beam3" are best.pt's) and
     "best_epoch_stage". An attention or transformer model adds
     "attention" (`demo_dataset.attention_on_objects` on the test split) and draws the first
-    test images' attention maps in <output_dir>/attention/. `dataset_options` go to
-    `make_demo_dataset` (its defaults: the standard demo dataset).
+    test images' attention maps in <output_dir>/attention/; a transformer adds
+    "attention_by_layer", the same measure for each decoder layer's cross-attention.
+    `dataset_options` go to `make_demo_dataset` (its defaults: the standard demo dataset).
     """
     from captioning.checkpoint import GRID_DECODERS
     from captioning.data.loading import load_image
@@ -98,6 +99,11 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, datase
         summary.update(blind_baseline(config, output_dir / "blind", data_dir, greedy))
     if config.decoder in GRID_DECODERS:  # attention and transformer: where the words looked
         summary["attention"] = attention_summary(checkpoint, data_dir, output_dir / "attention")
+    if config.decoder == "transformer":  # which decoder layer's cross-attention finds the object
+        summary["attention_by_layer"] = [
+            attention_summary(checkpoint, data_dir, None, n_figures=0, layer=k)
+            for k in range(config.decoder_layers)
+        ]
     with open(test_annotations) as f:
         files = {im["id"]: data_dir / "test2017" / im["file_name"] for im in json.load(f)["images"]}
     shown = list(greedy["predictions"].items())[:grid_size]
@@ -142,14 +148,16 @@ def blind_baseline(config, output_dir, data_dir, greedy):
     }
 
 
-def attention_summary(checkpoint, data_dir, folder, n_figures=4):
-    """Attention on the named objects over the test split; the first images' maps drawn."""
+def attention_summary(checkpoint, data_dir, folder, n_figures=4, layer=None):
+    """Attention on the named objects over the test split; the first images' maps drawn in
+    `folder`. `layer`: a transformer's decoder layer (None: the last), as `attention_maps`."""
     from captioning.caption import attention_maps, draw_attention
     from captioning.data.annotations import read_split
 
     split = read_split(data_dir, "test")
-    maps = attention_maps(checkpoint, split.image_paths)
-    draw_attention({p: maps[p] for p in split.image_paths[:n_figures]}, folder)
+    maps = attention_maps(checkpoint, split.image_paths, layer=layer)
+    if n_figures:
+        draw_attention({p: maps[p] for p in split.image_paths[:n_figures]}, folder)
     by_id = {i: maps[p] for i, p in zip(split.image_ids, split.image_paths)}
     return attention_on_objects(by_id, Path(data_dir) / "annotations" / "captions_test2017.json")
 
@@ -192,6 +200,9 @@ def report(summary, output_dir, grid):
         on = "-" if a["on_object"] is None else f"{a['on_object']:.1%}"
         print(f"attention on the named object: {on} of {a['words']} object words "
               f"(chance {a['chance'] or 0:.1%}); maps in {output_dir / 'attention'}/")  # fmt: skip
+    for k, a in enumerate(summary.get("attention_by_layer", [])):
+        on = "-" if a["on_object"] is None else f"{a['on_object']:.1%}"
+        print(f"  decoder layer {k + 1}'s cross-attention (heads averaged) on the object: {on}")
     print(f"\nmetrics:          {output_dir / 'metrics.json'}")
     print(f"learning curves:  {output_dir / 'model' / 'learning_curves.png'}")
     print(f"captioned images: {grid}")
