@@ -161,9 +161,15 @@ class TrainConfig:
     val_images: int | None = option(
         500, "validation images scored by CIDEr after each epoch; none: all", low=1
     )
+    select_by: str = option(
+        "cider", "the validation figure that picks best.pt and counts patience: cider (the "
+        "highest CIDEr) or loss (the lowest cross-entropy; cross-entropy training only)",
+        choices=("cider", "loss"),
+    )  # fmt: skip
     patience: int | None = option(
-        3, "epochs without a better validation CIDEr before stopping; none: never stop", low=1
-    )
+        3, "epochs without a better validation figure (select_by) before stopping; none: never "
+        "stop", low=1,
+    )  # fmt: skip
     log_every: int = option(
         50, "training steps between reads of the loss from the device (progress bar, the check "
         "for a non-finite loss); each read waits for the GPU", low=1,
@@ -206,6 +212,11 @@ class TrainConfig:
             raise ConfigError(
                 "TrainConfig.scst_samples: 1 is not allowed with scst_baseline='mean' (the "
                 "baseline is the mean of the image's other samples); use 2 or more, or 'greedy'"
+            )
+        if self.select_by == "loss" and self.scst_epochs:
+            raise ConfigError(
+                "TrainConfig.select_by: 'loss' is not allowed with scst_epochs (the self-critical "
+                "stage maximises CIDEr, not the cross-entropy); use select_by='cider'"
             )
         if self.init_from is not None and not self.scst_epochs:
             raise ConfigError(

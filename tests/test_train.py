@@ -118,6 +118,42 @@ def test_early_stopping_when_val_cider_stalls(demo_root, tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1  # 0-based: the second epoch
 
 
+def test_select_by_loss_keeps_the_epoch_of_the_lowest_val_loss(demo_root, tmp_path, monkeypatch):
+    # Scripted val CIDEr falls: by CIDEr the first epoch would be kept, by loss the lowest loss's.
+    scores = iter([0.9, 0.5, 0.4, 0.3])
+    monkeypatch.setattr(train_module, "cider_score", lambda *a, **k: next(scores))
+    history = train(tiny_config(demo_root, tmp_path, epochs=4, select_by="loss", patience=None))
+    lowest = int(np.argmin(history["val_loss"]))
+    assert lowest > 0  # the loss fell after the first epoch: the two rules disagree
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == lowest
+    assert load_checkpoint(tmp_path / "last.pt")["best_score"] == -min(history["val_loss"])
+
+
+def test_patience_counts_epochs_without_a_lower_val_loss(demo_root, tmp_path, monkeypatch):
+    # Scripted val losses: the lowest at epoch 2, then a tie and a rise; patience 2 stops at 4.
+    losses = iter([0.8, 0.7, 0.7, 0.75, 0.1])
+    real = train_module.run_epoch
+
+    def run_epoch(model, loader, *args, **kwargs):
+        step_losses, loss, accuracy = real(model, loader, *args, **kwargs)
+        return step_losses, next(losses) if kwargs.get("desc") == "val loss" else loss, accuracy
+
+    monkeypatch.setattr(train_module, "run_epoch", run_epoch)
+    history = train(tiny_config(demo_root, tmp_path, epochs=5, select_by="loss", patience=2))
+    assert history["val_loss"] == [0.8, 0.7, 0.7, 0.75]
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+
+
+def test_resume_reads_the_best_cider_of_checkpoints_from_before_select_by(demo_root, tmp_path):
+    train(tiny_config(demo_root, tmp_path, epochs=1))
+    state = load_checkpoint(tmp_path / "last.pt")
+    state["best_cider"] = state.pop("best_score") + 100  # no later epoch can beat it
+    torch.save(state, tmp_path / "last.pt")
+    history = train(tiny_config(demo_root, tmp_path, epochs=2, resume=True))
+    assert len(history["epoch"]) == 2
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 0  # the second epoch did not beat it
+
+
 def test_resume_refuses_other_architecture(demo_root, tmp_path):
     train(tiny_config(demo_root, tmp_path, epochs=1))
     with pytest.raises(CheckpointError, match="hidden_size: checkpoint 48 vs config 64"):

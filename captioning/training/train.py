@@ -268,7 +268,8 @@ ACCURACY_FIGURES = ("train_accuracy", "val_accuracy")
 
 
 class RunState:
-    """What changes from epoch to epoch besides the weights: history, best CIDEr, patience."""
+    """What changes from epoch to epoch besides the weights: history, the best validation
+    figure (`best_score`: CIDEr, or minus the loss with select_by="loss"), patience."""
 
     def __init__(self):
         self.history = {
@@ -277,12 +278,13 @@ class RunState:
                         "val_cider", "lr", "epoch_seconds", "stage", *SELF_CRITICAL_FIGURES,
                         *ACCURACY_FIGURES, "step_loss")
         }  # fmt: skip
-        self.next_epoch, self.best_cider, self.stale = 0, -1.0, 0
+        self.next_epoch, self.best_score, self.stale = 0, -math.inf, 0
         self.plotted_at, self.plot_behind = -math.inf, False  # learning_curves.png's last drawing
 
     def record_epoch(self, epoch, train_loss, val_loss, cider, lr, seconds, step_losses,
-                     stage="xe", figures=None):  # fmt: skip
-        """Append one epoch's figures; returns whether its CIDEr is the best so far.
+                     stage="xe", figures=None, select_by="cider"):  # fmt: skip
+        """Append one epoch's figures; returns whether its `select_by` figure (val CIDEr or
+        val loss, the same on every rank) is the best so far.
 
         `train_loss` is None in the self-critical stage. `figures` hold the token accuracies
         and, in that stage, its mean reward, mean baseline and share of positive advantages.
@@ -302,8 +304,9 @@ class RunState:
         ):  # fmt: skip
             self.history[key].append(value)
         self.history["step_loss"].extend(step_losses)
-        improved = cider > self.best_cider
-        self.best_cider, self.stale = (cider, 0) if improved else (self.best_cider, self.stale + 1)
+        score = cider if select_by == "cider" else -val_loss  # higher is better
+        improved = score > self.best_score
+        self.best_score, self.stale = (score, 0) if improved else (self.best_score, self.stale + 1)
         self.next_epoch = epoch + 1
         return improved
 
@@ -318,9 +321,9 @@ def restore_run(state, path, config, model, optimizer, scheduler, scaler):
     set_rng_state(state["rng"])
     run = RunState()
     run.history = state["history"]
-    run.next_epoch, run.best_cider, run.stale = (
-        state["epoch"] + 1, state["best_cider"], state["stale_epochs"],
-    )  # fmt: skip
+    # Checkpoints written before select_by hold the best CIDEr as "best_cider".
+    best = state["best_score"] if "best_score" in state else state["best_cider"]
+    run.next_epoch, run.best_score, run.stale = state["epoch"] + 1, best, state["stale_epochs"]
     return run
 
 
@@ -335,12 +338,12 @@ def save_run(output_dir, config, vocab, model, optimizer, scheduler, scaler, run
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
         "epoch": run.next_epoch - 1, "step": len(run.history["step_loss"]), "history": run.history,
-        "best_cider": run.best_cider, "stale_epochs": run.stale,
+        "best_score": run.best_score, "stale_epochs": run.stale,
         "preprocessing": preprocessing(config),  # what caption and evaluate feed the model
     }  # fmt: skip
     save_checkpoint(state, output_dir / "last.pt")
     if improved:
-        best = ("config", "vocab", "model", "epoch", "history", "best_cider", "preprocessing")
+        best = ("config", "vocab", "model", "epoch", "history", "best_score", "preprocessing")
         save_checkpoint({k: state[k] for k in best}, output_dir / "best.pt")
     plot = time.time() - run.plotted_at >= PLOT_EVERY_SECONDS
     write_history(run.history, output_dir, plot)
@@ -487,7 +490,7 @@ def train(config):
                    "val_accuracy": val_accuracy}  # fmt: skip
         improved = run.record_epoch(
             epoch, train_loss, val_loss, cider, scheduler.get_last_lr()[0],
-            time.time() - started, step_losses, stage, figures,
+            time.time() - started, step_losses, stage, figures, config.select_by,
         )  # fmt: skip
         if rank == 0:
             save_run(output_dir, config, vocab, model, optimizer, scheduler, scaler, run, improved)
@@ -525,7 +528,7 @@ def make_stage(config, model, stage, xe_steps, scst_steps):
 
 def begin_self_critical(config, model, run, output_dir, rank, world, steps):
     """Leave cross-entropy: keep its best checkpoint as best_cross_entropy.pt, go on from its
-    weights with the self-critical optimizer; patience counts afresh, the best CIDEr does not."""
+    weights with the self-critical optimizer; patience counts afresh, the best validation figure does not."""
     if world > 1:
         distributed.barrier()  # rank 0 has written the last epoch's files
     best = output_dir / "best.pt"
