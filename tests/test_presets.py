@@ -21,8 +21,8 @@ DEMO_VALUES = dict(
 # word_in_query and coverage: built into the attention decoder then, options now.
 ATTENTION_VALUES = dict(
     output_dir="outputs/demo-attention/model", decoder="attention", embed_size=128,
-    attention_size=128, attention_weight=0.1, lr=2e-3, epochs=16, word_in_query=True,
-    coverage=True,
+    attention_size=128, attention_weight=0.1, lr=2e-3, epochs=24, word_in_query=True,
+    coverage=True, select_by="loss",
 )  # fmt: skip
 
 
@@ -35,7 +35,7 @@ def test_demo_presets_are_unchanged():
     )
     assert demo_config("attention", scst=True) == dataclasses.replace(
         attention, output_dir="outputs/demo-attention-scst/model", epochs=12, scst_epochs=3,
-        scst_lr=2e-4,
+        scst_lr=2e-4, select_by="cider",
     )  # fmt: skip
     assert not DEMO_CONFIG.cut_captions  # demo captions run to 24 words: cut, they would change
 
