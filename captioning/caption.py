@@ -119,7 +119,7 @@ def draw_attention(maps, folder):
 @command
 def main(argv=None):
     """python caption.py CHECKPOINT IMAGE_OR_FOLDER... [--beam K] [--json OUT] [--draw DIR]
-    [--attention]"""
+    [--attention [--attention-layer K]]"""
     from captioning.atomic_file import write_json
 
     parser = argparse.ArgumentParser(description=caption_images.__doc__)
@@ -141,10 +141,17 @@ def main(argv=None):
         help="with --draw and an attention or transformer checkpoint: also each word's "
         "attention map",
     )  # fmt: skip
+    parser.add_argument(
+        "--attention-layer", type=int, metavar="K",
+        help="with --attention and a transformer checkpoint: draw decoder layer K's "
+        "cross-attention, counted from 1 (default: the last layer)",
+    )  # fmt: skip
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.attention and not args.draw:
         parser.error("--attention draws the attention maps: give --draw DIR too")
+    if args.attention_layer is not None and (not args.attention or args.attention_layer < 1):
+        parser.error("--attention-layer K: K counts from 1, and goes with --attention")
     paths = find_images(args.inputs)
     if not paths:
         parser.error("no images found in " + " ".join(args.inputs))
@@ -167,6 +174,7 @@ def main(argv=None):
                 attention_maps(
                     args.checkpoint, paths, args.beam, args.max_len,
                     length_penalty=args.length_penalty, options=options,
+                    layer=None if args.attention_layer is None else args.attention_layer - 1,
                 ),
                 args.draw,
             )  # fmt: skip

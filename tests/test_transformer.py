@@ -321,7 +321,7 @@ def test_blind_transformer_sees_a_zero_grid(demo_root, tmp_path):
         assert greedy_decode(model.decoder, grid, max_len=5).shape[0] == 2
 
 
-def test_caption_command_draws_the_transformers_cross_attention(demo_root, tmp_path):
+def test_caption_command_draws_the_transformers_cross_attention(demo_root, tmp_path, monkeypatch):
     train(tiny_config(demo_root, tmp_path / "run", **{**TINY, "decoder_layers": 2}, epochs=1))
     checkpoint = tmp_path / "run" / "best.pt"
     split = read_split(demo_root, "test")
@@ -347,6 +347,17 @@ def test_caption_command_draws_the_transformers_cross_attention(demo_root, tmp_p
     caption_main([str(checkpoint), *paths[:2], "--draw", str(tmp_path / "drawn"), "--attention"])
     for path in paths[:2]:
         assert (tmp_path / "drawn" / f"{Path(path).stem}_attention.png").stat().st_size > 1000
+    # --attention-layer K draws layer K's maps, counted from 1.
+    import captioning.caption
+
+    drawn = {}
+    monkeypatch.setattr(captioning.caption, "draw_attention", lambda maps, _: drawn.update(maps))
+    caption_main([str(checkpoint), *paths[:2], "--draw", str(tmp_path / "drawn"), "--attention",
+                  "--attention-layer", "1", "--max-len", "6"])  # fmt: skip
+    for path in paths[:2]:
+        torch.testing.assert_close(drawn[path][1], first[path][1])
+    with pytest.raises(SystemExit):
+        caption_main([str(checkpoint), paths[0], "--draw", str(tmp_path), "--attention-layer", "1"])
     train(tiny_config(demo_root, tmp_path / "showtell", epochs=1))
     with pytest.raises(CheckpointError, match="not 'attention' or 'transformer'"):
         attention_maps(tmp_path / "showtell" / "best.pt", paths)
