@@ -53,7 +53,7 @@ ATTENTION_DEMO_CONFIG = dataclasses.replace(
     word_in_query=True,
     coverage=True,
     lr=2e-3,
-    epochs=24,
+    epochs=16,
     select_by="loss",
 )
 

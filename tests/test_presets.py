@@ -21,7 +21,7 @@ DEMO_VALUES = dict(
 # word_in_query and coverage: built into the attention decoder then, options now.
 ATTENTION_VALUES = dict(
     output_dir="outputs/demo-attention/model", decoder="attention", embed_size=128,
-    attention_size=128, attention_weight=0.1, lr=2e-3, epochs=24, word_in_query=True,
+    attention_size=128, attention_weight=0.1, lr=2e-3, epochs=16, word_in_query=True,
     coverage=True, select_by="loss",
 )  # fmt: skip
 
