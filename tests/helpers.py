@@ -79,3 +79,13 @@ def greedy_alone(decoder, grid, max_len):
         ids.append(int(scores.argmax(dim=1)))
         weights.append(alpha[0])
     return ids, torch.stack(weights) if weights else grid.new_zeros(0, grid.size(1))
+
+
+def right_and_wrong_captions(annotations_file):
+    """({image id: a caption naming its objects}, {image id: the next image's such caption}):
+    fluent captions with the right objects, and the same captions with the wrong ones."""
+    images = json.loads(Path(annotations_file).read_text())["images"]
+    right = {im["id"]: " and ".join(f"a {o['color']} {o['shape']}" for o in im["objects"])
+             for im in images}  # fmt: skip
+    ids = list(right)
+    return right, {i: right[ids[(k + 1) % len(ids)]] for k, i in enumerate(ids)}

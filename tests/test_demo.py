@@ -17,6 +17,7 @@ from captioning.presets import (
     SCST_DEMO_CONFIG,
     TRANSFORMER_DEMO_CONFIG,
 )
+from tests.helpers import right_and_wrong_captions
 
 METRICS = {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
 OBJECTS = {"accuracy", "by_count", "n"}
@@ -64,12 +65,8 @@ def test_run_demo_writes_its_documented_outputs(demo_root, tmp_path, capsys, mon
 
 def test_beam_against_greedy_is_the_mean_gain_over_redrawn_references(demo_root):
     path = demo_root / "annotations" / "captions_test2017.json"
-    images = json.loads(path.read_text())["images"]
-    right = {im["id"]: " and ".join(f"a {o['color']} {o['shape']}" for o in im["objects"])
-             for im in images}  # fmt: skip
-    ids = list(right)
-    wrong = {i: right[ids[(k + 1) % len(ids)]] for k, i in enumerate(ids)}  # the next image's
-    half = {i: wrong[i] if k % 2 else right[i] for k, i in enumerate(ids)}
+    right, wrong = right_and_wrong_captions(path)
+    half = {i: wrong[i] if k % 2 else right[i] for k, i in enumerate(right)}
     scores = cider_over_redrawn_references(
         {"right": right, "half": half}, path, draws=4, progress=False
     )

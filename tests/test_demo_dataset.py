@@ -21,6 +21,7 @@ from captioning.demo.dataset import (
     object_accuracy,
     parse_objects,
 )
+from tests.helpers import right_and_wrong_captions
 
 SMALL = {"n_train": 30, "n_val": 10, "n_test": 10, "image_size": 64, "progress": False}
 
@@ -239,11 +240,7 @@ def test_cider_over_redrawn_references_ranks_right_objects_above_wrong(demo_root
 
     path = demo_root / "annotations" / "captions_test2017.json"
     images = json.loads(path.read_text())["images"]
-    right = {im["id"]: " and ".join(f"a {o['color']} {o['shape']}" for o in im["objects"])
-             for im in images}  # fmt: skip
-    # The same captions, each given to the next image: fluent, but the wrong objects.
-    ids = list(right)
-    wrong = {i: right[ids[(k + 1) % len(ids)]] for k, i in enumerate(ids)}
+    right, wrong = right_and_wrong_captions(path)  # the same captions, each on the next image
     scores = cider_over_redrawn_references(
         {"right": right, "wrong": wrong}, path, draws=3, progress=False
     )
