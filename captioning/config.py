@@ -163,7 +163,8 @@ class TrainConfig:
     )
     select_by: str = option(
         "cider", "the validation figure that picks best.pt and counts patience: cider (the "
-        "highest CIDEr) or loss (the lowest cross-entropy; cross-entropy training only)",
+        "highest CIDEr) or loss (the lowest cross-entropy); self-critical epochs go by CIDEr, "
+        "the figure they raise",
         choices=("cider", "loss"),
     )  # fmt: skip
     patience: int | None = option(
@@ -212,11 +213,6 @@ class TrainConfig:
             raise ConfigError(
                 "TrainConfig.scst_samples: 1 is not allowed with scst_baseline='mean' (the "
                 "baseline is the mean of the image's other samples); use 2 or more, or 'greedy'"
-            )
-        if self.select_by == "loss" and self.scst_epochs:
-            raise ConfigError(
-                "TrainConfig.select_by: 'loss' is not allowed with scst_epochs (the self-critical "
-                "stage maximises CIDEr, not the cross-entropy); use select_by='cider'"
             )
         if self.init_from is not None and not self.scst_epochs:
             raise ConfigError(

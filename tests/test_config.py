@@ -112,12 +112,6 @@ def test_cache_images_with_augment_refused_when_made():
         TrainConfig(trainable_blocks=-1, cache_images=True, augment=True)
 
 
-def test_select_by_loss_refused_with_a_self_critical_stage():
-    with pytest.raises(ConfigError, match="select_by: 'loss' is not allowed with scst_epochs"):
-        TrainConfig(select_by="loss", scst_epochs=2)
-    assert TrainConfig(select_by="loss").select_by == "loss"
-
-
 def test_command_line_parses_flags_and_refuses_nonsense(capsys):
     config = parse_config(
         TrainConfig,

@@ -103,7 +103,7 @@ def test_run_demo_with_a_transformer_measures_each_layers_attention(
     without_java(monkeypatch)
     config = dataclasses.replace(
         TRANSFORMER_DEMO_CONFIG, data_dir=str(demo_root), image_size=32, embed_size=32,
-        feed_forward=64, epochs=1, val_images=10, progress=False,
+        feed_forward=64, decoder_layers=2, epochs=1, val_images=10, progress=False,
     )  # fmt: skip
     layers = []
     measure = demo.attention_summary

@@ -144,6 +144,30 @@ def test_patience_counts_epochs_without_a_lower_val_loss(demo_root, tmp_path, mo
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
 
 
+def test_with_select_by_loss_self_critical_epochs_must_beat_the_kept_epochs_cider(
+    demo_root, tmp_path, monkeypatch
+):
+    # Cross-entropy: val CIDEr 0.5 then 0.4, val loss 0.8 then 0.7: the second epoch is kept.
+    # Its CIDEr, 0.4, is what the self-critical epoch (0.3, then 0.45) must beat.
+    scores = iter([0.5, 0.4, 0.3, 0.45])
+    losses = iter([0.8, 0.7, 0.75, 0.75])
+    monkeypatch.setattr(train_module, "cider_score", lambda *a, **k: next(scores))
+    real = train_module.run_epoch
+
+    def run_epoch(model, loader, *args, **kwargs):
+        step_losses, loss, accuracy = real(model, loader, *args, **kwargs)
+        return step_losses, next(losses) if kwargs.get("desc") == "val loss" else loss, accuracy
+
+    monkeypatch.setattr(train_module, "run_epoch", run_epoch)
+    config = tiny_config(
+        demo_root, tmp_path, epochs=2, scst_epochs=2, select_by="loss", patience=None
+    )
+    history = train(config)
+    assert history["stage"] == ["xe", "xe", "scst", "scst"]
+    assert load_checkpoint(tmp_path / "best_cross_entropy.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 3  # 0.45 > 0.4; 0.3 was not
+
+
 def test_resume_reads_the_best_cider_of_checkpoints_from_before_select_by(demo_root, tmp_path):
     train(tiny_config(demo_root, tmp_path, epochs=1))
     state = load_checkpoint(tmp_path / "last.pt")

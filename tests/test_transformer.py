@@ -385,8 +385,9 @@ def test_coco_preset_is_ruotianluos_transformer_and_the_table_names_its_fields()
 def test_demo_preset_is_a_small_transformer():
     config = demo_config("transformer")
     assert config == TRANSFORMER_DEMO_CONFIG and config.decoder == "transformer"
-    assert (config.encoder_layers, config.decoder_layers, config.embed_size) == (2, 2, 128)
+    assert (config.encoder_layers, config.decoder_layers, config.embed_size) == (1, 4, 128)
     scst = demo_config("transformer", scst=True)
     assert scst.scst_epochs > 0 and scst.output_dir != config.output_dir
     assert dataclasses.replace(scst, output_dir=config.output_dir, epochs=config.epochs,
-                               scst_epochs=0, scst_lr=config.scst_lr) == config  # fmt: skip
+                               scst_epochs=0, scst_lr=config.scst_lr,
+                               select_by=config.select_by) == config  # fmt: skip

@@ -184,9 +184,11 @@ def report(summary, output_dir, grid):
         before, after = summary["cross_entropy_greedy"]["CIDEr"], summary["greedy"]["CIDEr"]
         print(f"self-critical stage: greedy CIDEr {after / before - 1:+.1%} over cross-entropy "
               f"(best.pt is from the {summary['best_epoch_stage']} stage)")  # fmt: skip
-    b = summary["beam_vs_greedy"]
-    print(f"beam 3 minus greedy CIDEr over {b['draws']} redrawn reference sets: {b['mean']:+.3f} "
-          f"(sd {b['sd']:.3f}; beam at least level in {b['level_or_better']})")  # fmt: skip
+    if "beam_vs_greedy" in summary:  # summaries from before it have none
+        b = summary["beam_vs_greedy"]
+        print(f"beam 3 minus greedy CIDEr over {b['draws']} redrawn reference sets: "
+              f"{b['mean']:+.3f} (sd {b['sd']:.3f}; beam at least level in "
+              f"{b['level_or_better']})")  # fmt: skip
     if "blind_greedy" in summary:
         print(
             f"CIDEr vs blind: {summary['cider_ratio_to_blind']:.1f}x; training "

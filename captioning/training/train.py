@@ -284,7 +284,7 @@ class RunState:
     def record_epoch(self, epoch, train_loss, val_loss, cider, lr, seconds, step_losses,
                      stage="xe", figures=None, select_by="cider"):  # fmt: skip
         """Append one epoch's figures; returns whether its `select_by` figure (val CIDEr or
-        val loss, the same on every rank) is the best so far.
+        val loss, the same on every rank; CIDEr in the self-critical stage) is the best so far.
 
         `train_loss` is None in the self-critical stage. `figures` hold the token accuracies
         and, in that stage, its mean reward, mean baseline and share of positive advantages.
@@ -304,7 +304,8 @@ class RunState:
         ):  # fmt: skip
             self.history[key].append(value)
         self.history["step_loss"].extend(step_losses)
-        score = cider if select_by == "cider" else -val_loss  # higher is better
+        by_loss = select_by == "loss" and stage == "xe"
+        score = -val_loss if by_loss else cider  # higher is better
         improved = score > self.best_score
         self.best_score, self.stale = (score, 0) if improved else (self.best_score, self.stale + 1)
         self.next_epoch = epoch + 1
@@ -528,7 +529,8 @@ def make_stage(config, model, stage, xe_steps, scst_steps):
 
 def begin_self_critical(config, model, run, output_dir, rank, world, steps):
     """Leave cross-entropy: keep its best checkpoint as best_cross_entropy.pt, go on from its
-    weights with the self-critical optimizer; patience counts afresh, the best validation figure does not."""
+    weights with the self-critical optimizer; patience counts afresh. The stage goes by CIDEr:
+    with select_by="loss", the CIDEr to beat becomes that of the epoch kept."""
     if world > 1:
         distributed.barrier()  # rank 0 has written the last epoch's files
     best = output_dir / "best.pt"
@@ -540,6 +542,9 @@ def begin_self_critical(config, model, run, output_dir, rank, world, steps):
     # The stage starts from rank 0's weights on every rank, whatever each one read.
     distributed.broadcast_module(model)
     run.stale = 0
+    if config.select_by == "loss":  # rank 0's figure: the others may not see best.pt
+        kept = state["history"]["val_cider"][state["epoch"]] if state else -math.inf
+        run.best_score = distributed.broadcast_value(kept)
     return make_stage(config, model, "scst", 0, steps)
 
 
