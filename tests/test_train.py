@@ -144,12 +144,13 @@ def test_patience_counts_epochs_without_a_lower_val_loss(demo_root, tmp_path, mo
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
 
 
+@pytest.mark.parametrize("scst_scores, best", [((0.3, 0.45), 3), ((0.3, 0.35), 1)])
 def test_with_select_by_loss_self_critical_epochs_must_beat_the_kept_epochs_cider(
-    demo_root, tmp_path, monkeypatch
+    demo_root, tmp_path, monkeypatch, scst_scores, best
 ):
     # Cross-entropy: val CIDEr 0.5 then 0.4, val loss 0.8 then 0.7: the second epoch is kept.
-    # Its CIDEr, 0.4, is what the self-critical epoch (0.3, then 0.45) must beat.
-    scores = iter([0.5, 0.4, 0.3, 0.45])
+    # Its CIDEr, 0.4 (not the loss, nor the higher 0.5), is what self-critical epochs must beat.
+    scores = iter([0.5, 0.4, *scst_scores])
     losses = iter([0.8, 0.7, 0.75, 0.75])
     monkeypatch.setattr(train_module, "cider_score", lambda *a, **k: next(scores))
     real = train_module.run_epoch
@@ -165,7 +166,7 @@ def test_with_select_by_loss_self_critical_epochs_must_beat_the_kept_epochs_cide
     history = train(config)
     assert history["stage"] == ["xe", "xe", "scst", "scst"]
     assert load_checkpoint(tmp_path / "best_cross_entropy.pt")["epoch"] == 1
-    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 3  # 0.45 > 0.4; 0.3 was not
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == best
 
 
 def test_resume_reads_the_best_cider_of_checkpoints_from_before_select_by(demo_root, tmp_path):
