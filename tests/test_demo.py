@@ -81,22 +81,6 @@ def test_beam_against_greedy_is_the_mean_gain_over_redrawn_references(demo_root)
     assert level["mean"] == 0 and level["level_or_better"] == 4
 
 
-def test_run_demo_with_attention_adds_the_attention_measure_and_maps(
-    demo_root, tmp_path, monkeypatch
-):
-    without_java(monkeypatch)
-    config = dataclasses.replace(
-        ATTENTION_DEMO_CONFIG, data_dir=str(demo_root), image_size=32, embed_size=32,
-        hidden_size=48, attention_size=16, epochs=1, val_images=10, progress=False,
-    )  # fmt: skip
-    options = dict(n_train=60, n_val=20, n_test=20, seed=1)
-    summary = run_demo(tmp_path / "demo", config, grid_size=4, dataset_options=options)
-    assert "blind_greedy" not in summary and summary["config"]["decoder"] == "attention"
-    assert set(summary["attention"]) == {"on_object", "chance", "words"}
-    drawn = sorted((tmp_path / "demo" / "attention").glob("*_attention.png"))
-    assert len(drawn) == 4
-
-
 def test_run_demo_with_a_transformer_measures_each_layers_attention(
     demo_root, tmp_path, monkeypatch
 ):
@@ -114,9 +98,12 @@ def test_run_demo_with_a_transformer_measures_each_layers_attention(
     summary = run_demo(
         tmp_path / "demo", config, grid_size=4, dataset_options=options, reference_draws=2
     )
+    # A grid decoder's run (attention's takes the same path): no blind run, where words looked.
+    assert "blind_greedy" not in summary and summary["config"]["decoder"] == "transformer"
+    assert set(summary["attention"]) == {"on_object", "chance", "words"}
+    assert len(list((tmp_path / "demo" / "attention").glob("*_attention.png"))) == 4
     assert layers == [None, 0, 1]  # the default (the last layer), then each layer in turn
     assert summary["attention_by_layer"][-1] == summary["attention"]
-    assert len(list((tmp_path / "demo" / "attention").glob("*_attention.png"))) == 4
 
 
 def test_run_demo_with_self_critical_stage_scores_both_checkpoints(
