@@ -372,12 +372,11 @@ def cider_over_redrawn_references(predictions: dict, annotations_file, draws=60,
     draw against freshly written references: the spread is what the choice of phrasings alone
     does to a CIDEr difference on this data (Python tokenisation, as `cider_score`, and the
     in-process CIDEr-D that equals its scorer)."""
-    from captioning.evaluation.cider_d import corpus_cider_d
-    from captioning.evaluation.coco_metrics import _tokenize_like_ptb
+    from captioning.evaluation.cider_d import corpus_cider_d, ptb_tokens
 
     images = json.loads(Path(annotations_file).read_text())["images"]
     tokens = {
-        name: {int(i): _tokenize_like_ptb(c).split() for i, c in captions.items()}
+        name: dict(zip(map(int, captions), ptb_tokens(captions.values())))
         for name, captions in predictions.items()
     }
     scores = {name: [] for name in predictions}
@@ -386,7 +385,7 @@ def cider_over_redrawn_references(predictions: dict, annotations_file, draws=60,
         tokenised = {}  # each image's references tokenised once per draw, for every name
         for name, hypotheses in tokens.items():
             for i in hypotheses.keys() - tokenised.keys():
-                tokenised[i] = [_tokenize_like_ptb(r).split() for r in references[i]]
+                tokenised[i] = ptb_tokens(references[i])
             score, _ = corpus_cider_d(list(hypotheses.values()), [tokenised[i] for i in hypotheses])
             scores[name].append(score)
     return scores
