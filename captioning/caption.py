@@ -59,20 +59,23 @@ def caption_images(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
 
 @torch.no_grad()
 def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None,
-                   length_penalty=LENGTH_PENALTY, options=None, layer=None):  # fmt: skip
+                   length_penalty=LENGTH_PENALTY, options=None, layer=None,
+                   head=None):  # fmt: skip
     """{path: (words, weights (words, positions))}: each generated word of an attention or
     transformer model's caption, `<end>` included, and where it looked (a transformer: the
-    cross-attention of decoder layer `layer`, None: the last, averaged over the heads);
-    `options` as for `caption_images`."""
+    cross-attention of decoder layer `layer`, None: the last, from its head `head`, None: averaged
+    over the heads); `options` as for `caption_images`."""
     from captioning.checkpoint import GRID_DECODERS, load_trained
     from captioning.decoding import beam_search, greedy_decode
 
     device = resolve_device(device or "auto")
     model, vocab, config = load_trained(checkpoint, device, decoder=GRID_DECODERS)
-    if layer is not None:
+    if (layer, head) != (None, None):
         if config.decoder != "transformer":
-            raise ValueError(f"layer={layer}: only a transformer has layers of attention")
-        model.decoder.attention_layer = layer
+            raise ValueError(f"layer={layer}, head={head}: only a transformer has layers and heads")
+        if layer is not None:
+            model.decoder.attention_layer = layer
+        model.decoder.attention_head = head
     max_len = max_len or config.max_caption_len
     options = options and options.for_vocab(vocab)
     maps = {}

@@ -55,8 +55,9 @@ class TransformerDecoder(nn.Module):
     decoder over the words; the decoder protocol of `model`.
 
     `width` (d_model), `heads`, `feed_forward`, `dropout` as in `nn.TransformerDecoderLayer`;
-    `attention_layer`: the decoder layer whose cross-attention weights, averaged over the heads,
-    `score` and `step` return (-1: the last). The state is (cross, cache), batch first:
+    `attention_layer`: the decoder layer whose cross-attention weights `score` and `step` return
+    (-1: the last); `attention_head`: of its heads, the one returned (None: their average). The
+    state is (cross, cache), batch first:
     cross (batch, layers, 2, positions, width), each decoder layer's cross-attention keys and
     values of the encoded grid, computed once by `init_state`; cache (batch, layers, 2, words,
     width), each layer's self-attention keys and values of the words read so far, one longer
@@ -66,7 +67,7 @@ class TransformerDecoder(nn.Module):
 
     def __init__(self, feature_size, vocab_size, width=512, heads=8, encoder_layers=6,
                  decoder_layers=6, feed_forward=2048, dropout=0.1, end_id=1, start_id=0,
-                 attention_layer=-1):  # fmt: skip
+                 attention_layer=-1, attention_head=None):  # fmt: skip
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not a multiple of heads {heads}")
@@ -91,7 +92,7 @@ class TransformerDecoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, width)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(width, vocab_size)
-        self.attention_layer = attention_layer
+        self.attention_layer, self.attention_head = attention_layer, attention_head
         # Glorot initialisation of every matrix, as nn.Transformer and ruotianluo's model.
         for p in self.parameters():
             if p.dim() > 1:
@@ -108,6 +109,18 @@ class TransformerDecoder(nn.Module):
         if not -layers <= layer < layers:
             raise ValueError(f"attention_layer {layer}: the decoder has {layers} layers")
         self._attention_layer = layer % layers
+
+    @property
+    def attention_head(self):
+        """The head (0 to heads - 1) whose cross-attention `score` and `step` return; None: the
+        average over the heads."""
+        return self._attention_head
+
+    @attention_head.setter
+    def attention_head(self, head):
+        if head is not None and not 0 <= head < self.heads:
+            raise ValueError(f"attention_head {head}: the decoder has {self.heads} heads")
+        self._attention_head = head
 
     def encode(self, grid):
         """The encoded grid (batch, positions, width): projected, position-coded, encoded."""
@@ -131,8 +144,8 @@ class TransformerDecoder(nn.Module):
 
     def _attend(self, attention, queries, keys_values, mask=None, need_weights=False):
         """`attention`'s output (batch, n, width) for `queries` (batch, n, width) over keys and
-        values (batch, 2, m, width), and with `need_weights` its weights averaged over the heads
-        (batch, n, m), before attention dropout."""
+        values (batch, 2, m, width), and with `need_weights` its weights (batch, n, m) before
+        attention dropout: `attention_head`'s, or averaged over the heads."""
         w, b = attention.in_proj_weight[: self.width], attention.in_proj_bias[: self.width]
         # Split into heads: (batch, heads, n, width / heads) and (batch, heads, m, width / heads).
         q = F.linear(queries, w, b).unflatten(-1, (self.heads, -1)).transpose(1, 2)
@@ -145,7 +158,8 @@ class TransformerDecoder(nn.Module):
                 scores = scores.masked_fill(~mask, float("-inf"))
             probs = scores.softmax(dim=-1)
             out = F.dropout(probs, p, self.training) @ v
-            weights = probs.mean(dim=1)  # (batch, n, m)
+            head = self.attention_head
+            weights = probs.mean(dim=1) if head is None else probs[:, head]  # (batch, n, m)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         out = out.transpose(1, 2).flatten(2)  # (batch, n, width)
@@ -190,7 +204,7 @@ class TransformerDecoder(nn.Module):
 
     def step(self, words, state):
         """One word: ids (batch,) -> scores (batch, vocab), the new state, the cross-attention
-        weights (batch, positions) of `attention_layer` averaged over the heads."""
+        weights (batch, positions) of `attention_layer` (and `attention_head`)."""
         hidden, state, weights = self.decode(words.unsqueeze(1), state)
         return self.fc(hidden.squeeze(1)), state, weights.squeeze(1)
 

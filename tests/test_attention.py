@@ -344,7 +344,19 @@ def test_attention_on_the_named_object_on_hand_made_maps(demo_root):
     assert on["chance"] == pytest.approx(overlapping.mean()) and 0 < on["chance"] < 0.5
     wrong_colour = [w if w != obj["color"] else "plaid" for w in words]
     none = attention_on_objects({image["id"]: (wrong_colour, peaked_at(inside))}, annotations)
-    assert none == {"on_object": None, "chance": None, "words": 0}
+    assert none == {"on_object": None, "on_another_object": None, "chance": None, "words": 0}
+    assert on["on_another_object"] == off["on_another_object"] == 0.0  # no other object here
+    # Two objects, the first named: a peak on the second alone counts as on another object.
+    for pair in (i for i in images if len(i["objects"]) == 2):
+        named, other = (cells_overlapping(object_box(o, size), side, cell) for o in pair["objects"])
+        only_other, neither = other & ~named, ~(named | other)
+        if only_other.any() and neither.any():
+            break
+    words = ["a", pair["objects"][0]["color"], pair["objects"][0]["shape"], "<end>"]
+    for cells, expected in ((only_other, 1.0), (neither, 0.0)):
+        peak = int(cells.flatten().nonzero()[0][0])
+        seen = attention_on_objects({pair["id"]: (words, peaked_at(peak))}, annotations)
+        assert seen["on_object"] == 0.0 and seen["on_another_object"] == expected
 
 
 def test_caption_command_draws_each_words_attention(demo_root, tmp_path):

@@ -82,7 +82,7 @@ def test_beam_against_greedy_is_the_mean_gain_over_redrawn_references(demo_root)
 
 
 def test_run_demo_with_a_transformer_measures_each_layers_attention(
-    demo_root, tmp_path, monkeypatch
+    demo_root, tmp_path, monkeypatch, capsys
 ):
     without_java(monkeypatch)
     config = dataclasses.replace(
@@ -100,10 +100,16 @@ def test_run_demo_with_a_transformer_measures_each_layers_attention(
     )
     # A grid decoder's run (attention's takes the same path): no blind run, where words looked.
     assert "blind_greedy" not in summary and summary["config"]["decoder"] == "transformer"
-    assert set(summary["attention"]) == {"on_object", "chance", "words"}
+    assert set(summary["attention"]) == {"on_object", "on_another_object", "chance", "words"}
     assert len(list((tmp_path / "demo" / "attention").glob("*_attention.png"))) == 4
-    assert layers == [None, 0, 1]  # the default (the last layer), then each layer in turn
+    # The default map (the last layer's), then each layer before it: the last is not redone.
+    assert layers == [None, 0]
+    assert len(summary["attention_by_layer"]) == 2
     assert summary["attention_by_layer"][-1] == summary["attention"]
+    printed = capsys.readouterr().out
+    for k, layer in enumerate(summary["attention_by_layer"]):
+        line = f"decoder layer {k + 1}'s cross-attention (heads averaged) on the object: "
+        assert line + demo.on_object(layer) in printed
 
 
 def test_run_demo_with_self_critical_stage_scores_both_checkpoints(

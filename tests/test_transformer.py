@@ -255,6 +255,12 @@ def test_the_attention_layer_is_a_choice():
     torch.testing.assert_close(first, heads.mean(dim=1), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="attention_layer 3: the decoder has 3 layers"):
         decoder.attention_layer = 3
+    # One head instead of their average.
+    for head in range(HEADS):
+        decoder.attention_head = head
+        torch.testing.assert_close(decoder(grid, captions).weights, heads[:, head])
+    with pytest.raises(ValueError, match=f"attention_head {HEADS}: the decoder has {HEADS} heads"):
+        decoder.attention_head = HEADS
 
 
 def test_decode_captions_and_sampling_work_for_the_transformer():
@@ -343,7 +349,9 @@ def test_caption_command_draws_the_transformers_cross_attention(demo_root, tmp_p
     # The demo's check of where object words look reads these maps as it reads attention's.
     annotations = demo_root / "annotations" / "captions_test2017.json"
     by_id = {i: maps[p] for i, p in zip(split.image_ids, paths)}
-    assert set(attention_on_objects(by_id, annotations)) == {"on_object", "chance", "words"}
+    assert set(attention_on_objects(by_id, annotations)) == {
+        "on_object", "on_another_object", "chance", "words"
+    }  # fmt: skip
     caption_main([str(checkpoint), *paths[:2], "--draw", str(tmp_path / "drawn"), "--attention"])
     for path in paths[:2]:
         assert (tmp_path / "drawn" / f"{Path(path).stem}_attention.png").stat().st_size > 1000

@@ -398,11 +398,12 @@ def attention_on_objects(maps: dict, annotations_file) -> dict:
     square grid. For every object a caption names right (its colour word and shape word),
     each of the two words counts as a hit when its attention peak's grid cell overlaps the
     object's box. "chance" is what a peak at a random cell would score: the share of cells
-    that overlap the box, averaged over the same words.
+    that overlap the box, averaged over the same words. "on_another_object": the share of the
+    words whose peak misses the named object's box but overlaps another object's.
     """
     path = Path(annotations_file)
     images = {image["id"]: image for image in json.loads(path.read_text())["images"]}
-    hits, chances = [], []
+    hits, elsewhere, chances = [], [], []
     for image_id, (words, weights) in maps.items():
         image = images[int(image_id)]
         weights = np.asarray(weights, dtype=np.float64)
@@ -414,14 +415,19 @@ def attention_on_objects(maps: dict, annotations_file) -> dict:
             if pair not in boxes:
                 continue
             overlapping = cells_overlapping(boxes[pair], side, cell)  # (side, side) booleans
+            others = np.zeros_like(overlapping)
+            for other in boxes.keys() - {pair}:
+                others |= cells_overlapping(boxes[other], side, cell)
             for word in (k - 1, k):
                 row, col = divmod(int(weights[word].argmax()), side)
                 hits.append(bool(overlapping[row, col]))
+                elsewhere.append(bool(others[row, col] and not overlapping[row, col]))
                 chances.append(float(overlapping.mean()))
     if not hits:  # no caption names an object right: nothing to measure
-        return {"on_object": None, "chance": None, "words": 0}
+        return {"on_object": None, "on_another_object": None, "chance": None, "words": 0}
     return {
         "on_object": float(np.mean(hits)),
+        "on_another_object": float(np.mean(elsewhere)),
         "chance": float(np.mean(chances)),
         "words": len(hits),
     }

@@ -102,8 +102,8 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, datase
     if config.decoder == "transformer":  # which decoder layer's cross-attention finds the object
         summary["attention_by_layer"] = [
             attention_summary(checkpoint, data_dir, None, n_figures=0, layer=k)
-            for k in range(config.decoder_layers)
-        ]
+            for k in range(config.decoder_layers - 1)
+        ] + [summary["attention"]]  # the last layer's is the default map's
     with open(test_annotations) as f:
         files = {im["id"]: data_dir / "test2017" / im["file_name"] for im in json.load(f)["images"]}
     shown = list(greedy["predictions"].items())[:grid_size]
@@ -148,14 +148,15 @@ def blind_baseline(config, output_dir, data_dir, greedy):
     }
 
 
-def attention_summary(checkpoint, data_dir, folder, n_figures=4, layer=None):
+def attention_summary(checkpoint, data_dir, folder, n_figures=4, layer=None, head=None):
     """Attention on the named objects over the test split; the first images' maps drawn in
-    `folder`. `layer`: a transformer's decoder layer (None: the last), as `attention_maps`."""
+    `folder`. `layer`, `head`: a transformer's decoder layer (None: the last) and head (None:
+    their average), as `attention_maps`."""
     from captioning.caption import attention_maps, draw_attention
     from captioning.data.annotations import read_split
 
     split = read_split(data_dir, "test")
-    maps = attention_maps(checkpoint, split.image_paths, layer=layer)
+    maps = attention_maps(checkpoint, split.image_paths, layer=layer, head=head)
     if n_figures:
         draw_attention({p: maps[p] for p in split.image_paths[:n_figures]}, folder)
     by_id = {i: maps[p] for i, p in zip(split.image_ids, split.image_paths)}
@@ -199,16 +200,23 @@ def report(summary, output_dir, grid):
         print(f"training {summary['train_seconds']:.0f} s; total {summary['total_seconds']:.0f} s")
     if "attention" in summary:
         a = summary["attention"]
-        on = "-" if a["on_object"] is None else f"{a['on_object']:.1%}"
-        print(f"attention on the named object: {on} of {a['words']} object words "
+        print(f"attention on the named object: {on_object(a)} of {a['words']} object words "
               f"(chance {a['chance'] or 0:.1%}); maps in {output_dir / 'attention'}/")  # fmt: skip
     for k, a in enumerate(summary.get("attention_by_layer", [])):
-        on = "-" if a["on_object"] is None else f"{a['on_object']:.1%}"
-        print(f"  decoder layer {k + 1}'s cross-attention (heads averaged) on the object: {on}")
+        print(f"  decoder layer {k + 1}'s cross-attention (heads averaged) on the object: "
+              f"{on_object(a)}")  # fmt: skip
     print(f"\nmetrics:          {output_dir / 'metrics.json'}")
     print(f"learning curves:  {output_dir / 'model' / 'learning_curves.png'}")
     print(f"captioned images: {grid}")
     print(f"checkpoint:       {output_dir / 'model' / 'best.pt'}")
+
+
+def on_object(attention):
+    """`attention_on_objects`' shares of peaks on the named object and on another one ("-" with
+    no object words)."""
+    if attention["on_object"] is None:
+        return "-"
+    return f"{attention['on_object']:.1%} (on another object: {attention['on_another_object']:.1%})"
 
 
 @command
