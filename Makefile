@@ -28,7 +28,7 @@ demo-scst: venv
 demo-attention-scst: venv
 	$(PY) demo.py --decoder attention --scst
 
-# The transformer decoder (captioning/transformer.py); its demo preset is not tuned yet.
+# The transformer decoder (captioning/transformer.py); its presets: docs/demo.md.
 demo-transformer: venv
 	$(PY) demo.py --decoder transformer
 
