@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from captioning.command import add_debug_flag, command
-from captioning.decoding import LENGTH_PENALTY, DecodingOptions
+from captioning.decoding import DecodingOptions
 from captioning.distributed import resolve_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -38,9 +38,10 @@ def image_batches(paths, preprocessing, batch_size, device):
 
 @torch.no_grad()
 def caption_images(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None,
-                   length_penalty=LENGTH_PENALTY, options=None):  # fmt: skip
+                   length_penalty=None, options=None):  # fmt: skip
     """{path: caption} for image files, using the model saved in `checkpoint`; `options`: the
-    `decoding.DecodingOptions` captions keep to (None: none)."""
+    `decoding.DecodingOptions` captions keep to (None: none); `max_len`, `length_penalty`
+    (None): the checkpoint's config's."""
     from captioning.checkpoint import load_trained
     from captioning.decoding import decode_captions
 
@@ -51,7 +52,7 @@ def caption_images(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
         features = model.encode(images)  # (batch, embed) or a grid; zeros seen if blind
         _, texts = decode_captions(
             model.decoder, features, vocab, beam_size, max_len or config.max_caption_len,
-            length_penalty, options,
+            config.length_penalty if length_penalty is None else length_penalty, options,
         )  # fmt: skip
         captions.update(zip(map(str, chunk), texts))
     return captions
@@ -59,12 +60,11 @@ def caption_images(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
 
 @torch.no_grad()
 def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None,
-                   length_penalty=LENGTH_PENALTY, options=None, layer=None,
-                   head=None):  # fmt: skip
+                   length_penalty=None, options=None, layer=None, head=None):  # fmt: skip
     """{path: (words, weights (words, positions))}: each generated word of an attention or
     transformer model's caption, `<end>` included, and where it looked (a transformer: the
     cross-attention of decoder layer `layer`, None: the last, from its head `head`, None: averaged
-    over the heads); `options` as for `caption_images`."""
+    over the heads); `options`, `max_len` and `length_penalty` as for `caption_images`."""
     from captioning.checkpoint import GRID_DECODERS, load_trained
     from captioning.decoding import beam_search, greedy_decode
 
@@ -77,6 +77,7 @@ def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
             model.decoder.attention_layer = layer
         model.decoder.attention_head = head
     max_len = max_len or config.max_caption_len
+    length_penalty = config.length_penalty if length_penalty is None else length_penalty
     options = options and options.for_vocab(vocab)
     maps = {}
     for chunk, images in image_batches(paths, model.preprocessing, batch_size, device):
@@ -130,8 +131,9 @@ def main(argv=None):
     parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     parser.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
     parser.add_argument(
-        "--length-penalty", type=float, default=LENGTH_PENALTY,
-        help="beam: rank by log-prob / length ** this (default 0: the raw sum)",
+        "--length-penalty", type=float,
+        help="beam: rank by log-prob / length ** this (default: the checkpoint's "
+        "TrainConfig.length_penalty; 0: the raw sum)",
     )  # fmt: skip
     parser.add_argument("--max-len", type=int)
     DecodingOptions.add_flags(parser)

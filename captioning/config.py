@@ -16,6 +16,7 @@ from captioning.data.loading import RESIZE_MODES
 RESUMABLE_CHANGES = (
     "epochs", "patience", "resume", "progress", "num_workers", "device", "amp",
     "output_dir", "data_dir", "val_images", "skip_bad_images", "scst_epochs", "log_every",
+    "length_penalty",
 )  # fmt: skip
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 
@@ -153,6 +154,11 @@ class TrainConfig:
     max_caption_len: int = option(
         20, "longest generated caption, <start> and <end> included", low=2
     )
+    length_penalty: float = option(
+        0.0, "beam search's default for this model (evaluate, caption): captions ranked by "
+        "summed log-probability / length ** length_penalty; 0: the sum, below 0: shorter "
+        "captions favoured; choose it on the validation split",
+    )  # fmt: skip
     # Off by default: the demo trains on whole captions (up to 24 words), as its figures were made.
     cut_captions: bool = option(
         False, "cut training captions to what decoding can give: max_caption_len - 2 words, then "

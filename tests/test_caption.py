@@ -113,15 +113,19 @@ def test_caption_greedy_default_and_missing_file(
         caption.main([str(checkpoint), str(tmp_path / "nope.jpg"), "--debug"])
 
 
-def test_length_penalty_flags_reach_the_beam_search(checkpoint, coco_sample, monkeypatch):
+def test_length_penalty_is_the_checkpoints_unless_a_flag_gives_one(
+    checkpoint, coco_sample, demo_root, monkeypatch, tmp_path
+):
     from captioning import caption, decoding
     from captioning.evaluation import evaluate
 
-    # The functions behind the commands (and the demo's evaluation) default to the same ranking.
-    for function in (evaluate.evaluate, evaluate.predict_captions, caption.caption_images,
-                     caption.attention_maps):  # fmt: skip
-        penalty = inspect.signature(function).parameters["length_penalty"].default
-        assert penalty == decoding.LENGTH_PENALTY, function.__name__
+    # The functions behind the commands (and the demo's evaluation) read it from the checkpoint.
+    for function in (evaluate.evaluate, caption.caption_images, caption.attention_maps):
+        assert inspect.signature(function).parameters["length_penalty"].default is None
+    state = load_checkpoint(checkpoint)
+    assert state["config"]["length_penalty"] == 0.0
+    state["config"]["length_penalty"] = -0.5
+    shorter = save_checkpoint(state, tmp_path / "shorter.pt")
     seen, decode = [], decoding.decode_captions
 
     def recording_decode(*args, **kwargs):
@@ -129,14 +133,22 @@ def test_length_penalty_flags_reach_the_beam_search(checkpoint, coco_sample, mon
         return decode(*args, **kwargs)
 
     monkeypatch.setattr(decoding, "decode_captions", recording_decode)
-    grayscale = coco_sample / "val2017" / GRAYSCALE
-    caption.main([str(checkpoint), str(grayscale), "--beam", "2", "--length-penalty", "0.7"])
-    assert seen == [0.7]
+    monkeypatch.setattr(evaluate, "decode_captions", recording_decode)
+    grayscale = str(coco_sample / "val2017" / GRAYSCALE)
+    caption.main([str(checkpoint), grayscale, "--beam", "2", "--length-penalty", "0.7"])
+    caption.main([str(shorter), grayscale, "--beam", "2"])
+    caption.main([str(checkpoint), grayscale, "--beam", "2"])
+    assert seen == [0.7, -0.5, 0.0]
+    options = dict(data_dir=demo_root, beam_size=2, limit=2, num_workers=0, use_java=False)
+    for penalty, expected in ((None, -0.5), (1.5, 1.5)):
+        seen.clear()
+        evaluate.evaluate(shorter, "val", length_penalty=penalty, progress=False, **options)
+        assert seen == [expected]
     runs = []
     monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: runs.append(k) or {"metrics": {}})
     evaluate.main([str(checkpoint), "--beam", "3", "--length-penalty", "1.5"])
     evaluate.main([str(checkpoint), "--beam", "3"])
-    assert [k["length_penalty"] for k in runs] == [1.5, decoding.LENGTH_PENALTY]
+    assert [k["length_penalty"] for k in runs] == [1.5, None]  # None: the checkpoint's
 
 
 def with_decoder_weights(checkpoint, path, same_features=False):

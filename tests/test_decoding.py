@@ -260,7 +260,7 @@ def test_decode_captions(tmp_path):
 EXACT_VOCAB, EXACT_BEAM, EXACT_LEN = 24, 12, 4
 COMMON = (5, 9)  # the two likely words
 RARE = 50.0  # how far the logits of the other tokens are pushed down
-PENALTIES = (0.0, 0.5, 1.0, 2.0)
+PENALTIES = (-0.5, 0.0, 0.5, 1.0, 2.0)  # below 0: shorter captions favoured
 
 
 def few_token_decoder(seed, ends=True):

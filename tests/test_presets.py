@@ -22,7 +22,12 @@ DEMO_VALUES = dict(
 ATTENTION_VALUES = dict(
     output_dir="outputs/demo-attention/model", decoder="attention", embed_size=128,
     attention_size=128, attention_weight=0.1, lr=2e-3, epochs=16, word_in_query=True,
-    coverage=True, select_by="loss",
+    coverage=True, select_by="loss", length_penalty=-0.5,
+)  # fmt: skip
+TRANSFORMER_VALUES = dict(
+    output_dir="outputs/demo-transformer/model", decoder="transformer", embed_size=128,
+    encoder_layers=1, decoder_layers=4, heads=4, feed_forward=512, dropout=0.0, lr=1e-3,
+    warmup_steps=200, epochs=16, select_by="loss", length_penalty=-0.5,
 )  # fmt: skip
 
 
@@ -35,7 +40,13 @@ def test_demo_presets_are_unchanged():
     )
     assert demo_config("attention", scst=True) == dataclasses.replace(
         attention, output_dir="outputs/demo-attention-scst/model", epochs=12, scst_epochs=3,
-        scst_lr=2e-4, select_by="cider",
+        scst_lr=2e-4, select_by="cider", length_penalty=0.0,
+    )  # fmt: skip
+    transformer = TrainConfig(**{**DEMO_VALUES, **TRANSFORMER_VALUES})
+    assert demo_config("transformer") == transformer
+    assert demo_config("transformer", scst=True) == dataclasses.replace(
+        transformer, output_dir="outputs/demo-transformer-scst/model", epochs=12, scst_epochs=2,
+        scst_lr=2e-4, length_penalty=0.0,
     )  # fmt: skip
     assert not DEMO_CONFIG.cut_captions  # demo captions run to 24 words: cut, they would change
 

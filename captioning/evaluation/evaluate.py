@@ -57,7 +57,7 @@ def evaluate(
     layout=None,
     beam_size=1,
     max_len=None,
-    length_penalty=LENGTH_PENALTY,
+    length_penalty=None,
     batch_size=64,
     num_workers=2,
     limit=None,
@@ -72,7 +72,8 @@ def evaluate(
     figures: `caption_health.measure_health`), per-image scores, captions.
 
     With `output_dir`, writes results_<split>.json (COCO results format), metrics and per-image
-    scores there. `data_dir`/`layout` default to those the model was trained on. `options`:
+    scores there. `data_dir`/`layout`, `max_len` and `length_penalty` default to the checkpoint's
+    config's (those the model was trained with). `options`:
     the `decoding.DecodingOptions` captions keep to (None: none). Warns when most images get
     the same caption (`caption_health.SAME_CAPTION_SHARE`).
     """
@@ -95,7 +96,7 @@ def evaluate(
         device,
         beam_size,
         max_len or config.max_caption_len,
-        length_penalty,
+        config.length_penalty if length_penalty is None else length_penalty,
         progress,
         options,
     )
@@ -135,8 +136,9 @@ def main(argv=None):
     parser.add_argument("--layout", choices=("auto", "coco", "karpathy", "csv"))
     parser.add_argument("--beam", type=int, default=1)
     parser.add_argument(
-        "--length-penalty", type=float, default=LENGTH_PENALTY,
-        help="beam: rank by log-prob / length ** this (default 0: the raw sum)",
+        "--length-penalty", type=float,
+        help="beam: rank by log-prob / length ** this (default: the checkpoint's "
+        "TrainConfig.length_penalty; 0: the raw sum)",
     )  # fmt: skip
     DecodingOptions.add_flags(parser)
     parser.add_argument("--limit", type=int, help="score only the first N images")
