@@ -17,9 +17,7 @@ from captioning.data.vocabulary import Vocabulary
 from captioning.decoding import beam_search, decode_captions, greedy_decode, sample_decode
 from captioning.demo.dataset import attention_on_objects
 from captioning.presets import (
-    TRANSFORMER_DEMO_CONFIG,
     coco_config,
-    demo_config,
     preset_config,
 )
 from captioning.training.train import train
@@ -388,14 +386,3 @@ def test_coco_preset_is_ruotianluos_transformer_and_the_table_names_its_fields()
     for f in dataclasses.fields(TrainConfig):
         if getattr(config, f.name) != getattr(defaults, f.name) or f.name in RUOTIANLUO:
             assert f"`{f.name}`" in table, f.name
-
-
-def test_demo_preset_is_a_small_transformer():
-    config = demo_config("transformer")
-    assert config == TRANSFORMER_DEMO_CONFIG and config.decoder == "transformer"
-    assert (config.encoder_layers, config.decoder_layers, config.embed_size) == (1, 4, 128)
-    scst = demo_config("transformer", scst=True)
-    assert scst.scst_epochs > 0 and scst.output_dir != config.output_dir
-    assert dataclasses.replace(scst, output_dir=config.output_dir, epochs=config.epochs,
-                               scst_epochs=0, scst_lr=config.scst_lr,
-                               select_by=config.select_by) == config  # fmt: skip
