@@ -344,6 +344,12 @@ def test_caption_command_draws_the_transformers_cross_attention(demo_root, tmp_p
     assert any(not torch.allclose(first[p][1], maps[p][1]) for p in paths)
     with pytest.raises(ValueError, match="attention_layer 2: the decoder has 2 layers"):
         attention_maps(checkpoint, paths, max_len=6, layer=2)
+    # One head's maps; the four heads' average is the default map.
+    heads = [attention_maps(checkpoint, paths, max_len=6, head=h) for h in range(4)]
+    for path in paths:
+        each = torch.stack([h[path][1] for h in heads])  # (heads, words, positions)
+        assert not torch.allclose(each[0], each[1])
+        torch.testing.assert_close(each.mean(dim=0), maps[path][1])
     # The demo's check of where object words look reads these maps as it reads attention's.
     annotations = demo_root / "annotations" / "captions_test2017.json"
     by_id = {i: maps[p] for i, p in zip(split.image_ids, paths)}
