@@ -52,7 +52,7 @@ def caption_images(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
         features = model.encode(images)  # (batch, embed) or a grid; zeros seen if blind
         _, texts = decode_captions(
             model.decoder, features, vocab, beam_size, max_len or config.max_caption_len,
-            config.length_penalty if length_penalty is None else length_penalty, options,
+            config.choose_length_penalty(length_penalty), options,
         )  # fmt: skip
         captions.update(zip(map(str, chunk), texts))
     return captions
@@ -77,7 +77,7 @@ def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
             model.decoder.attention_layer = layer
         model.decoder.attention_head = head
     max_len = max_len or config.max_caption_len
-    length_penalty = config.length_penalty if length_penalty is None else length_penalty
+    length_penalty = config.choose_length_penalty(length_penalty)
     options = options and options.for_vocab(vocab)
     maps = {}
     for chunk, images in image_batches(paths, model.preprocessing, batch_size, device):

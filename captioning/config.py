@@ -196,6 +196,10 @@ class TrainConfig:
         "CAPTIONING_PROGRESS=1",
     )
 
+    def choose_length_penalty(self, given=None):
+        """Beam search's length penalty: `given`, or this model's `length_penalty` when None."""
+        return self.length_penalty if given is None else given
+
     @property
     def reads_features(self):
         """Whether training reads cached backbone features rather than images: with a frozen

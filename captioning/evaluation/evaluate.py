@@ -96,7 +96,7 @@ def evaluate(
         device,
         beam_size,
         max_len or config.max_caption_len,
-        config.length_penalty if length_penalty is None else length_penalty,
+        config.choose_length_penalty(length_penalty),
         progress,
         options,
     )
