@@ -10,9 +10,9 @@ from captioning.data.loading import (
     load_or_build_vocab,
     make_caption_loader,
     make_transform,
-    resolve_data_dir,
     resolve_num_workers,
 )
+from captioning.demo.dataset import resolve_data_dir
 
 __all__ = ["get_loader", "make_transform"]
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-# torchvision's ResNet class builds these; EncoderCNN builds them by name (any other torchvision
-# network comes through backbones.build_backbone).
+# torchvision's ResNet class builds these; EncoderCNN builds them by name (any other network is
+# passed in as a module: the project's captioning.backbones.build_backbone makes them).
 RESNETS = tuple(
     name
     for name in torchvision.models.list_models(module=torchvision.models)
@@ -72,8 +72,8 @@ class ResNet(nn.Module):
         if name not in RESNETS:
             raise ValueError(
                 f"backbone {name!r} is not a ResNet, the family model.py builds by name "
-                f"({', '.join(RESNETS)}); build any other torchvision network with "
-                f"backbones.build_backbone({name!r}, ...) and pass the module as the backbone"
+                f"({', '.join(RESNETS)}); pass any other network as a module, such as this "
+                f"project's captioning.backbones.build_backbone({name!r}, ...)"
             )
         net = torchvision_net(name, pretrained, weights_path)
         for layer in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
@@ -101,25 +101,17 @@ class EncoderCNN(nn.Module):
     with `grid`, the spatial grid (batch, positions, feature_size) for attention instead.
 
     `backbone`: a ResNet's name (RESNETS), with ImageNet weights (`pretrained`) or a local file's
-    (`weights_path`); another torchvision name, built by captioning/backbones.py; or a module with
-    `out_features`, `blocks` (its last 4 stages, for `trainable_blocks`), `feature_map(images)`
-    -> (batch, out_features, h, w) and a pooled `forward(images)` -> (batch, out_features).
+    (`weights_path`); or a module (captioning.backbones.build_backbone makes one of any other
+    torchvision network) with `out_features`, `blocks` (its last 4 stages, for
+    `trainable_blocks`), `feature_map(images)` -> (batch, out_features, h, w) and a pooled
+    `forward(images)` -> (batch, out_features).
     """
 
     def __init__(self, embed_size, backbone="resnet50", pretrained=True, weights_path=None,
                  trainable_blocks=0, feature_norm="batch", grid=False, grid_size=None):  # fmt: skip
         super().__init__()
-        if isinstance(backbone, str) and backbone in RESNETS:
-            backbone = ResNet(backbone, pretrained, weights_path)
-        elif isinstance(backbone, str):  # imported here: for ResNets, model.py stands alone
-            try:
-                from captioning.backbones import build_backbone
-            except ImportError:
-                raise ValueError(
-                    f"backbone {backbone!r} is not a ResNet, the family model.py builds alone; "
-                    "other networks need this project's backbones.py"
-                ) from None
-            backbone = build_backbone(backbone, pretrained, weights_path)
+        if isinstance(backbone, str):
+            backbone = ResNet(backbone, pretrained, weights_path)  # other names: a ValueError
         self.backbone = backbone
         self.feature_size = feature_size = backbone.out_features
         self.trainable_blocks = trainable_blocks

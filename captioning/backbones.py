@@ -2,14 +2,15 @@
 
 `build_backbone(name)` gives the module `model.EncoderCNN` uses: for a ResNet, model.py's own;
 for any other family, the network wrapped in `TorchvisionBackbone`; for "smallcnn", the demo's
-small CNN. model.py imports this module only for names that are not ResNets, so that for the
-ResNets it stays one file that needs only torch and torchvision.
+small CNN. model.py builds ResNets by name and never imports this package (it stays one file
+that needs only torch and torchvision); the package passes it the module this builds.
 """
 
 import torch
 import torch.nn as nn
 import torchvision
 
+from captioning.demo.small_cnn import SmallCNN
 from model import RESNETS, ResNet, torchvision_net
 
 # Families besides the ResNets whose last feature map (ViT: patch tokens) we know how to take:
@@ -29,8 +30,6 @@ def build_backbone(name, pretrained=True, weights_path=None):
     with ImageNet weights (`pretrained`), a local file's (`weights_path`) or random ones; or
     the demo's small CNN ("smallcnn", always trained from scratch)."""
     if name == "smallcnn":
-        from captioning.demo.small_cnn import SmallCNN
-
         return SmallCNN()
     if name not in TORCHVISION_BACKBONES:
         raise ValueError(

@@ -8,7 +8,9 @@ import numpy as np
 import torch
 
 from captioning.atomic_file import atomic_path
+from captioning.backbones import build_backbone
 from captioning.data.loading import IMAGENET_MEAN, IMAGENET_STD, preprocessing
+from captioning.errors import CheckpointError
 from captioning.transformer import TransformerDecoder
 from model import AttentionDecoder, CaptionModel, DecoderRNN, EncoderCNN
 
@@ -19,10 +21,6 @@ GRID_DECODERS = ("attention", "transformer")
 # What the images of checkpoints saved before they recorded it went through, fixed here so that
 # a later change of the defaults never changes how those models are fed.
 LEGACY_PREPROCESSING = {"resize": "crop", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and the mismatch."""
 
 
 def save_checkpoint(state, path):
@@ -120,8 +118,9 @@ def backbone_net_keys(state_dict, model_state):
 
 def build_model(config, vocab):
     """Encoder and decoder described by `config`."""
+    backbone = build_backbone(config.backbone, config.pretrained, config.weights_path)
     encoder = EncoderCNN(
-        config.embed_size, config.backbone, config.pretrained, config.weights_path,
+        config.embed_size, backbone, config.pretrained, config.weights_path,
         config.trainable_blocks, config.feature_norm, grid=config.decoder in GRID_DECODERS,
         grid_size=config.grid_size,
     )  # fmt: skip

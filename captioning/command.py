@@ -10,26 +10,15 @@ import functools
 import os
 import sys
 
+from captioning.errors import USER_ERRORS
+
 INTERRUPTED = 130  # the shell's exit status for a command stopped by Ctrl-C (128 + SIGINT)
 
 
 def is_user_error(error):
     """Whether `error` means bad input or a broken environment (a person can act on its message)
-    rather than a bug, whose traceback must show. The one list of such errors."""
-    from captioning.checkpoint import CheckpointError
-    from captioning.data.download import DownloadError
-    from captioning.distributed import DistributedError
-    from model import WeightsError
-
-    user_errors = (
-        ValueError,  # a value not allowed: ConfigError, AnnotationError, malformed files
-        OSError,  # missing or unreadable files (ImageLoadError), no network, full disk
-        CheckpointError,
-        DownloadError,
-        DistributedError,
-        WeightsError,  # no network for the ImageNet weights, or an unusable weights file
-    )
-    return isinstance(error, user_errors)
+    rather than a bug, whose traceback must show (`errors.USER_ERRORS`)."""
+    return isinstance(error, USER_ERRORS)
 
 
 def env_flag(name):

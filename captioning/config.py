@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from captioning.backbones import TORCHVISION_BACKBONES
 from captioning.data.annotations import LAYOUTS
 from captioning.data.loading import RESIZE_MODES
+from captioning.errors import ConfigError
 
 # What a resumed run may change: how long and where it runs, never what it trains.
 RESUMABLE_CHANGES = (
@@ -19,10 +20,6 @@ RESUMABLE_CHANGES = (
     "length_penalty",
 )  # fmt: skip
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
-
-
-class ConfigError(ValueError):
-    """A configuration value that is not allowed; the message names the field and the choices."""
 
 
 def option(default, help, choices=None, low=None, high=None, low_open=False, high_open=False,

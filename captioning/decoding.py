@@ -12,8 +12,12 @@ from typing import NamedTuple
 
 import torch
 
-from captioning.evaluation.caption_health import BAD_ENDINGS
-
+# ruotianluo/self-critical.pytorch's `bad_endings` (its eval utils' `bad_count_rate`): articles,
+# prepositions and auxiliaries no caption ends with; "and" added, which cannot end one either.
+BAD_ENDINGS = frozenset(
+    {"a", "an", "the", "in", "for", "at", "of", "with", "before", "after", "on", "upon", "near",
+     "to", "is", "are", "am", "and"}
+)  # fmt: skip
 PAD_ID = 3  # `<pad>` in vocabulary.Vocabulary
 # Beam search ranks by the raw summed log-probability by default, as im2txt does: length
 # normalisation (1.0) preferred longer phrasings and cost CIDEr on the demo
@@ -25,7 +29,7 @@ LENGTH_PENALTY = 0.0
 class DecodingOptions:
     """Rules greedy and beam search hold captions to; all off by default (the model's choice).
 
-    no_bad_endings: no `<end>` right after a word of `caption_health.BAD_ENDINGS` (their ids are
+    no_bad_endings: no `<end>` right after a word of `BAD_ENDINGS` (their ids are
     `bad_ending_ids`, which `for_vocab` fills in); block_trigrams: no word that would complete a
     word trigram already in the caption (ruotianluo/self-critical.pytorch's `block_trigrams`);
     no_repeat_words: no word twice in a row. Sampling for self-critical training ignores them:
@@ -47,7 +51,7 @@ class DecodingOptions:
         """The options' flags for a command line (argparse), as evaluate.py and caption.py take."""
         parser.add_argument(
             "--no-bad-endings", action="store_true",
-            help="never end a caption on a word like a, the, with (caption_health.BAD_ENDINGS)",
+            help="never end a caption on a word like a, the, with (decoding.BAD_ENDINGS)",
         )  # fmt: skip
         parser.add_argument(
             "--block-trigrams", action="store_true", help="never repeat a word trigram in a caption"

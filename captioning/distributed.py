@@ -12,11 +12,9 @@ import re
 import torch
 import torch.distributed as dist
 
+from captioning.errors import DistributedError
+
 _device = torch.device("cpu")  # where this process's collective tensors live
-
-
-class DistributedError(RuntimeError):
-    """A failure every rank raises together, with the same message."""
 
 
 def resolve_device(setting, environ=None):

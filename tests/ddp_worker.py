@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from captioning.config import TrainConfig
 from captioning.data.loading import ImageCaptionsDataset
+from captioning.data.training_data import IndexedImages
 from captioning.training import train as train_module
-from captioning.training.self_critical import IndexedImages
 
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "reduce", "gather", "scatter", "barrier")
 

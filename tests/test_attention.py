@@ -15,7 +15,7 @@ from captioning.data.annotations import read_split
 from captioning.data.loading import load_image, make_transform
 from captioning.data.vocabulary import Vocabulary
 from captioning.decoding import beam_search, decode_captions, greedy_decode
-from captioning.demo.dataset import attention_on_objects, cells_overlapping, object_box
+from captioning.demo.scoring import attention_on_objects, cells_overlapping, object_box
 from captioning.demo.small_cnn import SmallCNN
 from captioning.training.train import train
 from model import AttentionDecoder, EncoderCNN, attention_penalty

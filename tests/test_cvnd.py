@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.utils.data as data
 
+from captioning.demo.small_cnn import SmallCNN
 from data_loader import get_loader, make_transform
 from model import DecoderRNN, EncoderCNN
 
@@ -59,7 +60,9 @@ def test_cvnd_training_loop_trains_on_the_batches_it_draws(demo_root, tmp_path):
     )  # fmt: skip
     held_out = list(itertools.islice(val_loader, 6))
 
-    encoder = EncoderCNN(EMBED_SIZE, backbone="smallcnn", pretrained=False)
+    encoder = EncoderCNN(
+        EMBED_SIZE, backbone=SmallCNN()
+    )  # a module: model.py builds ResNets by name
     decoder = DecoderRNN(EMBED_SIZE, HIDDEN_SIZE, vocab_size)
     criterion = nn.CrossEntropyLoss()
     params = list(decoder.parameters()) + list(encoder.embed.parameters())

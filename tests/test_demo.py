@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from captioning.demo import run as demo
-from captioning.demo.dataset import cider_over_redrawn_references
 from captioning.demo.run import run_demo
+from captioning.demo.scoring import cider_over_redrawn_references
 from captioning.evaluation import coco_metrics
 from captioning.presets import (
     ATTENTION_DEMO_CONFIG,

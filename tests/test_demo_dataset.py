@@ -18,9 +18,9 @@ from captioning.demo.dataset import (
     main,
     make_demo_dataset,
     names_objects_correctly,
-    object_accuracy,
     parse_objects,
 )
+from captioning.demo.scoring import object_accuracy
 from tests.helpers import right_and_wrong_captions
 
 SMALL = {"n_train": 30, "n_val": 10, "n_test": 10, "image_size": 64, "progress": False}
@@ -217,7 +217,7 @@ def test_object_accuracy_rejects_unknown_ids(demo_root):
 
 
 def test_redrawn_references_name_the_same_objects_in_new_phrasings(demo_root):
-    from captioning.demo.dataset import redraw_references
+    from captioning.demo.scoring import redraw_references
 
     path = demo_root / "annotations" / "captions_test2017.json"
     coco = json.loads(path.read_text())
@@ -236,7 +236,7 @@ def test_redrawn_references_name_the_same_objects_in_new_phrasings(demo_root):
 
 
 def test_cider_over_redrawn_references_ranks_right_objects_above_wrong(demo_root):
-    from captioning.demo.dataset import cider_over_redrawn_references
+    from captioning.demo.scoring import cider_over_redrawn_references
 
     path = demo_root / "annotations" / "captions_test2017.json"
     images = json.loads(path.read_text())["images"]
@@ -249,7 +249,7 @@ def test_cider_over_redrawn_references_ranks_right_objects_above_wrong(demo_root
     again = cider_over_redrawn_references({"right": right}, path, draws=3, progress=False)
     assert again["right"] == scores["right"]
     # Each draw's score is pycocoevalcap's Cider on the same references.
-    from captioning.demo.dataset import redraw_references
+    from captioning.demo.scoring import redraw_references
     from captioning.evaluation.coco_metrics import cider_score
 
     for draw in range(3):

@@ -20,7 +20,8 @@ from captioning.data.loading import (
     preprocessing_transform,
 )
 from captioning.data.training_data import image_inputs
-from captioning.demo.dataset import make_demo_dataset, object_accuracy
+from captioning.demo.dataset import make_demo_dataset
+from captioning.demo.scoring import object_accuracy
 from captioning.evaluation import coco_metrics
 from captioning.evaluation import evaluate as evaluate_module
 from captioning.evaluation.evaluate import evaluate

@@ -15,7 +15,7 @@ from captioning.data.annotations import read_split
 from captioning.data.loading import load_image, make_transform
 from captioning.data.vocabulary import Vocabulary
 from captioning.decoding import beam_search, decode_captions, greedy_decode, sample_decode
-from captioning.demo.dataset import attention_on_objects
+from captioning.demo.scoring import attention_on_objects
 from captioning.presets import (
     coco_config,
     preset_config,

@@ -18,6 +18,7 @@ import numpy as np
 from nltk.tokenize import TreebankWordTokenizer
 
 from captioning.atomic_file import atomic_path
+from captioning.errors import AnnotationError
 
 KARPATHY_FILES = ("dataset_coco.json", "dataset_flickr8k.json", "dataset_flickr30k.json")
 CSV_FILES = ("captions.txt", "captions.csv")
@@ -40,9 +41,6 @@ def tokenize(caption):
     """Lower-case word tokens of a caption (NLTK Treebank rules, no punkt data needed)."""
     return _TOKENIZER.tokenize(caption.lower())
 
-
-class AnnotationError(ValueError):
-    """An annotations file that cannot be read; the message names the file (and row)."""
 
 
 @dataclass

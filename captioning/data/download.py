@@ -17,10 +17,8 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from captioning.command import add_debug_flag, command, progress_disabled
+from captioning.errors import DownloadError
 
-
-class DownloadError(RuntimeError):
-    """A file could not be downloaded, verified or unpacked."""
 
 
 class RemoteFile(NamedTuple):

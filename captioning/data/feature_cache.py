@@ -20,6 +20,7 @@ from captioning import distributed
 from captioning.command import progress_disabled
 from captioning.data.annotations import default_cache_dir
 from captioning.data.loading import ImageDataset, make_pixel_transform, resolve_num_workers
+from captioning.errors import CacheSpaceError
 
 
 def encoder_fingerprint(encoder):
@@ -65,9 +66,6 @@ def image_loader(dataset, batch_size, num_workers, pin_memory=False):
         pin_memory=pin_memory, generator=torch.Generator(),
     )  # fmt: skip
 
-
-class CacheSpaceError(OSError):
-    """Too little free disk space for a cache; the message names the folder and both sizes."""
 
 
 def npy_header(shape, dtype):

@@ -14,9 +14,11 @@ import torch.utils.data as data
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import transforms
 
+from captioning.command import progress_disabled
 from captioning.data.annotations import TokenizedCaptions, read_split
 from captioning.data.length_bucket_sampler import LengthBucketSampler
 from captioning.data.vocabulary import Vocabulary
+from captioning.errors import ImageLoadError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -125,9 +127,6 @@ class SharedEpoch:
         random.seed(seed)
         np.random.seed(seed)
 
-
-class ImageLoadError(OSError):
-    """An image that is missing or cannot be decoded; the message names the file."""
 
 
 def load_image(path, source=None):
@@ -364,8 +363,6 @@ def find_unreadable_images(split, num_workers=0, progress=True):
     """{image index: error message} for every image of `split` that cannot be loaded."""
     from tqdm.auto import tqdm
 
-    from captioning.command import progress_disabled
-
     loader = data.DataLoader(
         _ImageCheck(split),
         batch_size=64,
@@ -464,16 +461,9 @@ def load_or_build_vocab(
     if vocab_from_file and vocab_file and Path(vocab_file).exists():
         return Vocabulary.load(vocab_file)
     if train_split is None:
-        train_split = read_split(resolve_data_dir(data_dir), "train", layout)
+        if data_dir is None:
+            raise ValueError("load_or_build_vocab: give data_dir or train_split to build from")
+        train_split = read_split(Path(data_dir), "train", layout)
     tokens = train_split.tokenized() if tokens is None else tokens
     threshold = 5 if vocab_threshold is None else vocab_threshold
     return Vocabulary(threshold, vocab_file, start_word, end_word, unk_word, captions=tokens)
-
-
-def resolve_data_dir(data_dir):
-    """`data_dir`, or the built-in demo dataset (made on first use) when None."""
-    if data_dir is not None:
-        return Path(data_dir)
-    from captioning.demo.dataset import DEFAULT_DEMO_ROOT, make_demo_dataset
-
-    return make_demo_dataset(DEFAULT_DEMO_ROOT)

@@ -59,6 +59,35 @@ def image_inputs(config, encoder, splits, rank, world, device):
     return [{} for _ in splits]
 
 
+class IndexedImages(torch.utils.data.Dataset):
+    """(image input, image index) for every image of a `CaptionDataset` that has captions."""
+
+    def __init__(self, captions):
+        self.captions = captions
+        self.images = np.unique(captions.split.caption_image)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image = int(self.images[index])
+        return self.captions.image_input(image), image
+
+
+def make_image_loader(captions, config, num_replicas=1, rank=0):
+    """Batches of `config.batch_size` training images with their indices, shuffled per epoch."""
+    dataset = IndexedImages(captions)
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas, rank, shuffle=True, seed=config.seed
+    )
+    workers = resolve_num_workers(config.num_workers)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(config.seed),
+    )  # fmt: skip
+
+
 class TrainingData:
     """The loaders one run needs: training, validation loss, and validation images to caption
     (`val_images`: on rank 0 only, which validates; None on the others)."""
@@ -92,8 +121,6 @@ class TrainingData:
         # The self-critical stage reads images (each with its index, for its references).
         self.images = None
         if config.scst_epochs:
-            from captioning.training.self_critical import make_image_loader
-
             self.images = make_image_loader(train_captions, config, **sharding)
         self.val = self.make_loader(
             config,

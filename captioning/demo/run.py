@@ -13,10 +13,10 @@ from pathlib import Path
 
 from captioning.atomic_file import write_json
 from captioning.command import add_debug_flag, command
-from captioning.demo.dataset import (
+from captioning.demo.dataset import make_demo_dataset
+from captioning.demo.scoring import (
     attention_on_objects,
     cider_over_redrawn_references,
-    make_demo_dataset,
     object_accuracy,
 )
 from captioning.presets import DEMO_CONFIG, demo_config
@@ -55,7 +55,7 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, datase
     stage adds "cross_entropy_greedy" and "cross_entropy_beam3" (its best cross-entropy
     checkpoint, best_cross_entropy.pt; "greedy" and "beam3" are best.pt's) and
     "best_epoch_stage". An attention or transformer model adds
-    "attention" (`demo_dataset.attention_on_objects` on the test split) and draws the first
+    "attention" (`scoring.attention_on_objects` on the test split) and draws the first
     test images' attention maps in <output_dir>/attention/; a transformer adds
     "attention_by_layer", the same measure for each decoder layer's cross-attention.
     `dataset_options` go to `make_demo_dataset` (its defaults: the standard demo dataset).

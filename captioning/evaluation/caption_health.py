@@ -7,12 +7,8 @@ images were not prepared as in training (size, normalisation, CNN weights).
 
 from collections import Counter
 
-# ruotianluo/self-critical.pytorch's `bad_endings` (its eval utils' `bad_count_rate`): articles,
-# prepositions and auxiliaries no caption ends with; "and" added, which cannot end one either.
-BAD_ENDINGS = frozenset(
-    {"a", "an", "the", "in", "for", "at", "of", "with", "before", "after", "on", "upon", "near",
-     "to", "is", "are", "am", "and"}
-)  # fmt: skip
+from captioning.decoding import BAD_ENDINGS
+
 # At least this share of the images with one and the same caption: the model is not looking.
 SAME_CAPTION_SHARE = 0.5
 

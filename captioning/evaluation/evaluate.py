@@ -79,7 +79,8 @@ def evaluate(
     """
     from captioning.checkpoint import load_trained
     from captioning.data.annotations import read_split
-    from captioning.data.loading import ImageDataset, preprocessing_transform, resolve_data_dir
+    from captioning.data.loading import ImageDataset, preprocessing_transform
+    from captioning.demo.dataset import resolve_data_dir
     from captioning.evaluation.coco_metrics import score_captions, write_results
 
     device = resolve_device(device or "auto")

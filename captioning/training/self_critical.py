@@ -11,7 +11,6 @@ from tqdm.auto import tqdm
 
 from captioning import distributed
 from captioning.command import progress_disabled
-from captioning.data.loading import resolve_num_workers
 from captioning.data.training_data import to_device
 from captioning.decoding import greedy_decode, sample_decode, sampling_log_probs
 from captioning.evaluation.cider_d import (
@@ -70,35 +69,6 @@ class CaptionReward:
         return self.scorer.score_ids(
             hyp_ids, hyp_offsets, hyp_image, ref_ids, ref_offsets, ref_image
         )
-
-
-class IndexedImages(torch.utils.data.Dataset):
-    """(image input, image index) for every image of a `CaptionDataset` that has captions."""
-
-    def __init__(self, captions):
-        self.captions = captions
-        self.images = np.unique(captions.split.caption_image)
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        image = int(self.images[index])
-        return self.captions.image_input(image), image
-
-
-def make_image_loader(captions, config, num_replicas=1, rank=0):
-    """Batches of `config.batch_size` training images with their indices, shuffled per epoch."""
-    dataset = IndexedImages(captions)
-    sampler = torch.utils.data.DistributedSampler(
-        dataset, num_replicas, rank, shuffle=True, seed=config.seed
-    )
-    workers = resolve_num_workers(config.num_workers)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(config.seed),
-    )  # fmt: skip
 
 
 def advantages(rewards, baseline_rewards, samples):

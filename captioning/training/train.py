@@ -35,10 +35,10 @@ from captioning.data.loading import (
     find_unreadable_images,
     load_or_build_vocab,
     preprocessing,
-    resolve_data_dir,
 )
 from captioning.data.training_data import TrainingData, to_device
 from captioning.data.vocabulary import Vocabulary
+from captioning.demo.dataset import resolve_data_dir
 from captioning.evaluation.coco_metrics import cider_score
 from captioning.evaluation.evaluate import predict_captions
 from captioning.presets import PRESETS, preset_config
