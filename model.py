@@ -187,18 +187,38 @@ class DecoderOutput(NamedTuple):
     """Teacher-forced scores of captions (batch, seq_len) that start with `<start>`: output t
     predicts captions[:, t + 1], the same for every decoder."""
 
-    scores: torch.Tensor  # (batch, seq_len - 1, vocab), or (scored.sum(), vocab) with `scored`
+    scores: torch.Tensor  # (batch, seq_len - 1, vocab), or (len(scored), vocab) with `scored`
     weights: torch.Tensor | None = None  # attention (batch, seq_len - 1, positions), if any
 
 
 # The decoder protocol, which every decoder here answers and `decoding` and training rely on:
-#   score(features, captions, scored=None) -> DecoderOutput, teacher-forced; `scored`, a mask
-#       (batch, seq_len) of the words to predict, computes only those (column 0 never);
+#   score(features, captions, scored=None) -> DecoderOutput, teacher-forced; `scored`, the flat
+#       positions (n,) among the (batch, seq_len - 1) outputs to compute (`scored_positions`
+#       makes them of a mask of the words to predict), computes only those;
 #   init_state(features) -> state, a tuple of tensors with the batch first (searches reorder it
 #       with index_select(0, rows));
 #   step(words (batch,), state) -> (scores (batch, vocab), state, attention weights or None);
 #   regulariser(output) -> what the decoder adds to its training loss (0.0: nothing);
 #   start_id, end_id, vocab_size.
+
+
+def scored_positions(scored):
+    """The flat positions (n,) among a batch's (batch, seq_len - 1) outputs of the words that a
+    mask (batch, seq_len) marks for prediction (column 0, `<start>`, is never predicted). It
+    calls `nonzero`, which waits for the GPU: make them on the host before the batch goes there."""
+    return scored[:, 1:].flatten().nonzero().squeeze(1)  # (batch * (seq_len - 1),) -> (n,)
+
+
+def select_outputs(outputs, positions):
+    """`outputs` (batch, steps, ...) at flat `positions` (n,): (n, ...). Unlike indexing by a
+    mask, it needs no count from the device, so the host never waits for the GPU."""
+    return outputs.flatten(0, 1).index_select(0, positions)  # (batch * steps, ...) -> (n, ...)
+
+
+def positions_mask(positions, batch, steps):
+    """(batch, steps) booleans, True at the flat `positions` (n,)."""
+    mask = torch.zeros(batch * steps, dtype=torch.bool, device=positions.device)
+    return mask.index_fill_(0, positions, True).view(batch, steps)  # (batch * steps,) -> 2-D
 
 
 class DecoderRNN(nn.Module):
@@ -222,11 +242,22 @@ class DecoderRNN(nn.Module):
                         forget_bias if name.startswith("bias_ih") else 0.0
                     )
 
+    def run_lstm(self, inputs, states=None):
+        """The LSTM over inputs (batch, steps, embed), in its weights' dtype (float32) whatever
+        autocast says: cuDNN's autocast runs an LSTM in float16 even under bfloat16, and no
+        gradient scaler guards bfloat16 training from float16's underflowing gradients."""
+        dtype = self.lstm.weight_ih_l0.dtype
+        with torch.autocast(inputs.device.type, enabled=False):
+            states = None if states is None else tuple(s.to(dtype) for s in states)
+            return self.lstm(inputs.to(dtype), states)
+
     def read(self, features, captions):
         """LSTM outputs (batch, seq_len, hidden) for the image step then captions[:, :-1]."""
         embeddings = self.dropout(self.embed(captions[:, :-1]))  # (batch, seq_len - 1, embed)
-        inputs = torch.cat([features.unsqueeze(1), embeddings], dim=1)  # (batch, seq_len, embed)
-        return self.lstm(inputs)[0]
+        # Under autocast the image feature may come in a lower precision than the embeddings.
+        features = features.to(embeddings.dtype).unsqueeze(1)  # (batch, 1, embed)
+        inputs = torch.cat([features, embeddings], dim=1)  # (batch, seq_len, embed)
+        return self.run_lstm(inputs)[0]
 
     def forward(self, features, captions):
         """CVND's call: scores (batch, seq_len, vocab) where output t predicts captions[:, t]
@@ -238,19 +269,19 @@ class DecoderRNN(nn.Module):
         the vocabulary layer is most of the work, and padding needs none of it."""
         hiddens = self.read(features, captions)[:, 1:]  # (batch, seq_len - 1, hidden)
         if scored is not None:
-            hiddens = hiddens[scored[:, 1:]]  # (scored, hidden)
+            hiddens = select_outputs(hiddens, scored)  # (scored, hidden)
         return DecoderOutput(self.fc(self.dropout(hiddens)))
 
     def init_state(self, features, states=None):
         """(h, c) after the image step, batch first: (batch, layers, hidden) each."""
-        _, states = self.lstm(features.unsqueeze(1), states)  # (batch, 1, embed) in
+        _, states = self.run_lstm(features.unsqueeze(1), states)  # (batch, 1, embed) in
         return tuple(s.transpose(0, 1) for s in states)  # (layers, batch, hidden) -> batch first
 
     def step(self, words, state):
         """One word: ids (batch,) -> scores (batch, vocab), the new state, None (no attention)."""
         state = tuple(s.transpose(0, 1).contiguous() for s in state)  # (layers, batch, hidden)
         inputs = self.dropout(self.embed(words)).unsqueeze(1)  # (batch, 1, embed)
-        hiddens, state = self.lstm(inputs, state)
+        hiddens, state = self.run_lstm(inputs, state)
         scores = self.fc(self.dropout(hiddens.squeeze(1)))  # (batch, vocab)
         return scores, tuple(s.transpose(0, 1) for s in state), None
 
@@ -366,9 +397,10 @@ class AttentionDecoder(nn.Module):
         weights = torch.stack(weights, dim=1)  # (batch, seq_len - 1, positions)
         if scored is None:
             return DecoderOutput(self.output(hiddens, readings), weights)
-        predicted = scored[:, 1:]  # (batch, seq_len - 1)
+        predicted = positions_mask(scored, *weights.shape[:2])  # (batch, seq_len - 1)
         weights = weights * predicted.unsqueeze(2)
-        return DecoderOutput(self.output(hiddens[predicted], readings[predicted]), weights)
+        hiddens, readings = select_outputs(hiddens, scored), select_outputs(readings, scored)
+        return DecoderOutput(self.output(hiddens, readings), weights)
 
     forward = score
 

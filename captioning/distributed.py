@@ -37,8 +37,10 @@ def resolve_device(setting, environ=None):
 
 
 def backend_for(device):
-    """The process-group backend that serves tensors on `device` (NCCL serves CUDA only)."""
-    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    """The process-group backend that serves tensors on `device`: NCCL alone on CUDA (a Gloo
+    group besides would connect every rank over TCP at start-up, which fails or hangs on hosts
+    whose name resolves to loopback, and nothing here sends it a tensor), else Gloo."""
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def start(setting, environ=None, timeout=None):

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import DecoderOutput
+from model import DecoderOutput, positions_mask, select_outputs
 
 
 def sinusoids(positions, channels):
@@ -219,8 +219,9 @@ class TransformerDecoder(nn.Module):
         hidden, _, weights = self.decode(captions[:, :-1], self.init_state(grid), False)
         if scored is None:
             return DecoderOutput(self.fc(hidden), weights)
-        predicted = scored[:, 1:]  # (batch, seq_len - 1)
-        return DecoderOutput(self.fc(hidden[predicted]), weights * predicted.unsqueeze(2))
+        predicted = positions_mask(scored, *hidden.shape[:2])  # (batch, seq_len - 1)
+        scores = self.fc(select_outputs(hidden, scored))  # (scored, vocab)
+        return DecoderOutput(scores, weights * predicted.unsqueeze(2))
 
     forward = score
 

@@ -18,7 +18,7 @@ from captioning.decoding import beam_search, decode_captions, greedy_decode
 from captioning.demo.scoring import attention_on_objects, cells_overlapping, object_box
 from captioning.demo.small_cnn import SmallCNN
 from captioning.training.train import train
-from model import AttentionDecoder, EncoderCNN, attention_penalty
+from model import AttentionDecoder, EncoderCNN, attention_penalty, scored_positions
 from tests.helpers import (
     greedy_alone,
     tiny_config,
@@ -65,7 +65,7 @@ def test_scored_mask_selects_words_and_zeroes_padded_weights():
     scored = captions != PAD  # (batch, seq_len)
     scored[:, 0] = False
     all_scores, all_weights = decoder(grid, captions)
-    scores, weights = decoder(grid, captions, scored)
+    scores, weights = decoder(grid, captions, scored_positions(scored))
     assert scores.shape == (8, VOCAB)  # 5 + 3 words predicted
     # A tolerance: oneDNN picks kernels by shape, so a subset of rows may differ in the last
     # bits on some CPUs (seen on an Intel Xeon).

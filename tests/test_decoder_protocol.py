@@ -10,7 +10,7 @@ from captioning.checkpoint import GRID_DECODERS, build_model, load_trained, save
 from captioning.config import resume_conflicts
 from captioning.data.vocabulary import Vocabulary
 from captioning.transformer import TransformerDecoder
-from model import AttentionDecoder, DecoderOutput, DecoderRNN
+from model import AttentionDecoder, DecoderOutput, DecoderRNN, scored_positions
 from tests.helpers import tiny_config
 
 FEATURES, EMBED, HIDDEN, VOCAB = 12, 8, 16, 10
@@ -82,7 +82,7 @@ def test_scored_mask_keeps_only_the_words_to_predict(kind):
     scored[:, 0] = False
     with torch.no_grad():
         full = decoder.score(features, captions).scores  # (3, 4, VOCAB)
-        only = decoder.score(features, captions, scored).scores  # (scored.sum(), VOCAB)
+        only = decoder.score(features, captions, scored_positions(scored)).scores  # (n, VOCAB)
     torch.testing.assert_close(only, full[scored[:, 1:]], rtol=1e-5, atol=1e-6)
 
 

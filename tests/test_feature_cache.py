@@ -72,9 +72,9 @@ def test_writes_lag_one_batch_behind_the_computation(tmp_path, monkeypatch):
             events.append(f"compute {k}")
             yield torch.full((2, 3), k, dtype=torch.uint8)
 
-    def write_at(f, offset, staged):
+    def write_at(f, offset, staged, share):
         events.append(f"write {int(staged[0][0, 0])}")
-        return real_write(f, offset, staged)
+        return real_write(f, offset, staged, share)
 
     monkeypatch.setattr(feature_cache, "_write_at", write_at)
     build_cache(tmp_path / "c.npy", (6, 3), np.uint8, batches, 2, "", False)
@@ -106,6 +106,38 @@ def test_asynchronous_copies_rotate_two_buffers_without_overwriting_a_pending_ba
     built = build_cache(tmp_path / "c.npy", rows.shape, np.uint8, rows_of(batches), 2, "", False)
     assert np.array_equal(built, rows)
     assert made == [(2, 3), (2, 3)] and len(waited) == 4  # two buffers, one wait per batch
+
+
+def test_each_share_is_written_through_a_write_only_file(tmp_path, monkeypatch):
+    # Opened for reading too, an NFS client may read a partly written page and write all of it
+    # back, over a neighbouring rank's rows.
+    flags, real_open = [], os.open
+    monkeypatch.setattr(
+        os, "open", lambda path, flag, *a: flags.append(flag) or real_open(path, flag, *a)
+    )
+    rows = torch.arange(30, dtype=torch.uint8).view(10, 3)
+    build_cache(tmp_path / "c.npy", (10, 3), np.uint8, rows_of(list(rows.split(4))), 4, "", False)
+    assert flags and all(flag & os.O_ACCMODE == os.O_WRONLY for flag in flags)
+    assert np.array_equal(np.load(tmp_path / "c.npy"), rows.numpy())
+
+
+@pytest.mark.parametrize("row", [0, 9])
+def test_a_share_written_over_by_another_process_is_refused(tmp_path, monkeypatch, row):
+    # As an NFS client's page write-back would do to the first or last row of a rank's share.
+    real_write = feature_cache._write_share
+
+    def written_over(share, *args):
+        real_write(share, *args)
+        with open(share.path, "r+b") as f:
+            f.seek(share.offset + row * share.row_bytes)
+            f.write(b"\xff" * 3)
+
+    monkeypatch.setattr(feature_cache, "_write_share", written_over)
+    rows = torch.arange(30, dtype=torch.uint8).view(10, 3)
+    with pytest.raises(OSError, match=r"\.tmp-.*were changed after they were written"):
+        build_cache(tmp_path / "c.npy", (10, 3), np.uint8, rows_of(list(rows.split(4))), 4, "",
+                    False)  # fmt: skip
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_disk_without_room_is_refused_before_the_build(demo_root, tmp_path, monkeypatch):

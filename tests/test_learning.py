@@ -25,7 +25,7 @@ from captioning.demo.scoring import object_accuracy
 from captioning.evaluation import coco_metrics
 from captioning.evaluation import evaluate as evaluate_module
 from captioning.evaluation.evaluate import evaluate
-from captioning.training.train import caption_loss, train
+from captioning.training.train import caption_batch, caption_loss, train
 from tests.helpers import tiny_config
 
 
@@ -65,7 +65,8 @@ def validation_loss(model, vocab, split, owner_of_image):
         for images, ids, owners in loader:
             n = len(images)
             rows = torch.as_tensor(owner_of_image[start : start + n]) - start  # (images,)
-            loss = caption_loss(model, (images, ids, rows[owners]), vocab.pad_id).loss
+            batch = caption_batch((images, ids, rows[owners]), vocab.pad_id, "cpu")
+            loss = caption_loss(model, batch).loss
             losses.append(float(loss))
             start += n
     return float(np.mean(losses))

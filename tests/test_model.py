@@ -9,7 +9,7 @@ import torchvision
 
 from captioning.backbones import build_backbone
 from captioning.demo.small_cnn import SmallCNN
-from model import CaptionModel, DecoderRNN, EncoderCNN
+from model import CaptionModel, DecoderRNN, EncoderCNN, scored_positions
 
 EMBED, HIDDEN, VOCAB = 32, 48, 40
 
@@ -165,5 +165,26 @@ def test_decoder_scores_only_the_masked_outputs():
     scored = torch.rand(3, 7) > 0.4
     full = decoder(features, captions)  # (3, 7, VOCAB), CVND's: output t predicts captions[:, t]
     assert torch.allclose(decoder.score(features, captions).scores, full[:, 1:], atol=1e-6)
-    only = decoder.score(features, captions, scored).scores  # (scored words after <start>, V)
+    only = decoder.score(features, captions, scored_positions(scored)).scores  # (scored, V)
     assert torch.allclose(only, full[:, 1:][scored[:, 1:]], atol=1e-6)
+
+
+def test_the_lstm_runs_in_float32_under_any_autocast():
+    # cuDNN's autocast runs nn.LSTM in float16 even under bfloat16, which has no gradient
+    # scaler: the LSTM leaves autocast and reads float32, in every call of the protocol.
+    torch.manual_seed(0)
+    decoder = DecoderRNN(EMBED, HIDDEN, VOCAB)
+    seen = []
+    decoder.lstm.register_forward_pre_hook(
+        lambda module, args: seen.append((torch.is_autocast_enabled("cpu"), args[0].dtype))
+    )
+    features = torch.randn(3, EMBED).bfloat16()  # as a projection under autocast gives it
+    captions = torch.randint(0, VOCAB, (3, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = decoder.score(features, captions).scores
+        state = decoder.init_state(features)
+        decoder.step(captions[:, 1], state)
+        decoder.sample(features[:1].unsqueeze(1), max_len=3)
+    assert len(seen) >= 4 and set(seen) == {(False, torch.float32)}
+    scores.float().sum().backward()
+    assert decoder.lstm.weight_hh_l0.grad.dtype == torch.float32

@@ -19,7 +19,7 @@ from captioning.training import self_critical
 from captioning.training import train as train_module
 from captioning.training.self_critical import CaptionReward, advantages, self_critical_loss
 from captioning.training.train import train
-from model import AttentionDecoder, DecoderRNN
+from model import AttentionDecoder, DecoderRNN, scored_positions
 from tests.helpers import tiny_config
 
 EMBED, HIDDEN, VOCAB, PAD, END = 8, 16, 10, 3, 1
@@ -54,7 +54,8 @@ def test_sampled_log_probs_equal_the_decoders_own_scores(kind):
     assert len({tuple(r) for r in ids[:6].tolist()}) > 1  # one image's samples differ
 
     scored = torch.cat([torch.zeros_like(mask[:, :1]), mask], dim=1)
-    scores = decoder.score(features.repeat_interleave(6, dim=0), ids, scored).scores  # (scored, V)
+    positions = scored_positions(scored)
+    scores = decoder.score(features.repeat_interleave(6, dim=0), ids, positions).scores  # (n, V)
     own = sampling_log_probs(scores, 0.7, PAD).gather(1, ids[scored].unsqueeze(1)).squeeze(1)
     torch.testing.assert_close(samples.log_probs[mask], own, rtol=1e-5, atol=1e-5)
     assert torch.all(samples.log_probs[~mask] == 0)

@@ -24,7 +24,7 @@ from captioning.data.annotations import read_split
 from captioning.training import train as train_module
 from captioning.training.loss_log import LossLog
 from captioning.training.train import train
-from model import DecoderOutput, DecoderRNN
+from model import DecoderOutput, DecoderRNN, select_outputs
 from tests.helpers import interrupt_training_at_epoch, tiny_config
 
 
@@ -40,16 +40,15 @@ def test_caption_loss_scores_every_word_after_start_and_no_padding():
             self.scores, self.decoder = scores, DecoderRNN(2, 2, vocab)
 
         def forward(self, inputs, captions, owners=None, scored=None, cached=False):
-            return DecoderOutput(self.scores[scored[:, 1:]])
+            return DecoderOutput(select_outputs(self.scores, scored))
 
     captions = torch.tensor([[0, 3, 4, 1], [0, 2, 1, pad]])
     scores = torch.randn(2, 3, vocab)
     # Three of the five scored words right (3, 4 and the last 1), two wrong (the first 1, and 2).
     scores[0, 0, 3] = scores[0, 1, 4] = scores[1, 1, 1] = 10.0
     scores[0, 2, 0] = scores[1, 0, 5] = 10.0
-    loss, scored, penalty, correct = train_module.caption_loss(
-        FixedScores(scores), (torch.zeros(2, 3), captions), pad
-    )
+    batch = train_module.caption_batch((torch.zeros(2, 3), captions), pad, "cpu")
+    loss, scored, penalty, correct = train_module.caption_loss(FixedScores(scores), batch)
     assert int(scored) == 5 and penalty == 0.0
     predicted, targets = torch.cat([scores[0], scores[1, :2]]), torch.tensor([3, 4, 1, 2, 1])
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(predicted, targets))
@@ -57,7 +56,7 @@ def test_caption_loss_scores_every_word_after_start_and_no_padding():
     changed = scores.clone()
     changed[1, 2] = torch.randn(vocab) * 10  # the output that would predict padding
     assert torch.allclose(
-        train_module.caption_loss(FixedScores(changed), (torch.zeros(2, 3), captions), pad)[0],
+        train_module.caption_loss(FixedScores(changed), batch)[0],
         loss,
     )
 

@@ -22,6 +22,7 @@ from captioning.presets import (
 )
 from captioning.training.train import train
 from captioning.transformer import PrefixDecoder, TransformerDecoder, grid_positions, sinusoids
+from model import scored_positions
 from tests.helpers import (
     ROOT,
     greedy_alone,
@@ -129,7 +130,7 @@ def test_padding_changes_no_real_words_scores_and_the_scored_mask_selects():
         alone, alone_weights = decoder(grid[1:], captions[1:, :4])  # the second without its pads
         scored = captions != PAD
         scored[:, 0] = False
-        selected, weights = decoder(grid, captions, scored)
+        selected, weights = decoder(grid, captions, scored_positions(scored))
     torch.testing.assert_close(batched[1, :3], alone[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(batched_weights[1, :3], alone_weights[0], rtol=1e-5, atol=1e-7)
     assert selected.shape == (8, VOCAB)  # 5 + 3 words predicted

@@ -137,18 +137,19 @@ def build_cache(path, shape, dtype, batches_between, batch_size, desc, progress=
                 "system, $CAPTIONING_CACHE)"
             )
         _together(error, world)
-        written = 0
+        share = _Share(tmp, len(header) + first * batch_size * row_bytes, row_bytes)
         try:
             rows = batches_between(first, last)
             rows = tqdm(rows, desc=desc if world == 1 else f"{desc} (rank {rank})", unit="batch",
                         total=last - first, disable=progress_disabled(progress))  # fmt: skip
-            written = _write_share(tmp, failed, rows, len(header) + first * batch_size * row_bytes,
-                                   shape[1:], dtype)  # fmt: skip
+            _write_share(share, failed, rows, shape[1:], dtype)
         except Exception as e:  # any rank's failure stops every rank (not only this one)
             error = e
             with contextlib.suppress(OSError):
                 failed.touch()  # the other ranks stop their shares early
         _together(error, world)
+        _together(share.check(), world)  # after every rank's writes: no neighbour wrote over it
+        written = share.rows
         total = int(distributed.sum_values([written])[0]) if world > 1 else written
         if rank == 0:
             on_disk = os.stat(tmp).st_size
@@ -198,24 +199,55 @@ def _appears(tmp):
     return True
 
 
-def _write_share(tmp, failed, batches, offset, row_shape, dtype):
-    """Write `batches` of rows into `tmp` from byte `offset` on; the number of rows written."""
-    written, pending, buffers = 0, None, []
-    with open(tmp, "r+b", buffering=0) as f:  # unbuffered: a write error is raised by the write
-        for k, rows in enumerate(batches):
+class _Share:
+    """One rank's contiguous rows of a cache file: where they start, how many are written, and
+    the bytes of the first and last row, read back once every rank has written (`check`)."""
+
+    def __init__(self, path, offset, row_bytes):
+        self.path, self.offset, self.row_bytes = path, offset, row_bytes
+        self.rows, self.first, self.last = 0, b"", b""
+
+    def check(self):
+        """None if the share's first and last rows on disk are what this rank wrote, else an
+        OSError naming the file: a file system that wrote back a whole page over a
+        neighbour's rows (an NFS client's read-modify-write) would show there."""
+        if not self.rows:
+            return None
+        end = self.offset + self.rows * self.row_bytes
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            first = f.read(self.row_bytes)
+            f.seek(end - self.row_bytes)
+            last = f.read(self.row_bytes)
+        if (first, last) == (self.first, self.last):
+            return None
+        return OSError(
+            f"{self.path}: rows at bytes {self.offset} to {end} were changed after they were "
+            "written (another process wrote over them): the cache folder's file system does not "
+            "keep concurrent writes to one file apart; build the cache with one process or on a "
+            "local disk ($CAPTIONING_CACHE)"
+        )
+
+
+def _write_share(share, failed, batches, row_shape, dtype):
+    """Write `batches` of rows into the share's file from its offset on, counting `share.rows`."""
+    pending, buffers, offset = None, [], share.offset
+    # Write-only: a file opened for reading too lets an NFS client read a partly written page
+    # and write all of it back, over the rows another rank wrote there meanwhile.
+    with open(os.open(share.path, os.O_WRONLY), "wb", buffering=0) as f:  # unbuffered: errors
+        for k, rows in enumerate(batches):  # are raised by the write that meets them
             rows = torch.from_numpy(rows) if isinstance(rows, np.ndarray) else rows
             if tuple(rows.shape[1:]) != tuple(row_shape) or rows.dtype != _torch_dtype(dtype):
-                raise ValueError(f"{tmp}: rows {tuple(rows.shape)} {rows.dtype}, expected "
+                raise ValueError(f"{share.path}: rows {tuple(rows.shape)} {rows.dtype}, expected "
                                  f"(n, {', '.join(map(str, row_shape))}) {dtype}")  # fmt: skip
             staged = _stage(rows, buffers, k)  # the copy to the host starts, the GPU goes on
             if pending is not None:  # lag one: batch k - 1 is written while batch k computes
-                offset, written = _write_at(f, offset, pending), written + len(pending[0])
+                offset = _write_at(f, offset, pending, share)
             pending = staged
             if failed.exists():  # another rank failed: stop, it is raising for all of us
-                return written
+                return
         if pending is not None:
-            offset, written = _write_at(f, offset, pending), written + len(pending[0])
-    return written
+            _write_at(f, offset, pending, share)
 
 
 def _torch_dtype(dtype):
@@ -253,12 +285,16 @@ def _recorded_event():
     return event
 
 
-def _write_at(f, offset, staged):
-    """Write staged rows at byte `offset` of the raw file `f`; the offset after them."""
+def _write_at(f, offset, staged, share):
+    """Write staged rows at byte `offset` of the raw file `f`, keeping the share's first and last
+    row and count; the offset after them."""
     host, event = staged
     if event is not None:
         event.synchronize()  # its copy was queued one batch ago: normally long done
     data = memoryview(host.contiguous().numpy()).cast("B")
+    if len(host):
+        share.first = share.first or bytes(data[: share.row_bytes])
+        share.last, share.rows = bytes(data[-share.row_bytes :]), share.rows + len(host)
     try:
         f.seek(offset)
         while data:  # a raw write may write less than it was given

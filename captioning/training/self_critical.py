@@ -4,6 +4,7 @@ follows the policy gradient of that advantage."""
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from captioning.evaluation.cider_d import (
     training_scorer,
 )
 from captioning.training.loss_log import LossLog
+from model import scored_positions, select_outputs
 
 
 class CaptionReward:
@@ -85,12 +87,25 @@ def advantages(rewards, baseline_rewards, samples):
     return baseline.reshape(-1), (rewards - baseline).reshape(-1)
 
 
-def self_critical_loss(model, forward, inputs, images, reward, config, pad_id):
-    """Policy-gradient loss of one batch of images, the tokens it scores, and its figures
-    (summed rewards, baselines, positive advantages, and the number of samples).
+class PolicyBatch(NamedTuple):
+    """Sampled captions to follow the policy gradient of, on the device: the images' inputs,
+    caption ids (rows, steps), the input row of each caption (rows,), the flat positions (n,)
+    of the generated tokens among the (rows, steps - 1) outputs, and each caption's advantage
+    (rows,)."""
 
-    `forward` is the model, or its DistributedDataParallel wrapper, that computes the scores
-    to differentiate; `model` itself only samples.
+    inputs: torch.Tensor
+    ids: torch.Tensor
+    owners: torch.Tensor
+    scored: torch.Tensor
+    advantage: torch.Tensor
+
+
+def sample_policy_batch(model, inputs, images, reward, config, pad_id):
+    """Sample `config.scst_samples` captions per image and reward them: a `PolicyBatch` and the
+    figures (summed rewards, baselines, positive advantages, and the number of samples).
+
+    The reward is computed on the host, so this waits for the device once, for the sampled ids;
+    the positions of their tokens are found from that host copy.
     """
     k = config.scst_samples
     with torch.no_grad():
@@ -100,20 +115,43 @@ def self_critical_loss(model, forward, inputs, images, reward, config, pad_id):
         greedy = None
         if config.scst_baseline == "greedy":
             greedy = greedy_decode(model.decoder, features, config.max_caption_len, pad_id)
-    rewards = reward(samples.ids, np.repeat(np.asarray(images), k))  # (rows,)
+    ids = samples.ids.cpu()  # (rows, steps)
+    rewards = reward(ids, np.repeat(np.asarray(images), k))  # (rows,)
     greedy_rewards = reward(greedy, images) if greedy is not None else None
     baseline, advantage = advantages(rewards, greedy_rewards, k)
-    scored = torch.cat([torch.zeros_like(samples.mask[:, :1]), samples.mask], dim=1)
-    owners = torch.arange(features.size(0), device=inputs.device).repeat_interleave(k)
-    with recurrent_layers_training(model):
-        scores = forward(inputs, samples.ids, owners, scored, config.reads_features).scores
-    log_probs = sampling_log_probs(scores, config.scst_temperature, pad_id)  # (scored, vocab)
-    token_log_probs = log_probs.gather(1, samples.ids[scored].unsqueeze(1)).squeeze(1)
-    weight = torch.as_tensor(advantage, dtype=torch.float32, device=inputs.device)  # (rows,)
-    weight = weight.unsqueeze(1).expand_as(scored)[scored]  # (scored,) per token
-    tokens = scored.sum()
-    loss = -(weight * token_log_probs).sum() / tokens.clamp(min=1)
+    device = inputs.device
+    owners = torch.arange(features.size(0), device=device).repeat_interleave(k)  # (rows,)
+    scored = scored_positions(ids != pad_id).to(device, non_blocking=True)
+    advantage_rows = torch.as_tensor(advantage, dtype=torch.float32).to(device, non_blocking=True)
     figures = (rewards.sum(), baseline.sum(), (advantage > 0).sum(), len(rewards))
+    return PolicyBatch(inputs, samples.ids, owners, scored, advantage_rows), figures
+
+
+def policy_gradient_loss(model, forward, batch, config, pad_id):
+    """The self-critical loss of a `PolicyBatch`: minus the advantage-weighted log-probability
+    of each sampled token, per token; and the tokens scored. Nothing in it waits for the device.
+
+    `forward` is the model, or its DistributedDataParallel wrapper, that computes the scores
+    to differentiate; `model` itself is only switched to the recurrent layers' training mode.
+    """
+    with recurrent_layers_training(model):
+        output = forward(batch.inputs, batch.ids, batch.owners, batch.scored, config.reads_features)
+    log_probs = sampling_log_probs(output.scores, config.scst_temperature, pad_id)  # (scored, V)
+    targets = select_outputs(batch.ids[:, 1:], batch.scored)  # (scored,)
+    token_log_probs = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)  # (scored,)
+    # Each caption's advantage at each of its tokens: (rows,) -> (rows, steps - 1) -> (scored,)
+    weight = select_outputs(batch.advantage.unsqueeze(1).expand(-1, batch.ids.size(1) - 1),
+                            batch.scored)  # fmt: skip
+    n = len(batch.scored)
+    tokens = torch.full((), n, dtype=torch.long, device=targets.device)
+    return -(weight * token_log_probs).sum() / max(n, 1), tokens
+
+
+def self_critical_loss(model, forward, inputs, images, reward, config, pad_id):
+    """Policy-gradient loss of one batch of images, the tokens it scores, and its figures
+    (`sample_policy_batch`, then `policy_gradient_loss`)."""
+    batch, figures = sample_policy_batch(model, inputs, images, reward, config, pad_id)
+    loss, tokens = policy_gradient_loss(model, forward, batch, config, pad_id)
     return loss, tokens, figures
 
 

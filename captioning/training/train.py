@@ -44,6 +44,7 @@ from captioning.evaluation.evaluate import predict_captions
 from captioning.presets import PRESETS, preset_config
 from captioning.training.loss_log import LossLog
 from captioning.training.self_critical import CaptionReward, run_self_critical_epoch
+from model import scored_positions, select_outputs
 
 
 class CaptionLoss(NamedTuple):
@@ -55,23 +56,39 @@ class CaptionLoss(NamedTuple):
     correct: torch.Tensor  # tokens whose highest score is the reference word
 
 
-def caption_loss(model, batch, pad_id, cached=False):
-    """Teacher-forced cross-entropy per token (padding ignored), as a `CaptionLoss`.
+class CaptionBatch(NamedTuple):
+    """One teacher-forced batch on its device: images (cached features with `cached`), caption
+    ids (captions, seq_len), for grouped batches the input row of each caption (else None),
+    and the flat positions (n,) among the (captions, seq_len - 1) outputs that are scored."""
 
-    `batch` is (inputs, captions) or (inputs, captions, owners): images (cached features with
-    `cached`), caption ids (captions, seq_len), and for grouped batches the input row of each
-    caption.
-    """
+    inputs: torch.Tensor
+    captions: torch.Tensor
+    owners: torch.Tensor | None
+    scored: torch.Tensor
+
+
+def caption_batch(batch, pad_id, device):
+    """A loader's (inputs, captions) or (inputs, captions, owners) as a `CaptionBatch` on
+    `device`. `<start>` is given, never predicted; padding is not scored either, nor even
+    computed. Which words are scored is found here, on the host: on the GPU, that count would
+    make the host wait for every step queued before it."""
     inputs, captions, owners = (*batch, None)[:3]
-    # `<start>` is given, never predicted; padding is not scored either, nor even computed.
-    scored = captions != pad_id  # (captions, seq_len)
-    scored[:, 0] = False
-    output = model(inputs, captions, owners, scored, cached)
+    scored = scored_positions(captions != pad_id)  # (n,), on the loader's (host) tensors
+    tensors = [inputs, captions, scored] + ([] if owners is None else [owners])
+    inputs, captions, scored, owners = (*to_device(tensors, device), None)[:4]
+    return CaptionBatch(inputs, captions, owners, scored)
+
+
+def caption_loss(model, batch, cached=False):
+    """Teacher-forced cross-entropy per scored token of a `CaptionBatch`, as a `CaptionLoss`;
+    nothing in it waits for the device."""
+    output = model(batch.inputs, batch.captions, batch.owners, batch.scored, cached)
     scores = output.scores  # (scored, vocab)
     penalty = getattr(model, "module", model).decoder.regulariser(output)  # (DDP: `.module`)
-    targets = captions[scored]
+    targets = select_outputs(batch.captions[:, 1:], batch.scored)  # (scored,)
     correct = (scores.detach().argmax(dim=1) == targets).sum()
-    return CaptionLoss(F.cross_entropy(scores.float(), targets), scored.sum(), penalty, correct)
+    tokens = torch.full((), len(batch.scored), dtype=torch.long, device=targets.device)
+    return CaptionLoss(F.cross_entropy(scores.float(), targets), tokens, penalty, correct)
 
 
 def amp_dtype(config, device):
@@ -199,9 +216,9 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
     losses = LossLog(config.log_every, bar, desc, "lower the learning rate or check the data")
     with torch.set_grad_enabled(training):
         for batch in bar:
-            batch = to_device(batch, device)
+            batch = caption_batch(batch, vocab.pad_id, device)
             with autocast or contextlib.nullcontext():
-                loss, n, penalty, correct = caption_loss(model, batch, vocab.pad_id, cached)
+                loss, n, penalty, correct = caption_loss(model, batch, cached)
             if training:
                 step(loss, n, penalty)
             loss = loss.detach()
