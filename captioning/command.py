@@ -65,7 +65,8 @@ def command(main):
     """Decorate a command's `main(argv=None)`: a user error (`is_user_error`) prints
     "<command>: error: <message>" to stderr and exits 1, Ctrl-C prints one line and exits 130,
     both re-raised with --debug in argv or CAPTIONING_DEBUG=1; any other error (a bug) keeps its
-    traceback. Returns what `main` returns."""
+    traceback. Returns what `main` returns; its `console_script` is the installed command's
+    entry point (pyproject.toml's [project.scripts]), which returns the exit status 0 instead."""
 
     @functools.wraps(main)
     def run(argv=None):
@@ -85,4 +86,12 @@ def command(main):
             print(f"{name}: error: {str(error) or type(error).__name__}", file=sys.stderr)
             raise SystemExit(1) from None
 
+    # The script pip writes runs `sys.exit(entry())`: handed `main`'s results, sys.exit would
+    # print them to stderr and exit 1. Failures leave `run` as SystemExit with their status.
+    def console_script():
+        """The installed command: runs `main` on sys.argv, then exit status 0."""
+        run()
+        return 0
+
+    run.console_script = console_script
     return run

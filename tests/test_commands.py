@@ -4,8 +4,12 @@ show only on a terminal unless CAPTIONING_PROGRESS says otherwise."""
 
 import ast
 import io
+import json
+import os
+import subprocess
 import sys
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torchvision
@@ -44,7 +48,8 @@ def broken_checkpoint(folder):
 
 
 def train_args(data_dir, tmp_path):
-    return ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"),
+    # --preset none: the demo preset, which demo data gets, downloads no weights.
+    return ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--preset", "none",
             "--backbone", "resnet18", "--vocab-threshold", "1", "--val-images", "4",
             "--num-workers", "0", "--no-progress"]  # fmt: skip
 
@@ -167,6 +172,80 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
 def test_success_returns_what_main_returns(monkeypatch):
     monkeypatch.setattr(demo, "run_demo", lambda *args, **kwargs: {"total_seconds": 1})
     assert demo.main([]) == {"total_seconds": 1}
+
+
+def test_the_console_entry_exits_0_and_keeps_every_failure_status(monkeypatch, capsys):
+    """`main.console_script`, what [project.scripts] runs: 0 on success (not main's results,
+    which sys.exit would print and exit 1 with), argparse's 2, a user error's 1, Ctrl-C's 130."""
+    monkeypatch.setattr(demo, "run_demo", lambda *args, **kwargs: {"total_seconds": 1})
+    monkeypatch.setattr(sys, "argv", ["captioning-demo"])
+    assert demo.main.console_script() == 0
+    statuses = {}
+    for case, argv in (("usage", ["--no-such-flag"]), ("user error", ["--epochs", "-1"])):
+        monkeypatch.setattr(sys, "argv", ["captioning-demo", *argv])
+        with pytest.raises(SystemExit) as stop:
+            demo.main.console_script()
+        statuses[case] = stop.value.code
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    monkeypatch.setattr(sys, "argv", ["captioning-demo"])
+    with pytest.raises(SystemExit) as stop:
+        demo.main.console_script()
+    statuses["Ctrl-C"] = stop.value.code
+    assert statuses == {"usage": 2, "user error": 1, "Ctrl-C": 130}
+    assert capsys.readouterr().err.splitlines()[-1] == "captioning-demo: interrupted"
+
+
+# A results file scored against its annotations: the fastest real run of an installed command.
+ANNOTATIONS = {
+    "images": [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"}],
+    "annotations": [
+        {"id": 1, "image_id": 1, "caption": "a red circle above a blue square"},
+        {"id": 2, "image_id": 1, "caption": "a red disc over a blue box"},
+        {"id": 3, "image_id": 2, "caption": "a green star"},
+    ],
+}
+RESULTS = [{"image_id": 1, "caption": "a red circle above a blue square"},
+           {"image_id": 2, "caption": "a green star"}]  # fmt: skip
+
+
+def installed_script(name):
+    """The console script pip wrote beside this Python (skips when the project is not installed)."""
+    script = Path(sys.executable).parent / name
+    if not script.exists():
+        pytest.skip(f"{script} not found: install the project (pip install -e .) to get it")
+    return script
+
+
+def test_installed_commands_exit_0_on_success_and_1_on_bad_input(tmp_path):
+    script = installed_script("captioning-evaluate")
+    (tmp_path / "A.json").write_text(json.dumps(ANNOTATIONS))
+    (tmp_path / "R.json").write_text(json.dumps(RESULTS))
+    # Without java on PATH, METEOR (seconds of start-up) is skipped; the others score in Python.
+    env = {**os.environ, "PATH": str(tmp_path / "no-java")}
+    env.pop("CAPTIONING_DEBUG", None)
+    runs = {
+        name: subprocess.Popen(
+            [str(script), "--results", "R.json", "--annotations", annotations],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for name, annotations in (("scored", "A.json"), ("missing", "missing.json"))
+    }
+    (out, err), status = runs["scored"].communicate(timeout=120), runs["scored"].returncode
+    assert status == 0, err
+    assert "CIDEr" in out and "{" not in err  # no results dict dumped by sys.exit
+    (out, err), status = runs["missing"].communicate(timeout=120), runs["missing"].returncode
+    assert status == 1
+    assert err.splitlines() == [
+        "captioning-evaluate: error: COCO annotations file not found: missing.json"
+    ]
 
 
 def raised(error):

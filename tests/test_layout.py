@@ -160,14 +160,20 @@ def test_pyproject_installs_the_package_the_user_modules_and_the_commands():
     # setuptools finds a folder only through its __init__.py: every folder of code needs one.
     folders = {p.parent for p in (ROOT / "captioning").rglob("*.py")} - {ROOT / "captioning"}
     assert [f for f in folders if not (f / "__init__.py").exists()] == []
-    # Each console script names a `main` that exists, and each thin command calls the same one.
+    # Each console script names a function that exists: a `command`'s exit-status entry point
+    # (`main.console_script`; its `main` returns results, which the script would exit 1 with),
+    # or gpu_check's `main`, which returns the status. Each thin command calls the same `main`.
     scripts = project["project"]["scripts"]
     for script, target in scripts.items():
-        module, function = target.split(":")
-        assert callable(getattr(importlib.import_module(module), function)), script
+        module, attributes = target.split(":")
+        entry = importlib.import_module(module)
+        for attribute in attributes.split("."):
+            entry = getattr(entry, attribute)
+        assert callable(entry), script
+    assert scripts["captioning-gpu-check"] == "captioning.gpu_check:main"
     for name in ("train", "evaluate", "caption", "demo", "download"):
         command = ast.parse((ROOT / f"{name}.py").read_text()).body[1]
-        assert f"{command.module}:main" == scripts[f"captioning-{name}"]
+        assert f"{command.module}:main.console_script" == scripts[f"captioning-{name}"]
     # requirements.txt (what `make venv` installs) is the project itself, with its extras.
     lines = (ROOT / "requirements.txt").read_text().splitlines()
     assert [line for line in lines if not line.startswith("#")] == ["-e .[notebooks,dev]"]
