@@ -1,6 +1,7 @@
 """Training presets: the demo's, measured on two CPU cores, and COCO's, from the published recipes."""
 
 import dataclasses
+from pathlib import Path
 
 from captioning.config import TrainConfig
 from captioning.demo.dataset import DEFAULT_DEMO_ROOT, read_marker
@@ -121,6 +122,7 @@ def demo_config(decoder="showtell", scst=False):
 # dropout 0.5 and Adam; ruotianluo trains 30 epochs at 5e-4 on 10 images with 5 captions each
 # per step, cuts training captions at 16 words and scores all 5000 validation images. Words
 # are kept when seen more than 5 times in both: vocab_threshold counts "at least", hence 6.
+# Both train on words without punctuation (ruotianluo: Karpathy's tokens, words only).
 # The whole image is resized to 448 x 448 (ruotianluo's features come from the uncropped,
 # unresized photo): a ResNet's last map is then 14 x 14, the grid of Show, Attend and Tell.
 COCO_CONFIG = TrainConfig(
@@ -142,6 +144,7 @@ COCO_CONFIG = TrainConfig(
     scst_samples=5,
     max_caption_len=18,
     cut_captions=True,
+    strip_punctuation=True,
     val_images=None,
     patience=None,
 )
@@ -173,12 +176,22 @@ def coco_config(decoder="showtell", **changes):
 PRESETS = ("auto", "coco", "demo", "none")
 
 
+def is_demo_data(data_dir):
+    """Whether `data_dir` is the demo dataset: none (the built-in one), the folder that one is
+    made in (data/demo, made or not yet), or a folder holding the demo's marker file."""
+    if data_dir is None or Path(data_dir).resolve() == DEFAULT_DEMO_ROOT:
+        return True
+    return read_marker(data_dir) is not None
+
+
 def preset_config(name, data_dir=None, decoder="showtell"):
     """The config a preset names (train.py's --preset): coco, demo, none (TrainConfig's defaults),
-    or auto: coco for a data folder other than a demo dataset, else none."""
+    or auto: demo for the demo dataset (`is_demo_data`), with `data_dir` kept, else coco."""
     if name == "auto":
-        demo_data = data_dir is None or read_marker(data_dir) is not None
-        name = "none" if demo_data else "coco"
+        # The demo's own settings, as demo.py trains it: coco's would fetch a ResNet-101 for
+        # 64 px shapes. data_dir stays none for the built-in dataset, which is made on first use.
+        name = "demo" if is_demo_data(data_dir) else "coco"
+        return dataclasses.replace(preset_config(name, decoder=decoder), data_dir=data_dir)
     if name == "coco":
         return coco_config(decoder)
     return demo_config(decoder) if name == "demo" else TrainConfig(decoder=decoder)

@@ -2,11 +2,14 @@
 preset of its data, and the training-caption cut reported once per run."""
 
 import dataclasses
+import shutil
 
 import pytest
 
+from captioning import presets
 from captioning.config import TrainConfig
 from captioning.data.annotations import read_split
+from captioning.demo.dataset import MARKER_NAME
 from captioning.presets import ATTENTION_DEMO_CONFIG, DEMO_CONFIG, coco_config, demo_config
 from captioning.training.train import parse_command_line, train
 from tests.helpers import ROOT, tiny_config
@@ -57,7 +60,7 @@ COCO_VALUES = dict(
     vocab_threshold=6, embed_size=512, hidden_size=512, dropout=0.5, batch_size=10,
     captions_per_image=5, epochs=30, optimizer="adam", lr=5e-4, lr_schedule="cosine",
     max_caption_len=18, cut_captions=True, val_images=None, patience=None, scst_epochs=0,
-    scst_lr=5e-5, scst_samples=5, scst_baseline="mean",
+    scst_lr=5e-5, scst_samples=5, scst_baseline="mean", strip_punctuation=True,
 )  # fmt: skip
 
 
@@ -97,10 +100,30 @@ def test_command_line_starts_from_the_coco_preset_for_a_coco_folder(tmp_path):
     )
 
 
-def test_command_line_keeps_the_plain_defaults_for_demo_data(demo_root):
-    assert parse_command_line([]) == TrainConfig()
-    assert parse_command_line(["--data-dir", str(demo_root)]) == TrainConfig(
-        data_dir=str(demo_root)
+def test_command_line_starts_from_the_demo_preset_for_demo_data(demo_root, tmp_path, monkeypatch):
+    # As demo.py trains: a smallcnn from scratch at 64 px, not coco's ImageNet ResNet-101.
+    assert parse_command_line(["--data-dir", str(demo_root)]) == dataclasses.replace(
+        DEMO_CONFIG, data_dir=str(demo_root)
+    )
+    assert parse_command_line(
+        ["--data-dir", str(demo_root), "--decoder", "attention"]
+    ) == dataclasses.replace(ATTENTION_DEMO_CONFIG, data_dir=str(demo_root))
+    # No --data-dir: the built-in dataset, left none so that training makes it on first use.
+    assert parse_command_line([]) == dataclasses.replace(DEMO_CONFIG, data_dir=None)
+    # data/demo before the demo has made it: no marker yet, still the demo's folder.
+    monkeypatch.setattr(presets, "DEFAULT_DEMO_ROOT", tmp_path.resolve() / "data" / "demo")
+    monkeypatch.chdir(tmp_path)
+    demo_data = dataclasses.replace(DEMO_CONFIG, data_dir="data/demo")
+    assert parse_command_line(["--data-dir", "data/demo"]) == demo_data
+    # Elsewhere, the marker file alone makes a folder the demo's.
+    (tmp_path / "copy").mkdir()
+    assert parse_command_line(["--data-dir", "copy"]).backbone == "resnet101"
+    shutil.copy(demo_root / MARKER_NAME, tmp_path / "copy")
+    assert parse_command_line(["--data-dir", "copy"]) == dataclasses.replace(
+        demo_data, data_dir="copy"
+    )
+    assert parse_command_line(["--data-dir", "copy", "--preset", "none"]) == TrainConfig(
+        data_dir="copy"
     )
     chosen = parse_command_line(["--preset", "demo", "--decoder", "attention", "--epochs", "2"])
     assert chosen == dataclasses.replace(ATTENTION_DEMO_CONFIG, epochs=2)

@@ -37,10 +37,16 @@ TOKENIZER_VERSION = "treebank-lower/2"
 _TOKENIZER = TreebankWordTokenizer()
 
 
-def tokenize(caption):
-    """Lower-case word tokens of a caption (NLTK Treebank rules, no punkt data needed)."""
-    return _TOKENIZER.tokenize(caption.lower())
+def is_punctuation(token):
+    """Whether a token holds no letter or digit ("." "," "``" "--"), so is no word."""
+    return not any(character.isalnum() for character in token)
 
+
+def tokenize(caption, strip_punctuation=False):
+    """Lower-case word tokens of a caption (NLTK Treebank rules, no punkt data needed);
+    `strip_punctuation`: words only, as the published COCO recipes train on."""
+    tokens = _TOKENIZER.tokenize(caption.lower())
+    return [t for t in tokens if not is_punctuation(t)] if strip_punctuation else tokens
 
 
 @dataclass
@@ -55,6 +61,7 @@ class CaptionSplit:
     captions: list = field(default_factory=list)
     caption_image: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     image_rows: list = field(default_factory=list)
+    strip_punctuation: bool = False  # what `tokenized` gives: words only (`tokenize`)
 
     def references(self):
         """Captions per image id, for scoring."""
@@ -64,7 +71,8 @@ class CaptionSplit:
         return refs
 
     def tokenized(self, cache_dir=None):
-        """Token lists of all captions, read from the cache when these captions were seen before."""
+        """Token lists of all captions (words only with `strip_punctuation`), read from the cache
+        when these captions were tokenised so before."""
         return tokenize_cached(self, cache_dir)
 
     def describe_image(self, image_index):
@@ -89,6 +97,7 @@ class CaptionSplit:
             [self.captions[k] for k in kept],
             new_index[self.caption_image[kept]],
             pick(self.image_rows) if self.image_rows else [],
+            self.strip_punctuation,
         )
 
 
@@ -115,15 +124,17 @@ def detect_layout(data_dir):
     )
 
 
-def read_split(data_dir, split="train", layout="auto"):
-    """The `split` ('train', 'val' or 'test') of the dataset under `data_dir`."""
+def read_split(data_dir, split="train", layout="auto", strip_punctuation=False):
+    """The `split` ('train', 'val' or 'test') of the dataset under `data_dir`; its captions
+    tokenise to words only with `strip_punctuation` (TrainConfig.strip_punctuation)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
     data_dir = Path(data_dir)
     layout = detect_layout(data_dir) if layout == "auto" else layout
-    return {"coco": _read_coco_split, "karpathy": _read_karpathy_split, "csv": _read_csv_split}[
-        layout
-    ](data_dir, split)
+    read = {"coco": _read_coco_split, "karpathy": _read_karpathy_split, "csv": _read_csv_split}
+    captions = read[layout](data_dir, split)
+    captions.strip_punctuation = strip_punctuation
+    return captions
 
 
 def read_captions(annotations_file):
@@ -400,10 +411,13 @@ class TokenizedCaptions:
 
 
 def _cache_key(split):
-    """Hash of the captions' text itself (and the tokeniser's version): an edited annotations
-    file never reuses tokens, even one rewritten at the same size within one clock tick or with
-    its old modification time restored (`cp -p`, `rsync -t`, archives)."""
-    digest = hashlib.sha1(f"{TOKENIZER_VERSION}|{len(split.captions)}|".encode())
+    """Hash of the captions' text itself (and the tokeniser's version and settings): an edited
+    annotations file never reuses tokens, even one rewritten at the same size within one clock
+    tick or with its old modification time restored (`cp -p`, `rsync -t`, archives), nor do
+    tokens kept with punctuation serve a split that strips it, or the reverse."""
+    # Unchanged without stripping: the token and CIDEr-D caches made before it stay valid.
+    version = TOKENIZER_VERSION + ("+words-only" if split.strip_punctuation else "")
+    digest = hashlib.sha1(f"{version}|{len(split.captions)}|".encode())
     # The lengths make the joined text unambiguous whatever characters the captions hold.
     digest.update(np.fromiter(map(len, split.captions), np.int64, len(split.captions)).tobytes())
     digest.update("\0".join(split.captions).encode("utf-8", "surrogatepass"))
@@ -420,7 +434,8 @@ def tokenize_cached(split, cache_dir=None):
             if len(offsets) == len(split.captions) + 1:
                 words = bytes(z["words"]).decode("utf-8").split("\n") if z["words"].size else []
                 return TokenizedCaptions(words, z["ids"], offsets)
-    tokens = TokenizedCaptions.from_lists(tokenize(c) for c in split.captions)
+    strip = split.strip_punctuation
+    tokens = TokenizedCaptions.from_lists(tokenize(c, strip) for c in split.captions)
     words = np.frombuffer("\n".join(tokens.words).encode("utf-8"), dtype=np.uint8)
     with atomic_path(cache) as tmp:
         np.savez(tmp, words=words, ids=tokens.ids, offsets=tokens.offsets)

@@ -128,7 +128,6 @@ class SharedEpoch:
         np.random.seed(seed)
 
 
-
 def load_image(path, source=None):
     """The image at `path` as 8-bit RGB (grayscale, CMYK, RGBA and 16-bit inputs converted),
     turned upright by its EXIF orientation tag."""
@@ -466,4 +465,7 @@ def load_or_build_vocab(
         train_split = read_split(Path(data_dir), "train", layout)
     tokens = train_split.tokenized() if tokens is None else tokens
     threshold = 5 if vocab_threshold is None else vocab_threshold
-    return Vocabulary(threshold, vocab_file, start_word, end_word, unk_word, captions=tokens)
+    return Vocabulary(
+        threshold, vocab_file, start_word, end_word, unk_word, captions=tokens,
+        strip_punctuation=train_split.strip_punctuation,
+    )  # fmt: skip

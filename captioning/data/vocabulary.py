@@ -26,10 +26,13 @@ class Vocabulary:
         annotations_file=None,
         vocab_from_file=False,
         captions=None,
+        strip_punctuation=False,
     ):
         """Load `vocab_file`, or build from `captions` (strings or token lists, else those of
-        `annotations_file`) and save it there."""
+        `annotations_file`) and save it there; `strip_punctuation`: strings tokenise to words
+        only (`annotations.tokenize`), here and in `encode`."""
         self.vocab_threshold = vocab_threshold
+        self.strip_punctuation = strip_punctuation
         self.vocab_file = vocab_file
         self.start_word, self.end_word, self.unk_word = start_word, end_word, unk_word
         self.pad_word = PAD_WORD
@@ -47,7 +50,9 @@ class Vocabulary:
                 raise ValueError("Vocabulary needs captions or annotations_file to build from")
             captions = [c for _, c in read_captions(annotations_file)]
         if not hasattr(captions, "counts"):
-            captions = (tokenize(c) if isinstance(c, str) else c for c in captions)
+            captions = (
+                tokenize(c, strip_punctuation) if isinstance(c, str) else c for c in captions
+            )
         self.build(captions)
         if vocab_file:
             self.save(vocab_file)
@@ -96,7 +101,7 @@ class Vocabulary:
 
     def encode(self, caption):
         """Ids of a caption string (or token list) wrapped in `<start>` ... `<end>`."""
-        tokens = tokenize(caption) if isinstance(caption, str) else caption
+        tokens = tokenize(caption, self.strip_punctuation) if isinstance(caption, str) else caption
         get, unk = self.word2idx.get, self.unk_id
         return [self.start_id, *[get(t, unk) for t in tokens], self.end_id]
 
@@ -121,6 +126,7 @@ class Vocabulary:
             "end_word": self.end_word,
             "unk_word": self.unk_word,
             "pad_word": self.pad_word,
+            "strip_punctuation": self.strip_punctuation,
             "words": [self.idx2word[i] for i in range(len(self.idx2word))],
         }
 
@@ -142,6 +148,8 @@ class Vocabulary:
         if not isinstance(data, dict) or not isinstance(data.get("words"), list):
             raise ValueError(f"{source}: vocabulary JSON must be an object with a 'words' list")
         self.vocab_threshold = data.get("vocab_threshold", self.vocab_threshold)
+        # Vocabularies saved before the option tokenised with punctuation.
+        self.strip_punctuation = bool(data.get("strip_punctuation", False))
         for key in ("start_word", "end_word", "unk_word", "pad_word"):
             setattr(self, key, data.get(key, getattr(self, key)))
         words = data["words"]

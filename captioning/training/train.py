@@ -265,7 +265,10 @@ def drop_unreadable_images(split, config, rank=0, world=1):
 def read_splits(config, rank=0, world=1):
     """The training and validation splits, without unreadable images if asked; and how many."""
     data_dir = resolve_data_dir(config.data_dir)
-    splits = [read_split(data_dir, name, config.layout) for name in ("train", "val")]
+    splits = [
+        read_split(data_dir, name, config.layout, config.strip_punctuation)
+        for name in ("train", "val")
+    ]
     skipped = {}
     if config.skip_bad_images:
         for k, split in enumerate(splits):
@@ -572,8 +575,9 @@ def parse_command_line(argv=None):
         "--preset", choices=PRESETS, default="auto",
         help="the defaults below: coco, presets.coco_config(decoder) (the published COCO "
         "recipes, docs/coco_recipes.md); demo, presets.demo_config(decoder); none, TrainConfig's "
-        "own; auto: coco for a --data-dir that is not a demo dataset, else none. Flags override "
-        "them; --help with --data-dir, --decoder or --preset shows that preset's values",
+        "own; auto: demo for the demo dataset (no --data-dir, data/demo, or a folder with its "
+        "marker file), else coco. Flags override them; --help with --data-dir, --decoder or "
+        "--preset shows that preset's values",
     )  # fmt: skip
     add_debug_flag(preset)  # shown in --help, acted on by `command`
     # The preset depends on the data and the decoder: read them before the full parse.
