@@ -140,6 +140,23 @@ def broadcast_text(text, src=0):
     return bytes(buffer[:length].cpu().tolist()).decode()
 
 
+def all_texts(text):
+    """Every rank's string, in rank order, on every rank."""
+    if not active():
+        return [text]
+    data = text.encode()
+    lengths = torch.zeros(world_size(), dtype=torch.int64, device=_device)
+    dist.all_gather_into_tensor(lengths, _checked(torch.tensor([len(data)], device=_device)))
+    lengths = lengths.tolist()
+    buffer = torch.zeros(max(max(lengths), 1), dtype=torch.uint8, device=_device)
+    if data:
+        buffer[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(_device)
+    gathered = torch.zeros(world_size() * len(buffer), dtype=torch.uint8, device=_device)
+    dist.all_gather_into_tensor(gathered, _checked(buffer))
+    rows = gathered.view(world_size(), len(buffer)).cpu()  # (ranks * width,) -> (ranks, width)
+    return [bytes(row[:n].tolist()).decode() for row, n in zip(rows, lengths)]
+
+
 def union_of_indices(indices, size):
     """The sorted indices (each below `size`) that any rank holds, on every rank."""
     mask = torch.zeros(size, dtype=torch.int32, device=_device)

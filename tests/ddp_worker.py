@@ -4,7 +4,8 @@ what it saw.
 A scenario's switches make failures: nan_on_rank=r makes that rank's third training loss NaN;
 output_dir_per_rank gives every rank its own output_dir; skew_best_on_rank=r makes that rank read
 other weights from best.pt (as a stale copy on another machine would); fixed_cider=x makes rank
-0's validation CIDEr x (the ranks must all end up with it).
+0's validation CIDEr x (the ranks must all end up with it) and records the images each rank
+captioned and scored for validation.
 """
 
 import json
@@ -18,7 +19,8 @@ from captioning.data.loading import ImageCaptionsDataset
 from captioning.data.training_data import IndexedImages
 from captioning.training import train as train_module
 
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "reduce", "gather", "scatter", "barrier")
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce", "gather",
+               "scatter", "barrier")  # fmt: skip
 
 
 def record_collectives(calls, patch):
@@ -67,6 +69,7 @@ def train_scenario(scenario, out, rank, patch):
 
     def record_scst_start(model, *args, **kwargs):
         if not (out / f"rank{rank}_scst_start.pt").exists():
+            (out / f"rank{rank}_seed.json").write_text(json.dumps(torch.initial_seed()))
             torch.save(model.state_dict(), out / f"rank{rank}_scst_start.pt")
         return run_scst(model, *args, **kwargs)
 
@@ -98,7 +101,19 @@ def train_scenario(scenario, out, rank, patch):
 
         patch.setattr(train_module, "load_checkpoint", skewed)
     if "fixed_cider" in switches:
-        patch.setattr(train_module, "cider_score", lambda *args: float(switches["fixed_cider"]))
+        captioned, scored = [], []
+        real_predict = train_module.predict_captions
+
+        def predict(*args, **kwargs):
+            captioned.append(sorted(predictions := real_predict(*args, **kwargs)))
+            return predictions
+
+        def score(predictions, references):
+            scored.append(sorted(predictions))
+            return float(switches["fixed_cider"])
+
+        patch.setattr(train_module, "predict_captions", predict)
+        patch.setattr(train_module, "cider_score", score)
     record_collectives(calls, patch)
     try:
         history = train_module.train(TrainConfig(**config))
@@ -109,3 +124,6 @@ def train_scenario(scenario, out, rank, patch):
     (out / f"rank{rank}_scst_reads.json").write_text(json.dumps(scst_reads))
     (out / f"rank{rank}_history.json").write_text(json.dumps(history))
     (out / f"rank{rank}_statistics.json").write_text(json.dumps(statistics))
+    if "fixed_cider" in switches:
+        validation = {"captioned": captioned, "scored": scored}
+        (out / f"rank{rank}_validation.json").write_text(json.dumps(validation))

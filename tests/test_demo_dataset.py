@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -276,3 +277,18 @@ def test_command_line_writes_dataset(tmp_path, capsys):
     )
     assert str(tmp_path / "cli") in capsys.readouterr().out
     assert len(load_split(tmp_path / "cli", "test2017")["images"]) == 3
+
+
+def test_the_demo_folder_named_or_not_is_made_on_first_use(tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(demo_dataset, "DEFAULT_DEMO_ROOT", tmp_path / "data" / "demo")
+    monkeypatch.setattr(demo_dataset, "make_demo_dataset", lambda root: made.append(root) or root)
+    monkeypatch.chdir(tmp_path)
+    assert demo_dataset.resolve_data_dir(None) == tmp_path / "data" / "demo"
+    assert demo_dataset.resolve_data_dir("data/demo") == Path("data/demo")  # as given
+    assert made == [tmp_path / "data" / "demo"] * 2
+    (tmp_path / "data" / "demo").mkdir(parents=True)
+    (tmp_path / "data" / "demo" / MARKER_NAME).write_text("{}")  # made before: used as it is
+    demo_dataset.resolve_data_dir("data/demo")
+    assert demo_dataset.resolve_data_dir(tmp_path / "coco") == tmp_path / "coco"
+    assert len(made) == 2

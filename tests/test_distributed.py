@@ -93,13 +93,16 @@ def test_every_collective_makes_its_tensor_on_the_rank_device(monkeypatch):
     monkeypatch.setattr(distributed, "_device", torch.device("meta"))
     monkeypatch.setattr(distributed, "active", lambda: True)
     monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(dist, "all_reduce", collective)
     monkeypatch.setattr(dist, "broadcast", collective)
+    monkeypatch.setattr(dist, "all_gather_into_tensor", collective)
     calls = [
         lambda: distributed.sum_values([1, 2]), lambda: distributed.max_value(3),
         lambda: distributed.min_value(3), lambda: distributed.any_rank(True),
         lambda: distributed.broadcast_value(1.5), lambda: distributed.broadcast_text("x"),
         lambda: distributed.union_of_indices([1], 4), distributed.barrier,
+        lambda: distributed.all_texts("x"),
         lambda: distributed.raise_together(ValueError("x")),
         lambda: distributed.broadcast_module(torch.nn.Linear(2, 2, device="meta")),
     ]  # fmt: skip
@@ -107,7 +110,7 @@ def test_every_collective_makes_its_tensor_on_the_rank_device(monkeypatch):
         with pytest.raises(Recorded):
             call()
     assert len(seen) == len(calls) and {d for d, _ in seen} == {"meta"}, seen
-    assert {t for _, t in seen} <= {torch.float64, torch.int32, torch.float32}
+    assert {t for _, t in seen} <= {torch.float64, torch.int32, torch.int64, torch.float32}
     with pytest.raises(ValueError, match="tensor on cpu"):
         distributed.sum_tensor(torch.zeros(2))  # a CPU tensor handed over is refused
 
@@ -117,6 +120,7 @@ def test_alone_every_collective_returns_its_own_value():
     assert distributed.max_value(2) == 2 and distributed.min_value(-3) == -3
     assert distributed.any_rank(True) and not distributed.any_rank(False)
     assert distributed.broadcast_text("héllo") == "héllo"
+    assert distributed.all_texts("héllo") == ["héllo"]
     assert distributed.union_of_indices({3: "bad", 1: "bad"}, 5) == [1, 3]
     distributed.raise_together(None)
     with pytest.raises(FloatingPointError, match="boom"):

@@ -103,7 +103,7 @@ def test_features_travel_in_their_stored_dtype(split, vocab, cache):
 def test_validation_features_stay_memory_mapped_and_float16(demo_root, split, cache, tmp_path):
     config = tiny_config(demo_root, tmp_path, batch_size=8)
     loader = TrainingData.val_image_loader(
-        config, split, make_transform(32), {"features": cache}, 12
+        config, split, make_transform(32), {"features": cache}, range(12)
     )
     assert isinstance(loader.dataset.dataset.features, MappedRows)
     assert len(pickle.dumps(loader.dataset)) < 20_000  # no copy of the rows in the loader
@@ -114,7 +114,9 @@ def test_validation_features_stay_memory_mapped_and_float16(demo_root, split, ca
     assert torch.equal(features, torch.from_numpy(np.array(cache[:12])))
     assert ids.tolist() == split.image_ids[:12]
     config = tiny_config(demo_root, tmp_path, num_workers=1)
-    kept = TrainingData.val_image_loader(config, split, make_transform(32), {"features": cache}, 4)
+    kept = TrainingData.val_image_loader(
+        config, split, make_transform(32), {"features": cache}, range(4)
+    )
     assert kept.persistent_workers and kept.pin_memory == torch.cuda.is_available()
 
 
@@ -134,19 +136,20 @@ def test_blind_features_are_zeros_made_when_read(demo_root, tmp_path):
     assert image.shape == (model.encoder.feature_size,)
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_only_rank_0_builds_the_validation_images(demo_root, tmp_path, rank):
-    config = tiny_config(demo_root, tmp_path)
+def test_each_rank_captions_its_own_share_of_the_validation_images(demo_root, tmp_path):
+    config = tiny_config(demo_root, tmp_path, val_images=11)
     splits = [read_split(demo_root, s) for s in ("train", "val")]
     vocab = load_or_build_vocab(
         vocab_file=None, vocab_threshold=1, vocab_from_file=False, train_split=splits[0]
     )
-    data = TrainingData(config, build_model(config, vocab), vocab, *splits, rank, 2, "cpu")
-    if rank == 0:
-        assert len(data.val_images.dataset) == config.val_images
-    else:
-        assert data.val_images is None
-    assert len(data.val_references) == config.val_images  # every rank knows what is scored
+    model = build_model(config, vocab)
+    shares = []
+    for rank in range(3):
+        data = TrainingData(config, model, vocab, *splits, rank, 3, "cpu")
+        shares.append([int(i) for _, ids in data.val_images for i in ids])
+        assert data.val_references.keys() == set(splits[1].image_ids[:11])  # all are scored
+    assert [len(s) for s in shares] == [3, 4, 4]  # disjoint, together the 11 scored images
+    assert sum(shares, []) == list(splits[1].image_ids[:11])
 
 
 def test_validation_captions_from_float16_features_match_float32_ones(demo_root, tmp_path):
@@ -166,7 +169,7 @@ def test_validation_captions_from_float16_features_match_float32_ones(demo_root,
     full = {"features": rows.astype(np.float16).astype(np.float32)}
     captions = [
         predict_captions(model, vocab, TrainingData.val_image_loader(
-            config, split, make_transform(32), inputs, 10), max_len=8, cached=True)
+            config, split, make_transform(32), inputs, range(10)), max_len=8, cached=True)
         for inputs in (half, full)
     ]  # fmt: skip
     assert captions[0] == captions[1] and len(captions[0]) == 10

@@ -177,10 +177,20 @@ def test_two_process_ddp_self_critical_stage(demo_root, launch):
     # The stage starts from rank 0's weights on both ranks, whatever rank 1 read.
     starts = [torch.load(out / f"rank{r}_scst_start.pt", weights_only=True) for r in (0, 1)]
     assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])
+    # Each rank samples from random streams of its own; rank 0 from the run's seed.
+    seeds = [json.loads((out / f"rank{r}_seed.json").read_text()) for r in (0, 1)]
+    assert seeds[0] == 3 and seeds[1] != seeds[0]
     assert all(torch.equal(starts[0][k], xe[k]) for k in xe)
-    # Rank 0 alone scores the validation captions; every rank holds its CIDEr (best.pt, patience).
+    # Each rank captions its half of the validation images, rank 0 alone scores all of them,
+    # and every rank holds its CIDEr (best.pt, patience).
     histories = [json.loads((out / f"rank{r}_history.json").read_text()) for r in (0, 1)]
     assert histories[0]["val_cider"] == histories[1]["val_cider"] == [0.25, 0.25]
+    validation = [json.loads((out / f"rank{r}_validation.json").read_text()) for r in (0, 1)]
+    scored = sorted(read_split(demo_root, "val").image_ids[:10])  # tiny_config's val_images
+    assert validation[0]["scored"] == [scored, scored] and validation[1]["scored"] == []
+    for epoch in (0, 1):
+        shares = [validation[r]["captioned"][epoch] for r in (0, 1)]
+        assert len(shares[0]) == len(shares[1]) == 5 and sorted(shares[0] + shares[1]) == scored
     history = json.loads((out / "ddp" / "history.json").read_text())
     assert history["stage"] == ["xe", "scst"] and history["reward"][1] > 0
     images = len(read_split(demo_root, "train").image_ids)

@@ -300,7 +300,7 @@ def _write_at(f, offset, staged, share):
         while data:  # a raw write may write less than it was given
             data = data[f.write(data) :]
     except OSError as e:  # a full disk, a lost mount: name the file (the error names none)
-        raise OSError(e.errno, f"{f.name}: cannot write the cache: {e.strerror or e}") from e
+        raise OSError(e.errno, f"{share.path}: cannot write the cache: {e.strerror or e}") from e
     return f.tell()
 
 

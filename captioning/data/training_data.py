@@ -90,7 +90,8 @@ def make_image_loader(captions, config, num_replicas=1, rank=0):
 
 class TrainingData:
     """The loaders one run needs: training, validation loss, and validation images to caption
-    (`val_images`: on rank 0 only, which validates; None on the others)."""
+    (`val_images`: this rank's contiguous share of the scored images; `val_references` hold
+    every scored image's references)."""
 
     def __init__(self, config, model, vocab, train_split, val_split, rank, world, device):
         self.train_split, self.val_split = train_split, val_split
@@ -131,9 +132,9 @@ class TrainingData:
         )
         n_val = len(val_split.image_ids)
         n_val = n_val if config.val_images is None else min(config.val_images, n_val)
-        self.val_images = None
-        if rank == 0:  # only rank 0 validates (`train.validation_cider`)
-            self.val_images = self.val_image_loader(config, val_split, transform, val_inputs, n_val)
+        # Every rank captions its share; rank 0 scores them all (`train.validation_cider`).
+        share = range(rank * n_val // world, (rank + 1) * n_val // world)
+        self.val_images = self.val_image_loader(config, val_split, transform, val_inputs, share)
         scored_ids = set(val_split.image_ids[:n_val])
         self.val_references = {i: r for i, r in val_split.references().items() if i in scored_ids}
 
@@ -149,11 +150,11 @@ class TrainingData:
         return make_caption_loader(captions, config.batch_size, **common)
 
     @staticmethod
-    def val_image_loader(config, split, transform, inputs, n_images):
-        """(image inputs, image ids) of the first `n_images` validation images, for CIDEr; cached
+    def val_image_loader(config, split, transform, inputs, indices):
+        """(image inputs, image ids) of the validation images at `indices`, for CIDEr; cached
         features stay in their memory map and stored dtype (cast per batch on the device)."""
         images = ImageDataset(split, transform, **inputs)
-        images = torch.utils.data.Subset(images, range(n_images))
+        images = torch.utils.data.Subset(images, indices)
         workers = resolve_num_workers(config.num_workers)
         return torch.utils.data.DataLoader(
             images, batch_size=config.batch_size, num_workers=workers,

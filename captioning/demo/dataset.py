@@ -316,10 +316,13 @@ def make_demo_dataset(
 
 
 def resolve_data_dir(data_dir):
-    """`data_dir`, or the built-in demo dataset (made on first use) when None."""
-    if data_dir is not None:
-        return Path(data_dir)
-    return make_demo_dataset(DEFAULT_DEMO_ROOT)
+    """`data_dir`, or the built-in demo dataset when None; the built-in one is made on first use
+    (named or not: `train.py --data-dir data/demo` on a fresh clone)."""
+    if data_dir is None:
+        return make_demo_dataset(DEFAULT_DEMO_ROOT)
+    if Path(data_dir).resolve() == DEFAULT_DEMO_ROOT and read_marker(DEFAULT_DEMO_ROOT) is None:
+        make_demo_dataset(DEFAULT_DEMO_ROOT)
+    return Path(data_dir)
 
 
 def looks_like_demo_dataset(folder):

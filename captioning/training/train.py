@@ -5,7 +5,9 @@ import contextlib
 import csv
 import dataclasses
 import io
+import json
 import math
+import random
 import secrets
 import time
 from dataclasses import asdict
@@ -147,6 +149,19 @@ def make_scheduler(config, optimizer, total_steps):
 def init_distributed(config):
     """(rank, world size, device); joins the torchrun process group when there is one."""
     return distributed.start(config.device)
+
+
+def offset_random_streams(seed, rank, epoch):
+    """Give every rank but 0 random streams of its own (dropout, self-critical sampling) from
+    here on. DDP keeps the weights alike, and the same streams on every rank would draw the
+    same dropout masks and captions on each. Rank 0 keeps its stream, so that one process
+    trains as it always has; `epoch` gives a resumed rank (which restored rank 0's saved
+    streams) new ones too."""
+    if rank:
+        derived = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+        random.seed(derived)
+        np.random.seed(derived)
+        torch.manual_seed(derived)  # every device's generator
 
 
 def check_resumable(saved_config, config, path):
@@ -372,15 +387,17 @@ def save_run(output_dir, config, vocab, model, optimizer, scheduler, scaler, run
 
 
 def validation_cider(model, vocab, data, config, device, rank, world):
-    """Greedy CIDEr of the validation images, computed on rank 0 and shared with every rank
-    (it decides `best.pt` and early stopping, so every rank must hold the same value)."""
-    cider = 0.0
-    if rank == 0:
-        predictions = predict_captions(
-            model, vocab, data.val_images, device, max_len=config.max_caption_len,
-            cached=config.reads_features,
-        )  # fmt: skip
-        cider = cider_score(predictions, data.val_references)
+    """Greedy CIDEr of the validation images: every rank captions its share, rank 0 scores
+    all the captions, and every rank gets its value (it decides `best.pt` and early stopping,
+    so every rank must hold the same one)."""
+    predictions = predict_captions(
+        model, vocab, data.val_images, device, max_len=config.max_caption_len,
+        cached=config.reads_features,
+    )  # fmt: skip
+    if world > 1:  # JSON keys are strings: the image ids are read back as ints
+        shares = distributed.all_texts(json.dumps(predictions))
+        predictions = {int(i): text for share in shares for i, text in json.loads(share).items()}
+    cider = cider_score(predictions, data.val_references) if rank == 0 else 0.0
     return distributed.broadcast_value(cider)
 
 
@@ -465,6 +482,7 @@ def train(config):
     run = RunState()
     if resume_state:
         run = restore_run(resume_state, last_path, config, model, optimizer, scheduler, scaler)
+    offset_random_streams(config.seed, rank, run.next_epoch)  # after the model is built
     ddp_model = model
     if world > 1:
         device_ids = [device] if device.type == "cuda" else None
