@@ -17,7 +17,7 @@ from captioning.errors import ConfigError
 RESUMABLE_CHANGES = (
     "epochs", "patience", "resume", "progress", "num_workers", "device", "amp",
     "output_dir", "data_dir", "val_images", "skip_bad_images", "scst_epochs", "log_every",
-    "length_penalty",
+    "length_penalty", "collective_timeout",
 )  # fmt: skip
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 
@@ -192,6 +192,11 @@ class TrainConfig:
         "use (shared among the processes of a machine), at most 8", low=0,
     )  # fmt: skip
     device: str = option("auto", "auto (CUDA when available), cpu, cuda, cuda:N or mps")
+    collective_timeout: float = option(
+        30.0, "several processes: minutes a process waits for the others in a collective before "
+        "the run stops (NCCL's own default, 10, is short of a cache share's lag on a slow shared "
+        "disk at COCO scale)", low=0, low_open=True,
+    )  # fmt: skip
     resume: bool = option(False, "continue from output_dir/last.pt if it exists")
     progress: bool = option(
         True,

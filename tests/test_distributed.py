@@ -4,12 +4,15 @@ is checked on the CPU another way (monkeypatched `torch.cuda`, a stand-in device
 gloo runs, ranks stopping together included, are in test_two_processes."""
 
 import ast
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from captioning import distributed
+from captioning.config import TrainConfig
+from captioning.training.train import init_distributed
 from tests.helpers import ROOT
 
 
@@ -66,6 +69,18 @@ def test_a_numbered_gpu_is_refused_under_several_processes(fake_gpus):
     with pytest.raises(ValueError, match=r"'cuda:1'.*2 processes.*LOCAL_RANK"):
         distributed.resolve_device("cuda:1", env)
     assert distributed.resolve_device("cuda", env) == torch.device("cuda", 1)
+
+
+def test_training_starts_nccl_alone_with_the_configured_timeout(fake_gpus, monkeypatch):
+    started = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: started.append((a, k)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    config = TrainConfig(device="cuda", collective_timeout=45.0)
+    assert init_distributed(config) == (1, 2, torch.device("cuda", 1))
+    assert started == [(("nccl",), {"timeout": timedelta(minutes=45)})]
 
 
 def test_one_backend_serves_the_devices_it_is_given():

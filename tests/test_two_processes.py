@@ -36,7 +36,8 @@ def plan(demo_root, out):
     error every rank raises, the short-timeout cache scenarios last."""
 
     def training(name, switches=None, **changes):
-        config = tiny_config(demo_root, out / name / "ddp", **changes)
+        config = tiny_config(demo_root, out / name / "ddp", collective_timeout=TRAINING_TIMEOUT / 60,
+                             **changes)  # fmt: skip
         return dict(name=name, kind="train", timeout=TRAINING_TIMEOUT, config=asdict(config),
                     switches=switches or {})  # fmt: skip
 

@@ -11,6 +11,7 @@ import random
 import secrets
 import time
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -147,8 +148,9 @@ def make_scheduler(config, optimizer, total_steps):
 
 
 def init_distributed(config):
-    """(rank, world size, device); joins the torchrun process group when there is one."""
-    return distributed.start(config.device)
+    """(rank, world size, device); joins the torchrun process group when there is one, whose
+    collectives wait `config.collective_timeout` minutes for a late process."""
+    return distributed.start(config.device, timeout=timedelta(minutes=config.collective_timeout))
 
 
 def offset_random_streams(seed, rank, epoch):
