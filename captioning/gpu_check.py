@@ -21,7 +21,7 @@ COCO_SAMPLE = ROOT.parent / "shared" / "data" / "coco-sample"
 # imported, so that the check still starts and reports when a project module is broken.
 DEMO_ROOT = ROOT / "data" / "demo"
 OUTPUT_DIR = Path("outputs") / "gpu-check"
-DECODERS = ("showtell", "attention")
+DECODERS = ("showtell", "attention", "transformer")
 # The COCO sample has 80 training images: batches of 16 give every rank of an 8-GPU torchrun at
 # least one step, and the demo data's 4,000 images 250 steps an epoch, seconds on a GPU.
 BATCH_SIZE = 16
@@ -119,7 +119,7 @@ def caption_steps(python, run, train, cache, photos, prepare):
               "--json", str(run / "captions_greedy.json")]  # fmt: skip
     beam = [python, "caption.py", str(run / "last.pt"), str(photos), "--beam", "3",
             "--json", str(run / "captions_beam3.json"), "--draw", str(run / "captioned")]  # fmt: skip
-    if run.name == "attention":
+    if run.name in ("attention", "transformer"):
         beam.append("--attention")  # each word's attention map as well
     return [
         Step(f"caption {run.name} greedy", greedy, cache, (train,), prepare=prepare),

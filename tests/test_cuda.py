@@ -8,6 +8,7 @@ import torch
 from captioning.checkpoint import load_trained
 from captioning.decoding import PAD_ID, beam_search, greedy_decode
 from captioning.training.train import train
+from model import DecoderRNN
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -32,7 +33,11 @@ def native_bf16():
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-@pytest.mark.parametrize("decoder", ["showtell", "attention"])
+# The transformer small enough for the tiny data (the default is 6 + 6 layers).
+SIZES = {"transformer": dict(encoder_layers=1, decoder_layers=2, heads=4, feed_forward=64)}
+
+
+@pytest.mark.parametrize("decoder", ["showtell", "attention", "transformer"])
 @pytest.mark.parametrize(
     "amp",
     [
@@ -49,7 +54,7 @@ def test_training_on_cuda_with_autocast_and_captions_equal_to_the_cpus(
 ):
     # device="cuda", as users type it: the GPU of this process's LOCAL_RANK.
     history = train(tiny_config(demo_root, tmp_path, device="cuda", amp=amp, epochs=1,
-                                scst_epochs=1, decoder=decoder))  # fmt: skip
+                                scst_epochs=1, decoder=decoder, **SIZES.get(decoder, {})))  # fmt: skip
     assert all(v == v for v in history["val_loss"])  # finite, not NaN
     model, _, config = load_trained(tmp_path / "last.pt", "cpu")
     gpu = copy.deepcopy(model).cuda()
@@ -65,3 +70,17 @@ def test_training_on_cuda_with_autocast_and_captions_equal_to_the_cpus(
             cpu_ids = decode(model.decoder, cpu_features)
             equal = share_equal(cpu_ids, decode(gpu.decoder, gpu_features).cpu())
             assert equal >= SHARE_EQUAL, f"{equal:.0%} of captions equal on GPU and CPU"
+
+
+@pytest.mark.skipif(not native_bf16(), reason="needs a GPU with native bf16")
+def test_the_cudnn_lstm_runs_in_float32_under_bfloat16_autocast():
+    # cuDNN's autocast would run it in float16, which bfloat16 training gives no scaler.
+    torch.manual_seed(0)
+    decoder = DecoderRNN(16, 32, 30).cuda()
+    seen = []
+    decoder.lstm.register_forward_hook(lambda m, args, out: seen.append(out[0].dtype))
+    features, captions = torch.randn(4, 16, device="cuda"), torch.randint(0, 30, (4, 7)).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        scores = decoder.score(features, captions).scores
+    scores.float().sum().backward()
+    assert seen == [torch.float32] and decoder.lstm.weight_hh_l0.grad.dtype == torch.float32

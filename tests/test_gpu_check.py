@@ -44,11 +44,11 @@ def sample(tmp_path, monkeypatch):
     return root
 
 
-def test_trains_both_decoders_for_one_epoch_of_each_stage_then_evaluates_and_captions(capsys, gpus):
+def test_trains_every_decoder_for_one_epoch_of_each_stage_then_evaluates_and_captions(capsys, gpus):
     gpus(1)
     commands = dry_run(capsys)
     trains = [c for c in commands if "train.py" in c]
-    assert sorted(flag(c, "--decoder") for c in trains) == ["attention", "showtell"]
+    assert sorted(flag(c, "--decoder") for c in trains) == ["attention", "showtell", "transformer"]
     for command in trains:
         assert command[1:3] == [gpu_check.project_path(sys.executable), "train.py"]
         assert flag(command, "--epochs") == "1" and flag(command, "--scst-epochs") == "1"
@@ -57,9 +57,9 @@ def test_trains_both_decoders_for_one_epoch_of_each_stage_then_evaluates_and_cap
         assert flag(command, "--trainable-blocks") == "0"  # frozen: the feature cache is built
         assert command[0].startswith("CAPTIONING_CACHE=")  # never the user's cache
     evaluations = [c for c in commands if "evaluate.py" in c]
-    assert sorted(flag(c, "--beam") for c in evaluations) == ["1", "1", "3", "3"]
+    assert sorted(flag(c, "--beam") for c in evaluations) == ["1", "1", "1", "3", "3", "3"]
     captions = [c for c in commands if "caption.py" in c]
-    assert len(captions) == 4 and sum("--attention" in c for c in captions) == 1
+    assert len(captions) == 6 and sum("--attention" in c for c in captions) == 2  # grid decoders
     assert commands[-2][1:7] == ["-m", "bench", "--only", "limit", "--device", "cuda"]
     assert commands[-1][-1] == "tests/test_cuda.py"
 
@@ -70,12 +70,12 @@ def test_torchrun_runs_the_same_training_when_two_or_more_gpus_are_visible(capsy
     commands = dry_run(capsys)
     torchrun = [c for c in commands if "--nproc_per_node" in c]
     if count < 2:
-        skipped = [" ".join(c) for c in commands if c[0] == "#"][:4]
+        skipped = [" ".join(c) for c in commands if c[0] == "#"][:6]
         assert not torchrun and all("needs 2 or more" in line for line in skipped)
         assert skipped[0].startswith("# torchrun train showtell: skipped")
         return
     single = [c for c in commands if "train.py" in c and c not in torchrun]
-    assert len(torchrun) == 2
+    assert len(torchrun) == 3
     for command, alone in zip(torchrun, single):
         assert "--standalone" in command and flag(command, "--nproc_per_node") == str(count)
         after = command[command.index("train.py") + 1 :]
@@ -113,7 +113,7 @@ def test_cpu_runs_the_commands_on_the_cpu_and_skips_what_needs_cuda(capsys, gpus
     commands = dry_run(capsys, "--device", "cpu")
     assert all(flag(c, "--device") == "cpu" for c in commands if "train.py" in c)
     skipped = [" ".join(c) for c in commands if c[0] == "#"]
-    assert len(skipped) == 6 and all("skipped" in line for line in skipped)
+    assert len(skipped) == 8 and all("skipped" in line for line in skipped)
     assert skipped[-2:] == ["# limit benchmark: skipped, needs CUDA",
                             "# tests/test_cuda.py: skipped, needs CUDA"]  # fmt: skip
 
@@ -151,7 +151,7 @@ def test_a_failed_step_skips_what_needs_it_and_the_table_says_so(tmp_path, sampl
     ]:
         assert status[step] == "skipped: train attention did not pass"
     assert status["limit benchmark"] == "skipped: needs CUDA"
-    assert len(calls) == sum(r.seconds is not None for r in results) == 6
+    assert len(calls) == sum(r.seconds is not None for r in results) == 11
     assert gpu_check.exit_status(results) == 1
     # The failure is shown with the end of its log as it happens.
     assert any("FAILED exit 3" in line and "out of memory" in line for line in lines)
@@ -162,7 +162,7 @@ def test_a_failed_step_skips_what_needs_it_and_the_table_says_so(tmp_path, sampl
     assert "| torchrun train showtell | skipped: 0 GPUs visible, needs 2 or more | - |" in table
     # Each run step's log starts with its command line; the photos were copied to caption.
     logs = sorted((tmp_path / "out" / "logs").iterdir())
-    assert len(logs) == 6 and logs[0].read_text().startswith("CAPTIONING_CACHE=")
+    assert len(logs) == 11 and logs[0].read_text().startswith("CAPTIONING_CACHE=")
     photos = sorted(p.name for p in (tmp_path / "out" / "photos").iterdir())
     assert photos == ["000000000139.jpg", "000000000285.jpg", gpu_check.GRAYSCALE]
 
