@@ -126,3 +126,11 @@ def test_the_checks_catch_what_they_should(tmp_path):
     assert fields_block(text) == fields_markdown()
     changed = text.replace("LSTM hidden units", "LSTM units")
     assert fields_block(changed) != fields_markdown()
+
+
+def test_the_resume_section_names_every_field_a_resume_may_change():
+    from captioning.config import RESUMABLE_CHANGES
+
+    text = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    section = text.split("\n## Resume\n", 1)[1].split("\n## ", 1)[0]
+    assert [f for f in RESUMABLE_CHANGES if f != "resume" and f"`{f}`" not in section] == []
