@@ -52,7 +52,7 @@ bench: venv
 	$(PY) -m bench
 
 # On a machine with CUDA: the documented train.py, evaluate.py, caption.py and (with 2+ GPUs)
-# torchrun commands shrunk to the COCO sample in ../shared/data (else the demo data), then the
+# torchrun commands shrunk to the COCO sample of $CAPTIONING_TEST_DATA (else the demo data), then the
 # GPU benchmark and tests/test_cuda.py; one table, also in outputs/gpu-check/summary.md.
 gpu-check: venv
 	$(PY) -m captioning.gpu_check

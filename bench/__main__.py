@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bench import common, decoding, limit, loader, memory, reward, training
+from bench import common, decoding, limit, loader, memory, real_data, reward, training
 
 BENCHMARKS = {
     "loader": loader, "training": training, "decoding": decoding, "memory": memory,
@@ -80,6 +80,9 @@ def table(rows):
 
 def main(argv=None):
     args = parse_args(argv)
+    for needed in (common.VAL_CAPTIONS, common.COCO_SAMPLE):
+        if not needed.exists():
+            raise SystemExit(f"python -m bench: {real_data.missing(needed)}")
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the memory probes' processes
         torch.set_num_threads(args.threads)

@@ -9,10 +9,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import real_data
+
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"  # where developers and CI find the real COCO material
-VAL_CAPTIONS = SHARED / "coco-captions-val2017" / "captions_val2017.json"
-COCO_SAMPLE = SHARED / "coco-sample"
+# The real COCO material ($CAPTIONING_TEST_DATA, else ../shared/data): bench/real_data.py.
+VAL_CAPTIONS = real_data.val_captions()
+COCO_SAMPLE = real_data.coco_sample()
 DECODER_VOCAB = 10_000  # output size of the benchmark decoders (COCO train's vocabulary is ~10k)
 
 

@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: commands run from there
-COCO_SAMPLE = ROOT.parent / "shared" / "data" / "coco-sample"
+# The developers' real COCO sample, where the tests find it (bench/real_data.py).
+COCO_SAMPLE = (
+    Path(os.environ.get("CAPTIONING_TEST_DATA") or ROOT.parent / "shared" / "data") / "coco-sample"
+)
 # demo_dataset.DEFAULT_DEMO_ROOT, where train.py writes the demo data when data_dir is none; not
 # imported, so that the check still starts and reports when a project module is broken.
 DEMO_ROOT = ROOT / "data" / "demo"

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import real_data
 from tests.helpers import COCO_SAMPLE
 
 
@@ -26,9 +27,9 @@ def demo_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def coco_sample():
-    """The real COCO 2017 sample in ../shared/data (skipped when absent)."""
+    """The real COCO 2017 sample ($CAPTIONING_TEST_DATA; skipped when absent)."""
     if not (COCO_SAMPLE / "annotations" / "captions_train2017.json").exists():
-        pytest.skip(f"real COCO sample not found at {COCO_SAMPLE} (see shared/data/README.md)")
+        pytest.skip(real_data.missing(COCO_SAMPLE))
     return COCO_SAMPLE
 
 

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import torch
 
+from bench import real_data
 from captioning.config import TrainConfig
 from captioning.training import train as train_module
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-COCO_SAMPLE = SHARED_DATA / "coco-sample"
-COCO_VAL_CAPTIONS = SHARED_DATA / "coco-captions-val2017" / "captions_val2017.json"
+# The real COCO material ($CAPTIONING_TEST_DATA, else ../shared/data): bench/real_data.py.
+COCO_SAMPLE = real_data.coco_sample()
+COCO_VAL_CAPTIONS = real_data.val_captions()
 
 
 def tiny_config(demo_root, out, **changes):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
+from bench import real_data
 from captioning.data.annotations import _cache_key, read_split
 from captioning.evaluation import cider_d
 from captioning.evaluation.cider_d import (
@@ -27,7 +28,7 @@ from tests.helpers import COCO_VAL_CAPTIONS
 def coco_references():
     """PTB-tokenised reference captions of 400 real COCO val2017 images."""
     if not COCO_VAL_CAPTIONS.is_file():
-        pytest.skip(f"COCO val2017 captions not found at {COCO_VAL_CAPTIONS}")
+        pytest.skip(real_data.missing(COCO_VAL_CAPTIONS))
     refs = {}
     for annotation in json.loads(COCO_VAL_CAPTIONS.read_text())["annotations"]:
         refs.setdefault(annotation["image_id"], []).append(

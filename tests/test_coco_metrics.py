@@ -3,16 +3,16 @@
 import json
 import random
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench import real_data
 from captioning.evaluation import coco_metrics
 from captioning.evaluation.caption_health import format_health, measure_health
+from tests.helpers import COCO_SAMPLE
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-VAL_CAPTIONS = SHARED_DATA / "coco-sample" / "annotations" / "captions_val2017.json"
+VAL_CAPTIONS = COCO_SAMPLE / "annotations" / "captions_val2017.json"
 EVALUATED_IMAGES = 20
 ANNOTATED_IMAGES = 25  # more than evaluated: CIDEr's IDF must come from the evaluated images only
 TRICKY_CAPTION = "A Man's hat (red), \u201cblue\u201d shoes..."
@@ -59,7 +59,7 @@ def one_meteor_process():
 def coco_files(tmp_path_factory):
     """Write a small COCO annotations file and a results file built from real captions."""
     if not VAL_CAPTIONS.is_file():
-        pytest.skip(f"COCO sample captions not found at {VAL_CAPTIONS}")
+        pytest.skip(real_data.missing(VAL_CAPTIONS))
     dataset = json.loads(VAL_CAPTIONS.read_text())
     rng = random.Random(0)
     images = rng.sample([image for image in dataset["images"]], ANNOTATED_IMAGES)
@@ -200,7 +200,7 @@ def test_python_tokenizer_matches_ptb_tokenizer_on_sample_captions():
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     if not VAL_CAPTIONS.is_file():
-        pytest.skip(f"COCO sample captions not found at {VAL_CAPTIONS}")
+        pytest.skip(real_data.missing(VAL_CAPTIONS))
     captions = [
         annotation["caption"] for annotation in json.loads(VAL_CAPTIONS.read_text())["annotations"]
     ]

@@ -6,6 +6,7 @@ import pickle
 import nltk
 import pytest
 
+from bench import real_data
 from captioning.data.vocabulary import Vocabulary, tokenize
 from tests.helpers import COCO_VAL_CAPTIONS
 
@@ -95,7 +96,7 @@ def test_tokenize_needs_no_nltk_data(monkeypatch):
 
 def test_build_from_real_coco_annotations_file(tmp_path):
     if not COCO_VAL_CAPTIONS.exists():
-        pytest.skip(f"{COCO_VAL_CAPTIONS} not found")
+        pytest.skip(real_data.missing(COCO_VAL_CAPTIONS))
     vocab = Vocabulary(5, str(tmp_path / "v.json"), annotations_file=str(COCO_VAL_CAPTIONS))
     assert 1500 < len(vocab) < 5000
     assert vocab("man") != vocab.unk_id and vocab("qwertyzz") == vocab.unk_id
