@@ -1,6 +1,8 @@
-"""Caption your own images with a trained checkpoint (greedy or beam search); CLI on top."""
+"""Caption your own images with a trained checkpoint (greedy, beam search, diverse beam search
+or sampling); CLI on top."""
 
 import argparse
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,22 +41,33 @@ def image_batches(paths, preprocessing, batch_size, device):
 @torch.no_grad()
 def caption_images(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None,
                    length_penalty=None, options=None):  # fmt: skip
-    """{path: caption} for image files, using the model saved in `checkpoint`; `options`: the
-    `decoding.DecodingOptions` captions keep to (None: none); `max_len`, `length_penalty`
-    (None): the checkpoint's config's."""
+    """{path: caption} for image files, using the model saved in `checkpoint`, or
+    {path: [captions]} when `options` (`decoding.DecodingOptions`, None: the defaults) are
+    `listed` (samples, groups); `max_len`, `length_penalty` (None): the checkpoint's
+    config's. Warns, as `evaluate` does, when most of two or more images get the same (first)
+    caption."""
     from captioning.checkpoint import load_trained
-    from captioning.decoding import decode_captions
+    from captioning.decoding import decode_captions, per_image
+    from captioning.evaluation.caption_health import describe_same_caption, measure_health
 
     device = resolve_device(device or "auto")
     model, vocab, config = load_trained(checkpoint, device)
+    options = options or DecodingOptions()
     captions = {}
     for chunk, images in image_batches(paths, model.preprocessing, batch_size, device):
         features = model.encode(images)  # (batch, embed) or a grid; zeros seen if blind
         _, texts = decode_captions(
-            model.decoder, features, vocab, beam_size, max_len or config.max_caption_len,
+            model.decoder, features, vocab, beam_size,
+            config.max_caption_len if max_len is None else max_len,
             config.choose_length_penalty(length_penalty), options,
         )  # fmt: skip
-        captions.update(zip(map(str, chunk), texts))
+        captions.update(zip(map(str, chunk), per_image(texts, options)))
+    # One image always shares its caption with itself: nothing to tell from it.
+    if len(captions) > 1:
+        first = {path: texts[0] if options.listed else texts for path, texts in captions.items()}
+        same_caption = describe_same_caption(measure_health(first), config)
+        if same_caption:
+            warnings.warn(same_caption, stacklevel=2)
     return captions
 
 
@@ -64,9 +77,15 @@ def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
     """{path: (words, weights (words, positions))}: each generated word of an attention or
     transformer model's caption, `<end>` included, and where it looked (a transformer: the
     cross-attention of decoder layer `layer`, None: the last, from its head `head`, None: averaged
-    over the heads); `options`, `max_len` and `length_penalty` as for `caption_images`."""
+    over the heads); `options`, `max_len` and `length_penalty` as for `caption_images`, but one
+    caption per image, searched: no samples, no groups."""
     from captioning.checkpoint import GRID_DECODERS, load_trained
-    from captioning.decoding import beam_search, greedy_decode
+    from captioning.decoding import decode_ids, vocab_options
+
+    options = options or DecodingOptions()
+    if options.listed:
+        raise ValueError("attention maps follow one searched caption per image: no samples, "
+                         "no groups")  # fmt: skip
 
     device = resolve_device(device or "auto")
     model, vocab, config = load_trained(checkpoint, device, decoder=GRID_DECODERS)
@@ -76,19 +95,14 @@ def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
         if layer is not None:
             model.decoder.attention_layer = layer
         model.decoder.attention_head = head
-    max_len = max_len or config.max_caption_len
+    max_len = config.max_caption_len if max_len is None else max_len
     length_penalty = config.choose_length_penalty(length_penalty)
-    options = options and options.for_vocab(vocab)
+    options = vocab_options(options, vocab)
     maps = {}
     for chunk, images in image_batches(paths, model.preprocessing, batch_size, device):
         grids = model.encode(images)  # (batch, positions, features)
-        if beam_size == 1:
-            ids, weights = greedy_decode(model.decoder, grids, max_len, vocab.pad_id, True,
-                                         options)  # fmt: skip
-        else:
-            ids, weights = beam_search(model.decoder, grids, beam_size, max_len, length_penalty,
-                                       vocab.pad_id, with_attention=True,
-                                       options=options)  # fmt: skip
+        ids, weights = decode_ids(model.decoder, grids, beam_size, max_len, length_penalty,
+                                  vocab.pad_id, options, with_attention=True)  # fmt: skip
         for path, row, row_weights in zip(chunk, ids.tolist(), weights.cpu()):
             words = [vocab.idx2word[i] for i in row[1:]]
             words = words[: words.index(vocab.end_word) + 1] if vocab.end_word in words else words
@@ -97,13 +111,19 @@ def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
 
 
 def draw_captions(captions, folder):
-    """Save each image with its caption under it as <folder>/<name>.png."""
+    """Save each image with its caption (or its captions, joined by " / ") under it as
+    <folder>/<name>.png."""
     from captioning.data.loading import load_image
     from captioning.plots import plot_captioned_images
 
     folder = Path(folder)
     return [
-        plot_captioned_images([load_image(p)], [c], folder / f"{Path(p).stem}.png", columns=1)
+        plot_captioned_images(
+            [load_image(p)],
+            [c if isinstance(c, str) else " / ".join(c)],
+            folder / f"{Path(p).stem}.png",
+            columns=1,
+        )
         for p, c in captions.items()
     ]
 
@@ -122,8 +142,8 @@ def draw_attention(maps, folder):
 
 @command
 def main(argv=None):
-    """python caption.py CHECKPOINT IMAGE_OR_FOLDER... [--beam K] [--json OUT] [--draw DIR]
-    [--attention [--attention-layer K]]"""
+    """python caption.py CHECKPOINT IMAGE_OR_FOLDER... [--beam K [--groups G]] [--sample N]
+    [--json OUT] [--draw DIR] [--attention [--attention-layer K]]"""
     from captioning.atomic_file import write_json
 
     parser = argparse.ArgumentParser(description=caption_images.__doc__)
@@ -135,10 +155,15 @@ def main(argv=None):
         help="beam: rank by log-prob / length ** this (default: the checkpoint's "
         "TrainConfig.length_penalty; 0: the raw sum)",
     )  # fmt: skip
-    parser.add_argument("--max-len", type=int)
+    parser.add_argument(
+        "--max-len", type=int,
+        help="most tokens per caption, <start> and <end> included (default: the checkpoint's)",
+    )  # fmt: skip
     DecodingOptions.add_flags(parser)
     parser.add_argument(
-        "--json", help="write {path: caption} here (default captions.json when a folder is given)"
+        "--json",
+        help="write {path: caption} here, {path: [captions]} with --sample N or --groups G "
+        "(default captions.json when a folder is given)",
     )
     parser.add_argument("--draw", metavar="DIR", help="save each image with its caption here")
     parser.add_argument(
@@ -157,6 +182,9 @@ def main(argv=None):
         parser.error("--attention draws the attention maps: give --draw DIR too")
     if args.attention_layer is not None and (not args.attention or args.attention_layer < 1):
         parser.error("--attention-layer K: K counts from 1, and goes with --attention")
+    if args.attention and (args.sample or args.groups > 1):
+        parser.error("--attention draws one searched caption per image: not with --sample or "
+                     "--groups")  # fmt: skip
     paths = find_images(args.inputs)
     if not paths:
         parser.error("no images found in " + " ".join(args.inputs))
@@ -165,8 +193,11 @@ def main(argv=None):
         args.checkpoint, paths, args.beam, args.max_len, length_penalty=args.length_penalty,
         options=options,
     )  # fmt: skip
-    for path, text in captions.items():
-        print(f"{path}: {text}")
+    for path, texts in captions.items():
+        if isinstance(texts, str):
+            print(f"{path}: {texts}")
+        else:  # several per image: numbered from 1, the order decode_captions gives
+            print("\n".join(f"{path} ({k}): {text}" for k, text in enumerate(texts, 1)))
     json_path = args.json or (
         "captions.json" if any(Path(i).is_dir() for i in args.inputs) else None
     )

@@ -6,12 +6,14 @@ import os
 import runpy
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from captioning.checkpoint import load_checkpoint, load_trained, save_checkpoint
 from captioning.config import TrainConfig
+from captioning.data.annotations import read_split
 from captioning.data.loading import load_image, make_transform
 from captioning.decoding import DecodingOptions, decode_captions
 from captioning.evaluation.caption_health import SAME_CAPTION_SHARE, measure_health
@@ -117,7 +119,7 @@ def test_length_penalty_is_the_checkpoints_unless_a_flag_gives_one(
     checkpoint, coco_sample, demo_root, monkeypatch, tmp_path
 ):
     from captioning import caption, decoding
-    from captioning.evaluation import evaluate
+    from captioning.evaluation import coco_metrics, evaluate
 
     # The functions behind the commands (and the demo's evaluation) read it from the checkpoint.
     for function in (evaluate.evaluate, caption.caption_images, caption.attention_maps):
@@ -138,12 +140,20 @@ def test_length_penalty_is_the_checkpoints_unless_a_flag_gives_one(
     caption.main([str(checkpoint), grayscale, "--beam", "2", "--length-penalty", "0.7"])
     caption.main([str(shorter), grayscale, "--beam", "2"])
     caption.main([str(checkpoint), grayscale, "--beam", "2"])
-    assert seen == [0.7, -0.5, 0.0]
+    # A penalty of 0 given explicitly is a choice, not "none given": it wins over the -0.5.
+    caption.main([str(shorter), grayscale, "--beam", "2", "--length-penalty", "0"])
+    assert seen == [0.7, -0.5, 0.0, 0.0]
+    assert TrainConfig(length_penalty=-0.5).choose_length_penalty(0.0) == 0.0
     options = dict(data_dir=demo_root, beam_size=2, limit=2, num_workers=0, use_java=False)
-    for penalty, expected in ((None, -0.5), (1.5, 1.5)):
+    for penalty, expected in ((None, -0.5), (1.5, 1.5), (0.0, 0.0)):
         seen.clear()
         evaluate.evaluate(shorter, "val", length_penalty=penalty, progress=False, **options)
         assert seen == [expected]
+    seen.clear()
+    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
+    evaluate.main([str(shorter), "--split", "val", "--data-dir", str(demo_root), "--limit", "2",
+                   "--beam", "2", "--length-penalty", "0"])  # fmt: skip
+    assert seen == [0.0]
     runs = []
     monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: runs.append(k) or {"metrics": {}})
     evaluate.main([str(checkpoint), "--beam", "3", "--length-penalty", "1.5"])
@@ -168,16 +178,23 @@ def with_decoder_weights(checkpoint, path, same_features=False):
 def test_evaluate_reports_caption_health_and_warns_when_images_share_a_caption(
     checkpoint, demo_root, tmp_path
 ):
+    from captioning.caption import caption_images
     from captioning.evaluation import evaluate
 
     options = dict(data_dir=demo_root, num_workers=0, progress=False, use_java=False)
     varied = with_decoder_weights(checkpoint, tmp_path / "varied.pt")
+    images = sorted((demo_root / "val2017").iterdir())  # those evaluate captions below
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = evaluate.evaluate(varied, "val", **options)
+        result = evaluate.evaluate(varied, "val", output_dir=tmp_path / "out", **options)
+        caption_images(varied, images)
     assert not [w for w in caught if "same caption" in str(w.message)]
-    assert result["health"] == measure_health(result["predictions"])
+    # Novel captions: those not among the training split's captions, tokenised alike.
+    training = [" ".join(tokens) for tokens in read_split(demo_root, "train").tokenized()]
+    assert result["health"] == measure_health(result["predictions"], training)
+    assert 0 < result["health"]["novel_captions"] <= 1  # random weights: new captions
     assert result["health"]["top_caption_share"] < SAME_CAPTION_SHARE
+    assert json.loads((tmp_path / "out" / "health_val.json").read_text()) == result["health"]
     same = with_decoder_weights(checkpoint, tmp_path / "same.pt", same_features=True)
     with pytest.warns(UserWarning, match="100% of the images got the same caption") as caught:
         result = evaluate.evaluate(same, "val", **options)
@@ -185,6 +202,24 @@ def test_evaluate_reports_caption_health_and_warns_when_images_share_a_caption(
         caught[-1].message
     )
     assert result["health"]["distinct_captions"] == 1 / len(result["predictions"])
+    # caption.py warns alike, for two images or more: one image always shares its caption.
+    with pytest.warns(UserWarning, match="100% of the images got the same caption"):
+        caption_images(same, images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        caption_images(same, images[:1])
+
+
+def test_novel_captions_need_the_checkpoints_training_captions(checkpoint, demo_root, tmp_path):
+    from captioning.evaluation import evaluate
+
+    state = load_checkpoint(checkpoint)
+    state["config"]["data_dir"] = str(tmp_path / "moved")
+    moved = save_checkpoint(state, tmp_path / "moved.pt")
+    with pytest.warns(UserWarning, match="novel captions not measured: no training captions"):
+        result = evaluate.evaluate(moved, "val", data_dir=demo_root, num_workers=0,
+                                   progress=False, use_java=False, limit=3)  # fmt: skip
+    assert "novel_captions" not in result["health"]
 
 
 def test_decoding_option_flags_reach_the_decoder(checkpoint, demo_root, monkeypatch, capsys):
@@ -205,21 +240,33 @@ def test_decoding_option_flags_reach_the_decoder(checkpoint, demo_root, monkeypa
     caption.main([str(checkpoint), image, "--no-bad-endings", "--no-repeat-words"])
     caption.main([str(checkpoint), image, "--beam", "2", "--block-trigrams"])
     caption.main([str(checkpoint), image])
+    for flags in FLAGS:
+        caption.main([str(checkpoint), image, *flags])
     assert seen == [
         DecodingOptions(no_bad_endings=True, no_repeat_words=True),
         DecodingOptions(block_trigrams=True),
         DecodingOptions(),
+        *FLAGS.values(),
     ]
     runs, health = [], measure_health({1: "a red square", 2: "a red square on"})
-    monkeypatch.setattr(
-        evaluate, "evaluate", lambda *a, **k: runs.append(k) or {"metrics": {}, "health": health}
-    )
+
+    def recording_evaluate(*args, **kwargs):
+        runs.append((args, kwargs))
+        return {"metrics": {}, "health": health}
+
+    monkeypatch.setattr(evaluate, "evaluate", recording_evaluate)
     evaluate.main([str(checkpoint), "--block-trigrams", "--no-bad-endings"])
     evaluate.main([str(checkpoint)])
-    assert [k["options"] for k in runs] == [
+    for flags in FLAGS:
+        evaluate.main([str(checkpoint), *flags])
+    assert [k["options"] for _, k in runs] == [
         DecodingOptions(no_bad_endings=True, block_trigrams=True),
         DecodingOptions(),
+        *FLAGS.values(),
     ]
+    assert [a[4] for a, _ in runs] == [1, 1, 1, 4, 1, 1]  # the beam size, with --groups 2
+    evaluate.main([str(checkpoint), "--max-len", "7"])
+    assert runs[-1][0][5] == 7 and runs[0][0][5] is None  # None: the checkpoint's
     assert "bad endings 50.0%, repeats 0.0%, distinct captions 100.0%" in capsys.readouterr().out
     # evaluate.evaluate passes its options on to the decoder.
     monkeypatch.undo()
@@ -231,3 +278,75 @@ def test_decoding_option_flags_reach_the_decoder(checkpoint, demo_root, monkeypa
         evaluate.evaluate(checkpoint, "val", data_dir=demo_root, num_workers=0, progress=False,
                           use_java=False, limit=4, options=rule)  # fmt: skip
     assert seen == [rule]
+
+
+# Each new decoding flag (caption.py and evaluate.py alike) and the options it asks for.
+FLAGS = {
+    ("--sample", "3", "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9"): DecodingOptions(
+        samples=3, temperature=0.7, top_k=5, top_p=0.9
+    ),
+    ("--beam", "4", "--groups", "2", "--diversity", "0.3"): DecodingOptions(
+        groups=2, diversity=0.3
+    ),
+    ("--allow-unk",): DecodingOptions(allow_unk=True),
+    ("--sample", "1"): DecodingOptions(samples=1),
+}
+
+
+def test_caption_command_prints_and_saves_every_caption_of_an_image(
+    checkpoint, demo_root, tmp_path, capsys
+):
+    from captioning import caption
+
+    varied = with_decoder_weights(checkpoint, tmp_path / "varied.pt")
+    images = [str(p) for p in sorted((demo_root / "val2017").iterdir())[:2]]
+    out = tmp_path / "captions.json"
+    torch.manual_seed(0)
+    captions = caption.main([str(varied), *images, "--sample", "3", "--json", str(out),
+                             "--draw", str(tmp_path / "drawn")])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text()) == captions and list(captions) == images
+    for image in images:
+        assert len(captions[image]) == 3
+        assert all(f"{image} ({k}): {captions[image][k - 1]}" in printed for k in (1, 2, 3))
+    assert len({c for texts in captions.values() for c in texts}) > 2  # samples, not copies
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == sorted(
+        f"{Path(p).stem}.png" for p in images
+    )
+    # Diverse beam search: one caption per group, the first plain beam search with 4 / 2 beams.
+    diverse = caption.main([str(varied), *images, "--beam", "4", "--groups", "2"])
+    plain = caption.main([str(varied), *images, "--beam", "2"])
+    assert all(len(diverse[i]) == 2 and diverse[i][0] == plain[i] for i in images)
+    with pytest.raises(SystemExit):
+        caption.main([str(varied), *images, "--sample", "2", "--draw", "d", "--attention"])
+    assert "not with --sample or --groups" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a person gets the one line
+        caption.main([str(varied), *images, "--diversity", "0.3"])
+    assert "--diversity L goes with --groups G" in capsys.readouterr().err
+
+
+def test_evaluate_scores_the_first_caption_of_each_image_and_saves_them_all(
+    checkpoint, demo_root, tmp_path
+):
+    from captioning.evaluation import evaluate
+
+    varied = with_decoder_weights(checkpoint, tmp_path / "varied.pt")
+    options = dict(data_dir=demo_root, num_workers=0, progress=False, use_java=False, limit=6)
+    torch.manual_seed(0)
+    result = evaluate.evaluate(varied, "val", output_dir=tmp_path, max_len=5,
+                               options=DecodingOptions(samples=3), **options)  # fmt: skip
+    every = result["all_captions"]
+    assert list(every) == list(result["predictions"]) and len(every) == 6
+    assert all(len(texts) == 3 for texts in every.values())
+    assert result["predictions"] == {i: texts[0] for i, texts in every.items()}
+    # max_len 5: <start> and four more tokens, <end> or not.
+    assert max(len(c.split()) for texts in every.values() for c in texts) <= 4
+    saved = json.loads((tmp_path / "captions_val_sample3.json").read_text())
+    assert saved == {str(i): texts for i, texts in every.items()}
+    results = json.loads((tmp_path / "results_val_sample3.json").read_text())
+    assert {r["image_id"]: r["caption"] for r in results} == result["predictions"]
+    diverse = evaluate.evaluate(varied, "val", beam_size=4, output_dir=tmp_path,
+                                options=DecodingOptions(groups=2), **options)  # fmt: skip
+    beam = evaluate.evaluate(varied, "val", beam_size=2, **options)
+    assert diverse["predictions"] == beam["predictions"]  # group 0: beam search, 2 beams
+    assert (tmp_path / "captions_val_beam4_groups2.json").exists()

@@ -10,33 +10,66 @@ from captioning.evaluation.caption_health import (
     SAME_CAPTION_SHARE,
     describe_same_caption,
     ends_badly,
+    format_health,
     measure_health,
     repeats_itself,
+    words_of,
 )
 
 CAPTIONS = {
-    1: "a man riding a horse",  # "a" twice, but no word pair twice: healthy
+    1: "a man riding a horse",  # "a" twice, but no word trigram twice: healthy
     2: "a man riding a",  # ends on "a"
     3: "a dog with a frisbee with",  # ends on "with"
-    4: "a man a man on a horse",  # "a man" twice
+    4: "a man in a hat and a man in a coat",  # "a man in" (and "man in a") twice
     5: "a man riding a horse",
-    6: "a cat on a mat on a mat",  # "on a" and "a mat" twice, ends well
-    7: "two dogs dogs",  # a word twice in a row is no repeated pair
+    6: "a cat on a mat on a mat",  # "on a mat" twice, ends well
+    7: "two dogs dogs",  # a word twice in a row
     8: "",  # an empty caption neither ends badly nor repeats
+    9: "a man in a .",  # ends on "a": the full stop after it changes nothing
+    10: "a cat on a bed next to a dog on a couch",  # "on a" twice, no trigram: healthy
 }
 
 
 def test_each_figure_on_hand_written_captions():
     health = measure_health(CAPTIONS)
     assert health == {
-        "bad_endings": 2 / 8,
-        "repeats": 2 / 8,
-        "distinct_captions": 7 / 8,
-        "words_used": 12,  # a man riding horse dog with frisbee on cat mat two dogs
-        "top_caption_share": 2 / 8,
+        "bad_endings": 3 / 10,
+        "repeats": 3 / 10,
+        "distinct_captions": 9 / 10,
+        # a man riding horse dog with frisbee in hat and coat cat on mat two dogs . bed next to
+        # couch
+        "words_used": 21,
+        "top_caption_share": 2 / 10,
     }
-    assert [ends_badly(c) for c in CAPTIONS.values()] == [0, 1, 1, 0, 0, 0, 0, 0]
-    assert [repeats_itself(c) for c in CAPTIONS.values()] == [0, 0, 0, 1, 0, 1, 0, 0]
+    assert [ends_badly(c) for c in CAPTIONS.values()] == [0, 1, 1, 0, 0, 0, 0, 0, 1, 0]
+    assert [repeats_itself(c) for c in CAPTIONS.values()] == [0, 0, 0, 1, 0, 1, 1, 0, 0, 0]
+
+
+def test_the_last_word_before_closing_punctuation_is_the_ending():
+    for caption in ("a man in a .", "a man in a.", "A man in a !", "a plate of ...", "on the ,"):
+        assert ends_badly(caption), caption
+    for caption in ("a man on a horse .", "a dog .", "a bed , next to a wall", ". .", "."):
+        assert not ends_badly(caption), caption
+    assert words_of("A man's hat , on a bed.") == ["a", "man's", "hat", "on", "a", "bed"]
+
+
+def test_a_repeat_is_a_word_trigram_twice_or_a_word_twice_in_a_row():
+    assert repeats_itself("a dog dog on the grass") and repeats_itself("a dog . dog")
+    assert repeats_itself("a man on a horse and a man on a bike")
+    assert not repeats_itself("a cat on a bed next to a dog on a couch")  # "on a" twice only
+    assert not repeats_itself("a man and a woman and a child")  # "and a" twice only
+    assert not repeats_itself("a man . . .")  # punctuation is no word
+
+
+def test_novel_captions_are_those_no_training_caption_matches():
+    training = ["A red square.", "a blue circle next to a red square", "two shapes ,"]
+    captions = {1: "a red square", 2: "a red square .", 3: "two shapes", 4: "a green square"}
+    health = measure_health(captions, training)
+    assert health["novel_captions"] == 1 / 4  # only "a green square"
+    assert "novel captions 25.0%" in format_health(health)
+    assert "novel_captions" not in measure_health(captions)  # no training captions, no figure
+    assert "novel" not in format_health(measure_health(captions))
+    assert measure_health(captions, [])["novel_captions"] == 1.0
 
 
 def test_bad_endings_follow_self_critical_pytorch():
@@ -49,7 +82,7 @@ def test_bad_endings_follow_self_critical_pytorch():
 def test_a_repeated_trigram_counts_once_and_a_longer_caption_without_one_not_at_all():
     assert repeats_itself("a man in a hat and a man in a coat")
     assert not repeats_itself("a man in a red hat next to a woman in blue")
-    assert measure_health({1: "x y x y", 2: "x y z"})["repeats"] == 0.5
+    assert measure_health({1: "x y z x y z", 2: "x y x y"})["repeats"] == 0.5
 
 
 def test_same_caption_warning_names_the_checkpoints_preprocessing():

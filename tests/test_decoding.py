@@ -1,10 +1,20 @@
-"""Batched greedy and beam-search decoding (decoding.py) against DecoderRNN.sample and by hand."""
+"""Batched greedy, beam-search, diverse beam-search and sampled decoding (decoding.py) against
+DecoderRNN.sample, by hand and on rigged decoders."""
 
 import pytest
 import torch
 
 from captioning.data.vocabulary import Vocabulary
-from captioning.decoding import DecodingOptions, beam_search, decode_captions, greedy_decode
+from captioning.decoding import (
+    DecodingOptions,
+    beam_search,
+    decode_captions,
+    decode_ids,
+    greedy_decode,
+    sample_decode,
+    sampling_log_probs,
+    vocab_options,
+)
 from model import DecoderRNN
 
 EMBED, HIDDEN, VOCAB, END, PAD = 16, 32, 30, 1, 3
@@ -489,3 +499,219 @@ def test_decode_captions_finds_the_bad_endings_in_the_vocabulary(tmp_path, beam_
     )
     with pytest.raises(ValueError, match="for_vocab"):
         greedy_decode(decoder, features, options=rule)  # the words' ids are unknown
+
+
+# `<unk>`, sampling and diverse beam search. The rigged decoders' step scores depend on the last
+# word only (`table_decoder`); their other tokens sit far below (-30), out of every count.
+UNK = 2  # `<unk>` in every Vocabulary
+
+
+def unk_decoder():
+    """(decoder, images): `<unk>` is the likeliest first word (0.88), then w05; each ends."""
+    logits = torch.full((BIGRAM, BIGRAM), -30.0)  # logits[prev, next]
+    logits[0, UNK], logits[0, 5] = 2.0, 0.0
+    logits[UNK, END] = logits[5, END] = 8.0
+    return table_decoder(logits)
+
+
+@pytest.mark.parametrize(
+    "beam_size,options",
+    [(1, {}), (3, {}), (4, dict(groups=2, diversity=0.1)), (1, dict(samples=50))],
+    ids=["greedy", "beam", "diverse", "sampling"],
+)
+def test_unk_is_suppressed_unless_allowed(tmp_path, beam_size, options):
+    decoder, features = unk_decoder()
+    vocab = rigged_vocab(tmp_path)
+    torch.manual_seed(0)
+    default = DecodingOptions(**options) if options else None  # None: decode_captions' default
+    ids, _ = decode_captions(decoder, features, vocab, beam_size, 5, options=default)
+    assert not any(UNK in row for row in ids)
+    assert {tuple(row) for row in ids} == {(0, 5, END)}
+    allowed, _ = decode_captions(
+        decoder, features, vocab, beam_size, 5, options=DecodingOptions(allow_unk=True, **options)
+    )
+    assert sum(UNK in row for row in allowed) >= len(allowed) / 2  # the decoder's favourite
+
+
+def test_the_low_level_decoders_suppress_nothing_without_a_vocabulary(tmp_path):
+    decoder, features = unk_decoder()
+    assert greedy_decode(decoder, features, 5)[:, 1].tolist() == [UNK] * 3
+    assert vocab_options(None, rigged_vocab(tmp_path)).suppresses_unk  # what every caller uses
+    assert not DecodingOptions().suppresses_unk  # no unk_id: nothing to suppress
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_top_k_one_and_a_tiny_nucleus_are_greedy(num_layers):
+    decoder = random_decoder(22, num_layers)
+    with torch.no_grad():
+        decoder.fc.bias[PAD] -= 100.0  # greedy could take `<pad>`, which sampling never draws
+    features = torch.randn(6, EMBED)
+    greedy = greedy_decode(decoder, features, max_len=15).repeat_interleave(4, dim=0)
+    for cut in (dict(top_k=1), dict(top_p=1e-6), dict(top_k=1, temperature=3.0)):
+        torch.manual_seed(1)
+        options = DecodingOptions(samples=4, **cut)
+        assert torch.equal(decode_ids(decoder, features, max_len=15, options=options), greedy)
+    # Without the cut the samples differ from greedy, or the test would show nothing.
+    torch.manual_seed(1)
+    assert not torch.equal(sample_decode(decoder, features, 4, max_len=15).ids, greedy)
+
+
+FIRST_WORDS = {5: 0.5, 6: 0.3, 7: 0.15, 8: 0.05}  # after `<start>`: word id, probability
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p,expected",
+    [
+        (1.0, None, None, FIRST_WORDS),
+        (2.0, None, None, {w: p**0.5 for w, p in FIRST_WORDS.items()}),  # softmax(log p / 2)
+        (0.5, None, None, {w: p**2 for w, p in FIRST_WORDS.items()}),
+        (1.0, 2, None, {5: 0.5, 6: 0.3}),
+        (1.0, None, 0.75, {5: 0.5, 6: 0.3}),  # 0.5 < 0.75: 6 is needed to reach it
+        (1.0, None, 0.85, {5: 0.5, 6: 0.3, 7: 0.15}),
+        (2.0, 3, 0.5, {5: 0.5**0.5, 6: 0.3**0.5}),  # 0.379 < 0.5 after the temperature
+    ],
+)
+def test_sampled_first_words_follow_the_softmax(temperature, top_k, top_p, expected):
+    logits = torch.full((BIGRAM, BIGRAM), -30.0)  # logits[prev, next]
+    logits[0, list(FIRST_WORDS)] = torch.tensor(list(FIRST_WORDS.values())).log()
+    decoder, features = table_decoder(logits)
+    draws = 20_000
+    torch.manual_seed(0)
+    samples = sample_decode(decoder, features[:1], draws, temperature, max_len=2, top_k=top_k,
+                            top_p=top_p)  # fmt: skip
+    counts = torch.bincount(samples.ids[:, 1], minlength=BIGRAM).double() / draws
+    total = sum(expected.values())
+    for word in range(BIGRAM):
+        p = expected.get(word, 0.0) / total
+        # Five binomial standard deviations: a chance of about 1e-6 per word to be outside.
+        assert abs(counts[word] - p) <= 5 * (p * (1 - p) / draws) ** 0.5, (word, counts[word], p)
+    # The log-probabilities are those of the distribution drawn from.
+    drawn = samples.ids[:, 1]
+    wanted = torch.tensor([expected[int(w)] / total for w in drawn[:50]]).log()
+    assert torch.allclose(samples.log_probs[:50, 0].double(), wanted.double(), atol=1e-4)
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+    # Two rows, the same probabilities in other places; id 3 is `<pad>`, never drawn.
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.0, 0.3], [0.3, 0.15, 0.05, 0.0, 0.5]])
+    scores = probs.log()
+    nuclei = {0.4: (0.5,), 0.79: (0.5, 0.3), 0.81: (0.5, 0.3, 0.15), 0.96: (0.5, 0.3, 0.15, 0.05)}
+    for top_p, nucleus in {**nuclei, 1.0: nuclei[0.96]}.items():
+        logp = sampling_log_probs(scores, pad_id=3, top_p=top_p)  # (2, 5)
+        for row in range(2):
+            kept = probs[row] >= min(nucleus)
+            assert torch.isfinite(logp[row]).tolist() == kept.tolist(), (top_p, row)
+            assert torch.allclose(logp[row][kept].exp(), probs[row][kept] / sum(nucleus))
+
+
+def test_sampling_keeps_the_rules_and_self_critical_sampling_stays_the_models():
+    decoder, features, max_len, wanted, _ = rigged_decoder("no_repeat_words")
+    torch.manual_seed(0)
+    ruled = sample_decode(decoder, features, 20, max_len=max_len, options=RULES["no_repeat_words"])
+    assert not any(breaks("no_repeat_words", row) for row in ruled.ids.tolist())
+    torch.manual_seed(0)
+    plain = sample_decode(decoder, features, 20, max_len=max_len)  # as self_critical.py calls it
+    # The model's own choice: "w05 w05" about 59 times in 60.
+    assert sum(breaks("no_repeat_words", row) for row in plain.ids.tolist()) >= 50
+    scores = torch.randn(4, BIGRAM)
+    assert torch.equal(sampling_log_probs(scores, 0.7, PAD), (scores / 0.7).index_fill(
+        1, torch.tensor([PAD]), float("-inf")).log_softmax(dim=1))  # fmt: skip
+
+
+@pytest.mark.parametrize("num_layers,seed", [(1, 20), (2, 21)])
+def test_diverse_beam_search_with_one_group_or_no_penalty_is_beam_search(num_layers, seed):
+    decoder = random_decoder(seed, num_layers)
+    features = torch.randn(5, EMBED)
+    beam2, beam4 = (beam_search(decoder, features, k, max_len=12) for k in (2, 4))
+    one_group = DecodingOptions(groups=1, diversity=2.0)
+    assert torch.equal(beam_search(decoder, features, 4, max_len=12, options=one_group), beam4)
+    diverse = padded(beam_search(decoder, features, 4, 12, options=DecodingOptions(groups=2)), 12)
+    assert diverse.shape[0] == 10  # one caption per group, image-major
+    assert torch.equal(diverse[0::2], padded(beam2, 12))  # group 0 has no penalty
+    assert not torch.equal(diverse[1::2], diverse[0::2])
+    level = DecodingOptions(groups=2, diversity=0.0)
+    same = padded(beam_search(decoder, features, 4, 12, options=level), 12)
+    assert torch.equal(same[0::2], padded(beam2, 12)) and torch.equal(same[1::2], same[0::2])
+
+
+@pytest.mark.parametrize(
+    "diversity,expected", [(0.0, [5, 5, 5]), (0.3, [5, 5, 6]), (0.5, [5, 6, 5])]
+)
+def test_each_earlier_group_that_chose_a_word_costs_it_the_diversity(diversity, expected):
+    # After <start>: 5 (0.6) or 6 (0.4), each then <end>; three groups of one beam. The third
+    # group pays the diversity once per earlier group that chose 5: log 0.6 - 2 * 0.3 < log 0.4.
+    logits = torch.full((BIGRAM, BIGRAM), -30.0)  # logits[prev, next]
+    logits[0, 5], logits[0, 6] = torch.tensor(0.6).log(), torch.tensor(0.4).log()
+    logits[5, END] = logits[6, END] = 8.0
+    decoder, features = table_decoder(logits)
+    options = DecodingOptions(groups=3, diversity=diversity)
+    ids = beam_search(decoder, features, 3, max_len=5, options=options)
+    assert ids.tolist() == [[0, word, END] for word in expected] * 3
+
+
+def test_a_group_returns_its_best_caption_by_the_models_own_score():
+    # Group 0 (two beams) takes 5 and 6; the penalty (1.0) pushes group 1 to 7 first, then 5:
+    # penalised, 7 <end> ranks above 5 <end>; by the model's log-probabilities, 5 <end> does.
+    logits = torch.full((BIGRAM, BIGRAM), -30.0)  # logits[prev, next]
+    logits[0, [5, 6, 7]] = torch.tensor([0.5, 0.3, 0.2]).log()
+    logits[[5, 6, 7], END] = 8.0
+    decoder, features = table_decoder(logits)
+    ids = beam_search(decoder, features[:1], 4, max_len=5, options=DecodingOptions(groups=2,
+                      diversity=1.0))  # fmt: skip
+    assert ids.tolist() == [[0, 5, END], [0, 5, END]]
+
+
+def test_decoding_options_refuse_what_no_decoder_can_do(tmp_path):
+    for wrong, message in (
+        (dict(samples=-1), "samples"), (dict(samples=2, temperature=0.0), "temperature"),
+        (dict(samples=2, top_k=0), "top_k"), (dict(samples=2, top_p=0.0), "top_p"),
+        (dict(samples=2, top_p=1.5), "top_p"), (dict(groups=0), "groups"),
+        (dict(groups=2, diversity=-0.1), "diversity"), (dict(samples=2, groups=2), "not both"),
+        (dict(top_k=5), "set samples"), (dict(temperature=0.5), "set samples"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            DecodingOptions(**wrong)
+    decoder, features = unk_decoder()
+    with pytest.raises(ValueError, match="does not split into 2 groups"):
+        beam_search(decoder, features, 3, options=DecodingOptions(groups=2))
+    with pytest.raises(ValueError, match="beam_size must be 1"):
+        decode_ids(decoder, features, 3, options=DecodingOptions(samples=2))
+    with pytest.raises(ValueError, match="max_len"):
+        decode_captions(decoder, features, rigged_vocab(tmp_path), max_len=1)
+    assert DecodingOptions(samples=3).captions_per_image == 3
+    assert DecodingOptions(groups=2).captions_per_image == 2
+    assert DecodingOptions().captions_per_image == 1
+
+
+# Punctuation: a model trained on captions that end in " ." ends "a man in a ." rather than
+# "a man in a". Vocabulary of BIGRAM ids: "," 4, "." 5, "a" 6, "wN" N from 7.
+COMMA, PERIOD, A_WORD = 4, 5, 6
+
+
+def punctuation_vocab(tmp_path):
+    words = ["a", ".", ","] + [f"w{i:02d}" for i in range(7, BIGRAM)]
+    vocab = Vocabulary(1, vocab_file=str(tmp_path / "p.json"), captions=[words])
+    assert [vocab(w) for w in (",", ".", "a", "w07")] == [COMMA, PERIOD, A_WORD, 7]
+    return vocab
+
+
+@pytest.mark.parametrize("mark", [PERIOD, COMMA])
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_no_bad_endings_forbids_punctuation_after_a_bad_word(tmp_path, mark, beam_size):
+    from captioning.evaluation.caption_health import ends_badly
+
+    # "a" then punctuation (then <end>), against "a w07 ." or w09 after <start>.
+    logits = torch.full((BIGRAM, BIGRAM), -8.0)  # logits[prev, next]
+    logits[0, A_WORD], logits[0, 9] = 3.0, 0.0
+    logits[A_WORD, mark], logits[A_WORD, END], logits[A_WORD, 7] = 5.0, 4.0, 3.0
+    logits[mark, END] = logits[PERIOD, END] = 8.0
+    logits[7, PERIOD], logits[9, PERIOD] = 5.0, 5.0
+    decoder, features = table_decoder(logits)
+    vocab = punctuation_vocab(tmp_path)
+    options = DecodingOptions(no_bad_endings=True).for_vocab(vocab)
+    assert options.punctuation_ids == (COMMA, PERIOD) and A_WORD in options.bad_ending_ids
+    plain = decode_captions(decoder, features, vocab, beam_size, 8)
+    assert plain[0] == [[0, A_WORD, mark, END]] * 3 and all(map(ends_badly, plain[1]))
+    ruled = decode_captions(decoder, features, vocab, beam_size, 8, options=options)
+    assert ruled[0] == [[0, A_WORD, 7, PERIOD, END]] * 3 and ruled[1] == ["a w07 ."] * 3
+    assert not any(map(ends_badly, ruled[1]))

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from captioning.atomic_file import write_json
 from captioning.command import add_debug_flag, command, progress_disabled
 from captioning.data.training_data import to_device
-from captioning.decoding import LENGTH_PENALTY, DecodingOptions, decode_captions
+from captioning.decoding import LENGTH_PENALTY, DecodingOptions, decode_captions, per_image
 from captioning.distributed import resolve_device
 from captioning.evaluation.caption_health import (
     describe_same_caption,
@@ -35,7 +35,8 @@ def predict_captions(
     cached=False,
 ):
     """{image id: caption} for a loader of (images, or cached features with `cached`, image
-    ids); `options`: the `DecodingOptions` captions keep to (None: none)."""
+    ids), or {image id: [captions]} when `options` (`DecodingOptions`, None: the defaults) are
+    `listed` (sampling, diverse beam search)."""
     model.eval()
     predictions = {}
     for inputs, image_ids in tqdm(
@@ -46,8 +47,23 @@ def predict_captions(
         _, captions = decode_captions(
             model.decoder, features, vocab, beam_size, max_len, length_penalty, options
         )
-        predictions.update(zip((int(i) for i in image_ids), captions))
+        predictions.update(zip((int(i) for i in image_ids), per_image(captions, options)))
     return predictions
+
+
+def training_captions(config):
+    """The texts of the captions a checkpoint was trained on (its `config`'s data_dir, layout
+    and train split), tokenised as its vocabulary was; None, with a warning, when they cannot
+    be read (a checkpoint moved to another machine)."""
+    from captioning.data.annotations import read_split
+    from captioning.demo.dataset import resolve_data_dir
+
+    try:
+        split = read_split(resolve_data_dir(config.data_dir), "train", config.layout)
+        return [" ".join(tokens) for tokens in split.tokenized()]
+    except (OSError, ValueError) as error:
+        warnings.warn(f"novel captions not measured: no training captions ({error})", stacklevel=3)
+        return None
 
 
 def evaluate(
@@ -69,13 +85,17 @@ def evaluate(
     options=None,
 ):
     """Caption `split` with a checkpoint and score it; returns metrics, caption health (its
-    figures: `caption_health.measure_health`), per-image scores, captions.
+    figures: `caption_health.measure_health`, novel captions against the checkpoint's training
+    captions), per-image scores, captions.
 
-    With `output_dir`, writes results_<split>.json (COCO results format), metrics and per-image
-    scores there. `data_dir`/`layout`, `max_len` and `length_penalty` default to the checkpoint's
-    config's (those the model was trained with). `options`:
-    the `decoding.DecodingOptions` captions keep to (None: none). Warns when most images get
-    the same caption (`caption_health.SAME_CAPTION_SHARE`).
+    With `output_dir`, writes results_<tag>.json (COCO results format), metrics, health and
+    per-image scores there (tag: the split, then beam size, groups and samples when used).
+    `data_dir`/`layout`, `max_len` and `length_penalty` default to the checkpoint's config's
+    (those the model was trained with). `options`: the `decoding.DecodingOptions` (None: the
+    defaults). When they give a list of captions per image (samples, groups), the first of
+    each image's is scored and measured, and all are in result["all_captions"] and, with
+    `output_dir`, captions_<tag>.json. Warns when most images get the same caption
+    (`caption_health.SAME_CAPTION_SHARE`).
     """
     from captioning.checkpoint import load_trained
     from captioning.data.annotations import read_split
@@ -96,12 +116,17 @@ def evaluate(
         loader,
         device,
         beam_size,
-        max_len or config.max_caption_len,
+        config.max_caption_len if max_len is None else max_len,
         config.choose_length_penalty(length_penalty),
         progress,
         options,
     )
-    health = measure_health(predictions)
+    options = options or DecodingOptions()
+    all_captions = None
+    if options.listed:
+        all_captions = predictions
+        predictions = {i: captions[0] for i, captions in all_captions.items()}
+    health = measure_health(predictions, training_captions(config))
     same_caption = describe_same_caption(health, config)
     if same_caption:
         warnings.warn(same_caption, stacklevel=2)
@@ -114,13 +139,21 @@ def evaluate(
         "predictions": predictions,
         "references": {i: references[i] for i in predictions},
     }
+    if all_captions is not None:
+        result["all_captions"] = all_captions
     if output_dir:
-        tag = f"{split}" + (f"_beam{beam_size}" if beam_size > 1 else "")
-        write_results(predictions, Path(output_dir) / f"results_{tag}.json")
-        write_json(metrics, Path(output_dir) / f"metrics_{tag}.json")
-        write_json(
-            {str(k): v for k, v in per_image.items()}, Path(output_dir) / f"per_image_{tag}.json"
-        )
+        tag = split + (f"_beam{beam_size}" if beam_size > 1 else "")
+        tag += f"_groups{options.groups}" if options.groups > 1 else ""
+        tag += f"_sample{options.samples}" if options.samples else ""
+        output_dir = Path(output_dir)
+        write_results(predictions, output_dir / f"results_{tag}.json")
+        write_json(metrics, output_dir / f"metrics_{tag}.json")
+        write_json(health, output_dir / f"health_{tag}.json")
+        write_json({str(k): v for k, v in per_image.items()}, output_dir / f"per_image_{tag}.json")
+        if all_captions is not None:
+            write_json(
+                {str(k): v for k, v in all_captions.items()}, output_dir / f"captions_{tag}.json"
+            )
     return result
 
 
@@ -135,11 +168,15 @@ def main(argv=None):
     parser.add_argument("--split", default="test")
     parser.add_argument("--data-dir")
     parser.add_argument("--layout", choices=("auto", "coco", "karpathy", "csv"))
-    parser.add_argument("--beam", type=int, default=1)
+    parser.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
     parser.add_argument(
         "--length-penalty", type=float,
         help="beam: rank by log-prob / length ** this (default: the checkpoint's "
         "TrainConfig.length_penalty; 0: the raw sum)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-len", type=int,
+        help="most tokens per caption, <start> and <end> included (default: the checkpoint's)",
     )  # fmt: skip
     DecodingOptions.add_flags(parser)
     parser.add_argument("--limit", type=int, help="score only the first N images")
@@ -158,7 +195,7 @@ def main(argv=None):
         result = {"metrics": metrics, "health": measure_health(captions), "per_image": per_image}
     elif args.checkpoint:
         result = evaluate(
-            args.checkpoint, args.split, args.data_dir, args.layout, args.beam,
+            args.checkpoint, args.split, args.data_dir, args.layout, args.beam, args.max_len,
             length_penalty=args.length_penalty, limit=args.limit,
             output_dir=args.output_dir, spice=args.spice, options=DecodingOptions.from_flags(args),
         )  # fmt: skip
