@@ -13,10 +13,26 @@ README_MAX_LINES = 260
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
-# What belongs in measured tables in docs/, with their conditions, and not in the README.
+# The documentation says what is true now and how to reproduce it; git history keeps the log.
+# Neither the README nor docs/*.md holds a commit hash (7 to 40 hex digits with a letter and a
+# digit, so neither a word nor a number), a date, or an issue number (#top and &#38; are none) ...
 COMMIT_HASH = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b")
 DATE = re.compile(r"\b(19|20)\d\d-[01]\d-[0-3]\d\b")
 ISSUE = re.compile(r"(?<![\w&/])#\d+\b")
+# ... nor the words of a development log, case ignored: where and when a figure was measured
+# ("working tree", "fresh clone of ...", "the machine was slower that hour", "this project's
+# machine") and acceptance checklists ("Targets the presets were built to", "met" verdicts).
+PROCESS_PHRASES = {  # words may wrap onto the next line
+    "working tree": r"\bworking\s+(tree|copy)\b",
+    "fresh clone": r"\bfresh\s+clones?\b",
+    "a day or hour of the machine": r"\b(slower|faster|busier|quieter)\s+(days?|hours?)\b",
+    "the day or hour of a run": r"\b(that|the\s+same|this)\s+(day|hour)\b",
+    "the machine was slower": r"\bthe\s+machine\s+was\s+(slower|faster)\b",
+    "this project's machine": r"\bthis\s+project's\s+machine\b",
+    "acceptance targets": r"\btargets\s+the\s+presets?\s+(was|were)\s+built\s+to\b|^#+\s*targets\b",
+    "met or missed": r"\b(met|missed)\b",
+}
+LINK_TARGET = re.compile(r"\]\([^)]*\)")  # a link's target, where #1-shapes is an anchor
 
 
 def documents():
@@ -58,12 +74,15 @@ def broken_links(path, root=ROOT):
     return broken
 
 
-def readme_problems(text):
-    """What the README must not hold: commit hashes, dates, issue numbers."""
+def log_problems(text):
+    """What no page may hold, outside code blocks: commit hashes, dates, issue numbers and the
+    phrases of a development log (`PROCESS_PHRASES`)."""
     text = FENCE.sub("", text)
     found = [f"commit hash {m}" for m in COMMIT_HASH.findall(text)]
     found += [f"date {m.group(0)}" for m in DATE.finditer(text)]
-    found += [f"issue reference {m}" for m in ISSUE.findall(text)]
+    found += [f"issue reference {m}" for m in ISSUE.findall(LINK_TARGET.sub("]()", text))]
+    for name, pattern in PROCESS_PHRASES.items():
+        found += [f"{name}: {m.group(0)}" for m in re.finditer(pattern, text, re.I | re.M)]
     return found
 
 
@@ -100,12 +119,14 @@ def test_readme_is_short():
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail into docs/"
 
 
-def test_readme_has_no_dates_hashes_or_issue_numbers():
-    assert readme_problems((ROOT / "README.md").read_text(encoding="utf-8")) == []
+@pytest.mark.parametrize("path", documents(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_pages_say_what_is_true_now_not_when_it_was_measured(path):
+    assert log_problems(path.read_text(encoding="utf-8")) == []
 
 
 def test_the_checks_catch_what_they_should(tmp_path):
-    """Each check fails on a planted fault: a broken link or anchor, a date, a hash, an issue."""
+    """Each check fails on a planted fault: a broken link or anchor, a date, a hash, an issue,
+    a phrase of a development log; ordinary numbers, words and anchors pass."""
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.md").write_text("# A title\n\n## Some `code` here\n")
     page = tmp_path / "README.md"
@@ -119,9 +140,40 @@ def test_the_checks_catch_what_they_should(tmp_path):
         "docs/a.md#nothing: no heading #nothing in a.md",
         "docs/img.png: no such file",
     ]
-    assert readme_problems("run 1,400 s, 0.586 CIDEr, 15.4% in 2,600 s; see #top") == []
-    found = readme_problems("a clone of 0bd1973 on 2026-11-29, issue #23")
+    clean = (
+        "run 1,400 s, 0.586 CIDEr, 15.4% in 2,600 s, 1234567 steps, 3.125e-4, 000002000001.png;"
+        " see #top, [three shapes](#3-shapes) and &#38; words: accepted, feedback,"
+        " deadbeef, facade, metric, method, METEOR, a working model, this daylight, the target\n"
+        "```\ncommit 0bd1973, 2026-11-29, the working tree\n```\n"
+    )
+    assert log_problems(clean) == []
+    found = log_problems("a clone of 0bd1973 on 2026-11-29, issue #23")
     assert found == ["commit hash 0bd1973", "date 2026-11-29", "issue reference #23"]
+    log = (
+        "In the Working tree, a fresh clone of it; the machine was slower that hour, in a slower\n"
+        "hour on this project's machine.\n## Targets of the transformer\n"
+        "| target | met |\n|---|---|\n| at most 10 minutes | missed |\n"
+        "Targets the presets were built to.\n"
+    )
+    assert [problem.split(":")[0] for problem in log_problems(log)] == [
+        "working tree",
+        "fresh clone",
+        "a day or hour of the machine",
+        "the day or hour of a run",
+        "the machine was slower",
+        "this project's machine",
+        "acceptance targets",
+        "acceptance targets",
+        "met or missed",
+        "met or missed",
+    ]
+    # Planted into a copy of a real page, each is found.
+    page = (ROOT / "docs" / "demo.md").read_text(encoding="utf-8")
+    assert log_problems(page) == []
+    planted = page.replace(
+        "\n## ", "\nMeasured in the working tree at 3e4020a on 2026-11-30.\n## ", 1
+    )
+    assert sorted(p.split(" ")[0] for p in log_problems(planted)) == ["commit", "date", "working"]
     text = f"x\n{FIELDS_BEGIN}\n{fields_markdown()}{FIELDS_END}\n"
     assert fields_block(text) == fields_markdown()
     changed = text.replace("LSTM hidden units", "LSTM units")
