@@ -8,7 +8,7 @@ import pytest
 from captioning.config import FIELDS_BEGIN, FIELDS_END, fields_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
-README_MAX_LINES = 260
+README_MAX_LINES = 300
 # [text](target) and ![alt](target), with an optional "title"; targets hold no spaces.
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
