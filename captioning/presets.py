@@ -6,14 +6,14 @@ from pathlib import Path
 from captioning.config import TrainConfig
 from captioning.demo.dataset import DEFAULT_DEMO_ROOT, read_marker
 
-# Chosen by measurement on 2 CPU cores (README, "The demo dataset"): the images' own 64 px
-# (at 48 px shapes blur into their neighbours: 61% of captions right, not 68%); 32 images a
-# batch keeps batch norm statistics steady; one of each image's 5 captions per epoch, as the
-# CNN learns slowest and needs image passes more than captions (at 20 epochs one caption does
-# as well as two, 66% vs 67%, in less time, so 30 epochs fit: 77%); forget-gate bias 5 keeps
-# the image, fed once, alive to the last word (bias 1: 19% objects right, not 54%). Decoding
-# PNGs each epoch cost 30% of a training pass on two cores: the images are cached decoded, and
-# with nothing left to overlap a loader process only competes with the training threads.
+# Chosen by measurement on 2 CPU cores (docs/demo.md; the variants in docs/what_we_tried.md): the
+# images' own 64 px (at 48 px shapes blur into their neighbours: 61% of captions right, not 68%); 32
+# images a batch keeps batch norm statistics steady; one of each image's 5 captions per epoch, as
+# the CNN learns slowest and needs image passes more than captions (at 20 epochs one caption does as
+# well as two, 66% vs 67%, in less time, so 30 epochs fit: 77%); forget-gate bias 5 keeps the image,
+# fed once, alive to the last word (bias 1: 19% objects right, not 54%). Decoding PNGs each epoch
+# cost 30% of a training pass on two cores: the images are cached decoded, and with nothing left to
+# overlap a loader process only competes with the training threads.
 DEMO_CONFIG = TrainConfig(
     data_dir=str(DEFAULT_DEMO_ROOT),
     output_dir="outputs/demo/model",
@@ -37,15 +37,15 @@ DEMO_CONFIG = TrainConfig(
 )
 
 
-# The attention decoder steps an LSTM cell per word in Python, so its preset is smaller where
-# that costs time (word embedding, attention layer) and trains at a higher rate. The doubly
-# stochastic regulariser is weak here: at weight 1 it asks each of the 16 grid positions, mostly
-# background on these sparse images, for a word's worth of attention per caption, pulling the
-# words' attention off the shapes (the README has the figures). best.pt is the epoch of the
+# The attention decoder steps an LSTM cell per word in Python, so its preset is smaller where that
+# costs time (word embedding, attention layer) and trains at a higher rate. The doubly stochastic
+# regulariser is weak here: at weight 1 it asks each of the 16 grid positions, mostly background on
+# these sparse images, for a word's worth of attention per caption, pulling the words' attention off
+# the shapes (docs/demo.md; docs/what_we_tried.md has the variants). best.pt is the epoch of the
 # lowest val loss: the val CIDEr of 300 images swings with the references' phrasings and kept
-# mid-schedule epochs that named fewer objects (docs/experiments.md has the runs). Its beam
-# search favours shorter captions (length_penalty -0.5), as chosen on the validation splits of
-# both grid decoders' checkpoints (docs/decoding.md).
+# mid-schedule epochs that named fewer objects (docs/what_we_tried.md has the runs). Its beam search
+# favours shorter captions (length_penalty -0.5), as chosen on the validation splits of both grid
+# decoders' checkpoints (docs/decoding.md).
 ATTENTION_DEMO_CONFIG = dataclasses.replace(
     DEMO_CONFIG,
     output_dir="outputs/demo-attention/model",
@@ -80,7 +80,7 @@ ATTENTION_SCST_DEMO_CONFIG = dataclasses.replace(
 # The transformer's demo preset: 1 encoder and 4 decoder layers 128 wide, 4 heads, no dropout
 # (as the LSTM presets), a short warm-up, best.pt by the lowest val loss (as attention). Each
 # decoder layer traded for an encoder layer named more objects in three-shape images
-# (docs/experiments.md has the runs).
+# (docs/what_we_tried.md has the runs).
 TRANSFORMER_DEMO_CONFIG = dataclasses.replace(
     DEMO_CONFIG,
     output_dir="outputs/demo-transformer/model",
