@@ -110,6 +110,58 @@ def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
     return maps
 
 
+def caption_upload(checkpoint, data, name="upload.png", beam_size=1, device=None, options=None):
+    """(caption, figure) for the bytes of an uploaded image file: its caption, and a figure of
+    the image with it (a grid decoder: each word's attention map), as `caption_images` and
+    `attention_maps` make them. EXIF rotation is applied, as for files."""
+    import tempfile
+
+    from captioning.checkpoint import GRID_DECODERS, load_checkpoint
+    from captioning.data.loading import load_image
+    from captioning.plots import plot_attention, plot_captioned_images
+
+    with tempfile.TemporaryDirectory(prefix="captioning-upload-") as folder:
+        path = Path(folder) / Path(name).name  # the suffix tells the format; no folder parts
+        path.write_bytes(bytes(data))
+        image = load_image(path, source=f"the upload {name!r}")  # a bad file: one clear error
+        caption = caption_images(checkpoint, [path], beam_size, device=device, options=options)
+        caption = caption[str(path)]
+        if load_checkpoint(checkpoint)["config"]["decoder"] in GRID_DECODERS:
+            maps = attention_maps(checkpoint, [path], beam_size, device=device, options=options)
+            words, weights = maps[str(path)]
+            return caption, plot_attention(image, words, weights)
+    return caption, plot_captioned_images([image], [caption], columns=1)
+
+
+def upload_widget(checkpoint, beam_size=1, device=None, options=None):
+    """A Jupyter upload button: each picture dropped on it is captioned (`caption_upload`), and
+    shown with its caption or its attention maps below the button."""
+    import ipywidgets
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    upload = ipywidgets.FileUpload(accept="image/*", multiple=True, description="Your image")
+    shown = ipywidgets.Output()
+
+    def on_upload(change):
+        shown.clear_output()
+        with shown:
+            for item in change["new"]:
+                try:
+                    caption, figure = caption_upload(
+                        checkpoint, item["content"], item["name"], beam_size, device, options
+                    )
+                except (OSError, ValueError) as error:  # an unreadable file: its message
+                    print(error)
+                    continue
+                print(f"{item['name']}: {caption}")
+                display(figure)
+                plt.close(figure)
+
+    upload.observe(on_upload, names="value")
+    return ipywidgets.VBox([upload, shown])
+
+
 def draw_captions(captions, folder):
     """Save each image with its caption (or its captions, joined by " / ") under it as
     <folder>/<name>.png."""

@@ -81,6 +81,13 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(cuda)
 
 
+def submodule_state(state_dict, name):
+    """The entries of a `CaptionModel` state dict under `name` ("encoder" or "decoder"), without
+    that prefix: what an `EncoderCNN` or a decoder built by hand loads (CVND's way)."""
+    prefix = name + "."
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
 def load_model_state(model, state_dict, path, expected):
     """`model.load_state_dict`, but a mismatch names both sides instead of a shape traceback."""
     own = model.state_dict()

@@ -4,11 +4,14 @@ start from. A notebook's parameters cell names the dataset (`DATASET`) and holds
 settings; docs/notebooks.md has the table of datasets and how to switch to MS-COCO."""
 
 import dataclasses
+import math
+import shutil
 from pathlib import Path
 
-from captioning.data.download import download_coco
+from captioning.data.download import COCO_FILES, coco_archive_names, download_coco, expected_layout
 from captioning.demo.dataset import make_demo_dataset, read_marker
 from captioning.presets import coco_config, demo_config
+from captioning.training.loss_log import duration_text
 
 # The standard demo dataset: what `make demo` trains on and the committed notebooks show.
 DEMO_OPTIONS = dict(n_train=4000, n_val=500, n_test=500, image_size=64, seed=0, max_shapes=3)
@@ -60,7 +63,7 @@ def get_data(settings, download=False, progress=True):
         made_with = read_marker(root) or {}
         options = {k: made_with.get(k, v) for k, v in DEMO_OPTIONS.items()}
         return make_demo_dataset(root, **options, progress=progress)
-    if download:
+    if download and not holds_coco(settings):
         return download_coco(
             root, settings.coco_year, settings.coco_splits, settings.karpathy, progress=progress
         )
@@ -72,14 +75,119 @@ def get_data(settings, download=False, progress=True):
     return root
 
 
-def training_preset(dataset="demo", decoder=None):
+def training_preset(dataset="demo", decoder=None, scst=False):
     """The `TrainConfig` a notebook's model settings start from: `presets.demo_config` for the
-    demo, `presets.coco_config` (the published recipes, docs/coco_recipes.md) for COCO."""
+    demo, `presets.coco_config` (the published recipes, docs/coco_recipes.md) for COCO; with
+    `scst`, the preset with its self-critical stage."""
     decoder = decoder or "showtell"
-    return demo_config(decoder) if dataset == "demo" else coco_config(decoder)
+    if dataset == "demo":
+        return demo_config(decoder, scst)
+    return coco_config(decoder, scst)
 
 
 def configure(preset, **changes):
     """`preset` with the `changes` that are not None: a parameter left at None keeps the
     preset's value."""
     return dataclasses.replace(preset, **{k: v for k, v in changes.items() if v is not None})
+
+
+def holds_coco(settings):
+    """Whether the folder already holds the COCO release `settings` name, unpacked (by this
+    project's download or another), with no archive of ours left half downloaded."""
+    root = Path(settings.data_dir)
+    layout = expected_layout(root, settings.coco_year, settings.coco_splits, settings.karpathy)
+    partial = list((root / "downloads").glob("*.part")) if (root / "downloads").is_dir() else []
+    return all(path.exists() for path in layout) and not partial
+
+
+def size_text(size):
+    """Bytes in words: '95.1 GB', '812 MB', '4.1 KB'."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} bytes"
+
+
+def describe_download(settings):
+    """What getting the dataset costs: for COCO the archives, their sizes and the disk space."""
+    if settings.dataset == "demo":
+        return "the demo dataset is drawn on this machine: nothing to download"
+    names = coco_archive_names(settings.coco_year, settings.coco_splits, settings.karpathy)
+    sizes = [COCO_FILES[name].size for name in names]
+    known = sum(size for size in sizes if size)
+    unknown = [name for name, size in zip(names, sizes) if not size]
+    text = (
+        f"{settings.dataset}: {len(names)} archives ({', '.join(names)}), "
+        f"{size_text(known)} to download"
+        + (f" besides {', '.join(unknown)} (size not published)" if unknown else "")
+        + f"; about as much again once unpacked into {settings.data_dir} (the archives can be "
+        "deleted then)"
+    )
+    if holds_coco(settings):
+        text += f". {settings.data_dir} holds it already: nothing to download"
+    return text
+
+
+def describe_epoch(seconds, steps, steps_per_epoch):
+    """How long an epoch takes on this machine, from the time of its first steps."""
+    per_step = seconds / max(steps, 1)
+    return (
+        f"{steps} steps took {seconds:.1f} s ({per_step:.2f} s a step): an epoch of "
+        f"{steps_per_epoch} steps takes about {duration_text(per_step * steps_per_epoch)} here"
+    )
+
+
+def describe_caches(config, images):
+    """What the run caches on disk before its first epoch, for `images` training and validation
+    images: the frozen CNN's features, the decoded images, or nothing; and the space left."""
+    from captioning.checkpoint import build_model
+    from captioning.data.annotations import default_cache_dir
+    from captioning.data.feature_cache import feature_shape
+    from captioning.data.loading import make_transform
+    from captioning.data.vocabulary import Vocabulary
+
+    folder = default_cache_dir()
+    if config.blind or not (config.trainable_blocks == 0 or config.cache_images):
+        return "no cache: every epoch reads and decodes the image files"
+    if config.trainable_blocks == 0:
+        # The shapes only: random weights, nothing downloaded.
+        shell = dataclasses.replace(config, pretrained=False, weights_path=None)
+        model = build_model(shell, Vocabulary(1, None, captions=[["a"]]))
+        shape = feature_shape(
+            model.encoder, make_transform(config.image_size, resize=config.resize)
+        )
+        kind, item_bytes = f"frozen {config.backbone} features {shape}, float16", 2
+    else:
+        shape, kind, item_bytes = (3, config.image_size, config.image_size), "decoded images", 1
+    size = images * math.prod(shape) * item_bytes
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    return (
+        f"cache: {kind} of {images:,} images, {size_text(size)} in {folder} "
+        f"({size_text(free)} free there; $CAPTIONING_CACHE moves it), built before the first "
+        "epoch and reused by every later run with the same CNN and images"
+    )
+
+
+def compare_results(results, annotations_file=None):
+    """One table of several `evaluate` results ({name: result}): their CIDEr, BLEU-4, METEOR
+    (with Java) and ROUGE-L, the demo's objects right (given its annotations file), and their
+    caption health (bad endings, repeats, novel and distinct captions)."""
+    from captioning.demo.scoring import object_accuracy
+
+    columns = {"CIDEr": "CIDEr", "Bleu_4": "BLEU-4", "METEOR": "METEOR", "ROUGE_L": "ROUGE-L"}
+    columns = {k: v for k, v in columns.items() if all(k in r["metrics"] for r in results.values())}
+    health = {"bad_endings": "bad end", "repeats": "repeats", "novel_captions": "novel",
+              "distinct_captions": "distinct"}  # fmt: skip
+    head = [*columns.values(), *(["objects"] if annotations_file else []), *health.values()]
+    width = max(map(len, results))
+    lines = [" " * width + "".join(f"{h:>10}" for h in head)]
+    for name, result in results.items():
+        cells = [f"{result['metrics'][k]:10.3f}" for k in columns]
+        if annotations_file:
+            right = object_accuracy(result["predictions"], annotations_file)["accuracy"]
+            cells.append(f"{right:10.1%}")
+        cells += [f"{result['health'][k]:10.1%}" if k in result["health"] else f"{'-':>10}"
+                  for k in health]  # fmt: skip
+        lines.append(f"{name:<{width}}" + "".join(cells))
+    return "\n".join(lines)

@@ -167,10 +167,16 @@ TRANSFORMER_COCO_CHANGES = dict(
 COCO_CHANGES = {"attention": ATTENTION_COCO_CHANGES, "transformer": TRANSFORMER_COCO_CHANGES}
 
 
-def coco_config(decoder="showtell", **changes):
-    """The COCO preset for one decoder (docs/coco_recipes.md), with `changes` applied."""
+# Self-critical epochs after the cross-entropy ones, as the README's COCO command runs them.
+COCO_SCST_EPOCHS = 20
+
+
+def coco_config(decoder="showtell", scst=False, **changes):
+    """The COCO preset for one decoder (docs/coco_recipes.md), with the self-critical stage or
+    without, with `changes` applied."""
     preset = COCO_CHANGES.get(decoder, {"decoder": decoder})
-    return dataclasses.replace(COCO_CONFIG, **{**preset, **changes})
+    stage = {"scst_epochs": COCO_SCST_EPOCHS} if scst else {}
+    return dataclasses.replace(COCO_CONFIG, **{**preset, **stage, **changes})
 
 
 PRESETS = ("auto", "coco", "demo", "none")

@@ -105,3 +105,43 @@ def test_assigned_sampler_sets_the_loader_length(demo_root, tmp_path):
     assert len(data_loader) == 3 and [len(b) for b in data_loader.batch_sampler] == [4, 4, 2]
     data_loader.batch_sampler.sampler = None  # back to whole epochs
     assert len(data_loader) == epoch_batches
+
+
+def test_cvnd_inference_steps_with_encoder_and_decoder_loaded_from_a_checkpoint(
+    demo_root, tmp_path, capsys
+):
+    # CVND's 3_Inference, as 3_Inference.ipynb walks it: a test-mode loader, the encoder and
+    # decoder built by hand and loaded from the trained weights, sample, clean_sentence and
+    # get_prediction; the caption is the one the package's batched greedy decoding gives.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from captioning.backbones import build_backbone
+    from captioning.caption import caption_images
+    from captioning.checkpoint import load_checkpoint, submodule_state
+    from captioning.cvnd import clean_sentence, get_prediction
+    from captioning.training.train import train
+    from tests.helpers import tiny_config
+
+    config = tiny_config(demo_root, tmp_path, epochs=1)
+    train(config)
+    state = load_checkpoint(tmp_path / "best.pt")
+    transform_test = make_transform(config.image_size)
+    data_loader = get_loader(transform=transform_test, mode="test", data_dir=demo_root,
+                             vocab_file=str(tmp_path / "vocab.json"))  # fmt: skip
+    vocab_size = len(data_loader.dataset.vocab)
+    encoder = EncoderCNN(config.embed_size, build_backbone(config.backbone, pretrained=False),
+                         feature_norm=config.feature_norm)  # fmt: skip
+    decoder = DecoderRNN(config.embed_size, config.hidden_size, vocab_size)
+    encoder.load_state_dict(submodule_state(state["model"], "encoder"))
+    decoder.load_state_dict(submodule_state(state["model"], "decoder"))
+    encoder.eval(), decoder.eval()
+    orig_image, image = next(iter(data_loader))
+    assert orig_image.shape == (1, 64, 64, 3) and image.shape == (1, 3, 32, 32)
+    output = decoder.sample(encoder(image).unsqueeze(1))
+    sentence = clean_sentence(output, data_loader.dataset.vocab)
+    first = data_loader.dataset.split.image_paths[0]
+    assert sentence == caption_images(tmp_path / "best.pt", [first])[first]
+    assert "<start>" not in sentence and "<end>" not in sentence
+    assert get_prediction(data_loader, encoder, decoder) == sentence
+    assert capsys.readouterr().out.strip().endswith(sentence)

@@ -25,7 +25,13 @@ LAYERS = (
     ("captioning.decoding",),
     ("captioning.evaluation", "captioning.demo.scoring"),
     ("captioning.training",),
-    ("captioning.caption", "captioning.notebooks", "captioning.gpu_check", "captioning.demo.run"),
+    (
+        "captioning.caption",
+        "captioning.cvnd",
+        "captioning.notebooks",
+        "captioning.gpu_check",
+        "captioning.demo.run",
+    ),  # fmt: skip
 )
 
 
@@ -94,6 +100,13 @@ def find_cycle(graph):
 
 def test_the_package_imports_form_no_cycle():
     assert find_cycle(project_imports()) is None
+
+
+def test_every_module_has_its_layer():
+    modules = project_imports()
+    for module in modules:
+        if not any(other.startswith(module + ".") for other in modules):  # packages aside
+            layer_of(module)  # raises for a module no layer names
 
 
 def test_imports_run_down_the_layers():

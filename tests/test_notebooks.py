@@ -12,9 +12,10 @@ import time
 import nbformat
 import pytest
 
+from bench import real_data
 from captioning.demo.dataset import read_marker
 from captioning.notebooks import data_settings
-from tests.helpers import ROOT
+from tests.helpers import COCO_SAMPLE, ROOT
 
 NOTEBOOKS = ("0_Dataset.ipynb", "1_Preliminaries.ipynb", "2_Training.ipynb", "3_Inference.ipynb")
 # Notebooks call the project's modules; definitions and loops belong in those modules
@@ -119,7 +120,8 @@ def run_problems(nb):
         for output in cell.outputs:
             if output.output_type == "error":
                 problems.append(f"cell {k} has an error: {output.ename}: {output.evalue}")
-            if "application/vnd.jupyter.widget-view+json" in output.get("data", {}):
+            widget = "application/vnd.jupyter.widget-view+json" in output.get("data", {})
+            if widget and "widget" not in tags(cell):  # the upload button's cell is tagged
                 problems.append(f"cell {k} has a widget (a progress bar?)")
             if output.get("execution_count", cell.execution_count) != cell.execution_count:
                 problems.append(f"cell {k}'s result has another execution count")
@@ -206,25 +208,28 @@ def inject(nb, values):
     return nb
 
 
-# Each decoder's notebooks, in chains that run in this order; notebooks 0 and 1 do not depend
-# on the decoder (they read no training output): the grid decoder's run starts at training.
-# The notebooks hold no branch per decoder, only a pooled and a grid path (attention maps),
-# so the transformer's run stands for the attention decoder's too (tests/test_attention.py
-# trains, decodes and draws that one's maps through the same functions).
+# Each dataset's notebooks, in chains that run in this order. On the demo, notebooks 0 and 1
+# read no training output: they run beside training. The COCO chain runs all four on the real
+# COCO sample, as a COCO user would, with random CNN weights and tiny epochs.
 CHAINS = {
-    "showtell": (NOTEBOOKS[:2], NOTEBOOKS[2:]),
-    "transformer": (NOTEBOOKS[2:],),
+    "demo": (NOTEBOOKS[:2], NOTEBOOKS[2:]),
+    "coco2017": (NOTEBOOKS,),
 }
+# Small models: the demo's decoders, and COCO's presets with ResNet-18 on small images.
+SMALL_MODEL = dict(IMAGE_SIZE=32, EMBED_SIZE=32, HIDDEN_SIZE=32)
+COCO_MODEL = dict(BACKBONE="resnet18", PRETRAINED=False, IMAGE_SIZE=64, EMBED_SIZE=32,
+                  HIDDEN_SIZE=32)  # fmt: skip
 
 
-def notebook_values(demo_root, folder, decoder):
+def notebook_values(root, folder, dataset):
     """Each notebook's injected settings: the test dataset, a tiny model, outputs in `folder`."""
-    # The notebooks' get_data must find the fixture's dataset as it is (a demo dataset is used
-    # as it was made), never regenerate the folder other tests share.
-    assert read_marker(demo_root)["n_train"] < 100
-    data = dict(DATA_DIR=str(demo_root))
-    model = dict(IMAGE_SIZE=32, EMBED_SIZE=32, HIDDEN_SIZE=32)
-    checkpoint_dir = folder / "outputs" / "model"
+    model = SMALL_MODEL if dataset == "demo" else COCO_MODEL
+    data = dict(DATASET=dataset, DATA_DIR=str(root))
+    out = folder / "outputs"
+    my_image = (
+        root / "test2017" / "000002000001.png" if dataset == "demo"
+        else root / "val2017" / "000000431848.jpg"  # the sample's grayscale image
+    )  # fmt: skip
     return {
         "0_Dataset.ipynb": dict(data, N_IMAGES=4, N_WORDS=10),
         "1_Preliminaries.ipynb": dict(
@@ -235,46 +240,58 @@ def notebook_values(demo_root, folder, decoder):
             VOCAB_FILE=str(folder / "vocab.json"),
             STEPS=2,
             PRINT_EVERY=1,
-        ),
+        ),  # fmt: skip
         "2_Training.ipynb": dict(
             data,
             **model,
-            OUTPUT_DIR=str(checkpoint_dir),
-            DECODER=decoder,
+            OUTPUT_DIR=str(out / "showtell"),
+            GRID_DECODER="transformer",
+            GRID_OUTPUT_DIR=str(out / "transformer"),
             EPOCHS=1,
-            MORE_EPOCHS=1,
+            GRID_EPOCHS=1,
             SCST_EPOCHS=1,
-            BATCH_SIZE=32,
+            BATCH_SIZE=16,
             VAL_IMAGES=8,
             NUM_WORKERS=0,
             PROGRESS=False,
-        ),
+        ),  # fmt: skip
         "3_Inference.ipynb": dict(
             data,
-            CHECKPOINT=str(checkpoint_dir / "best.pt"),
+            CHECKPOINT=str(out / "showtell" / "best.pt"),
+            GRID_CHECKPOINT=str(out / "transformer" / "best.pt"),
             BEAM_SIZE=2,
             LIMIT=10,
-            RESULTS_DIR=str(folder / "outputs" / "inference"),
+            RESULTS_DIR=str(out / "inference"),
             N_SHOW=2,
+            N_MAPS=2,
             N_BEST_WORST=2,
-            MY_IMAGE=str(demo_root / "test2017" / "000002000001.png"),
-        ),
+            MY_IMAGE=str(my_image),
+            SAMPLES=2,
+            DIVERSE_BEAM_SIZE=4,
+            GROUPS=2,
+        ),  # fmt: skip
     }
 
 
 @pytest.fixture(scope="module")
 def executed_notebooks(demo_root, tmp_path_factory):
-    """{decoder: (folder, {name: executed notebook}, error or None)}, each in a fresh kernel."""
+    """{dataset: (folder, {name: executed notebook}, error or None)}, each in a fresh kernel;
+    the COCO chain only where the real COCO sample is ($CAPTIONING_TEST_DATA)."""
     from nbclient import NotebookClient
 
-    folders = {decoder: tmp_path_factory.mktemp(decoder) for decoder in CHAINS}
-    executed = {decoder: {} for decoder in CHAINS}
-    errors = {decoder: None for decoder in CHAINS}
+    # The notebooks' get_data must find the fixture's dataset as it is (a demo dataset is used
+    # as it was made), never regenerate the folder other tests share.
+    assert read_marker(demo_root)["n_train"] < 100
+    roots = {"demo": demo_root, "coco2017": COCO_SAMPLE}
+    chains = {d: c for d, c in CHAINS.items() if d == "demo" or COCO_SAMPLE.is_dir()}
+    folders = {dataset: tmp_path_factory.mktemp(dataset) for dataset in chains}
+    executed = {dataset: {} for dataset in chains}
+    errors = {dataset: None for dataset in chains}
 
-    async def run_chain(decoder, names, kernels):
-        folder = folders[decoder]
+    async def run_chain(dataset, names, kernels):
+        folder = folders[dataset]
         for name in names:
-            values = notebook_values(demo_root, folder, decoder)[name]
+            values = notebook_values(roots[dataset], folder, dataset)[name]
             nb = inject(strip_outputs(read(name)), values)
             client = NotebookClient(
                 nb,
@@ -288,17 +305,17 @@ def executed_notebooks(demo_root, tmp_path_factory):
                     # Raises CellExecutionError, naming the cell and the error, if any cell fails.
                     await client.async_execute()
                 except Exception as error:
-                    errors[decoder] = errors[decoder] or error
+                    errors[dataset] = errors[dataset] or error
                     return  # the chain's next notebooks read this one's outputs
-            print(f"{decoder} {name}: {time.time() - started:.1f} s")
-            executed[decoder][name] = nb
+            print(f"{dataset} {name}: {time.time() - started:.1f} s")
+            executed[dataset][name] = nb
 
     async def run_all():
         # Two kernels at a time, one per core: a kernel computes on one thread and spends
         # seconds importing torch, so two chains side by side take about half as long.
         kernels = asyncio.Semaphore(2)
-        chains = [(decoder, names) for decoder in CHAINS for names in CHAINS[decoder]]
-        await asyncio.gather(*(run_chain(decoder, names, kernels) for decoder, names in chains))
+        runs = [(dataset, names) for dataset in chains for names in chains[dataset]]
+        await asyncio.gather(*(run_chain(dataset, names, kernels) for dataset, names in runs))
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -313,31 +330,96 @@ def executed_notebooks(demo_root, tmp_path_factory):
         patch.setenv("PATH", os.pathsep.join([str(no_java), os.environ["PATH"]]))
         # CAPTIONING_CACHE already points to a temporary folder (conftest): kernels inherit it.
         asyncio.run(run_all())
-    return {decoder: (folders[decoder], executed[decoder], errors[decoder]) for decoder in CHAINS}
+    return {dataset: (folders[dataset], executed[dataset], errors[dataset]) for dataset in chains}
 
 
-@pytest.mark.parametrize("decoder", CHAINS)
-def test_notebooks_run_in_order(executed_notebooks, decoder):
-    folder, executed, error = executed_notebooks[decoder]
+def printed(nb, needle):
+    """Everything the code cells whose source holds `needle` printed."""
+    cells = [c for c in nb.cells if c.cell_type == "code" and needle in c.source]
+    assert cells, f"no cell with {needle!r}"
+    return "".join(o.get("text", "") for c in cells for o in c.outputs)
+
+
+def images(nb, needle):
+    """The images drawn by the code cells whose source holds `needle`."""
+    cells = [c for c in nb.cells if c.cell_type == "code" and needle in c.source]
+    return [o for c in cells for o in c.outputs if "image/png" in o.get("data", {})]
+
+
+@pytest.mark.parametrize("dataset", CHAINS)
+def test_notebooks_run_in_order(executed_notebooks, dataset):
+    if dataset not in executed_notebooks:
+        pytest.skip(real_data.missing(COCO_SAMPLE))
+    folder, executed, error = executed_notebooks[dataset]
     if error:
         raise error
-    assert sorted(executed) == sorted(name for names in CHAINS[decoder] for name in names)
-    nb = executed["3_Inference.ipynb"]
-    cell = next(c for c in nb.cells if "attention_maps(" in c.source)
-    kinds = {o.get("output_type") for o in cell.outputs}
-    images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
-    if decoder == "transformer":
-        assert len(images) == 2, kinds  # N_SHOW images, each with its words' maps
-    else:
-        assert not images and "no attention maps" in str(cell.outputs)
-    # Both checkpoints of the self-critical run, scored side by side.
-    cell = next(c for c in nb.cells if c.cell_type == "code" and "cross_entropy" in c.source)
-    printed = "".join(o.get("text", "") for o in cell.outputs)
-    assert "best_cross_entropy.pt" in printed and "CIDEr" in printed, printed
-    checkpoint_dir = folder / "outputs" / "model"
-    assert (checkpoint_dir / "best.pt").exists() and (checkpoint_dir / "last.pt").exists()
-    assert (checkpoint_dir / "best_cross_entropy.pt").exists()
-    history = (checkpoint_dir / "history.csv").read_text().splitlines()
-    assert len(history) == 1 + 3, "one epoch, one more after resuming, one self-critical"
-    assert [row.split(",")[8] for row in history[1:]] == ["xe", "xe", "scst"]
-    assert (folder / "outputs" / "inference" / "results_test.json").exists()
+    assert sorted(executed) == sorted(NOTEBOOKS)
+    out = folder / "outputs"
+    # Show and Tell trained; the transformer trained, then resumed into its self-critical epoch.
+    assert (out / "showtell" / "best.pt").exists() and (out / "showtell" / "vocab.json").exists()
+    history = (out / "transformer" / "history.csv").read_text().splitlines()
+    assert [row.split(",")[8] for row in history[1:]] == ["xe", "scst"]
+    assert (out / "transformer" / "best_cross_entropy.pt").exists()
+    inference = executed["3_Inference.ipynb"]
+    # CVND's steps: the test-mode loader's image shown, sample's ids, the sentence, a prediction.
+    assert images(inference, "orig_image, image = next(iter(data_loader))")
+    assert "example output: [0, " in printed(inference, "decoder.sample(")
+    assert "example sentence: " in printed(inference, "clean_sentence(")
+    assert images(inference, "get_prediction(")
+    # Both models over the split, greedy and beam; before and after self-critical training.
+    table = printed(inference, "compare_results(table")
+    assert "Show and Tell, greedy" in table and "transformer, beam 2" in table
+    assert ("objects" in table) == (dataset == "demo")
+    scst = printed(inference, "best_cross_entropy")
+    assert "best_cross_entropy.pt" in scst and "before the self-critical stage" in scst
+    assert len(images(inference, "attention_maps(")) == 2  # N_MAPS images, a panel per word
+    assert (
+        out / "inference" / "transformer" / f"results_{data_settings(dataset).test_split}.json"
+    ).exists()
+    assert "sampled: " in printed(inference, "my_sampled")
+    widget = next(c for c in inference.cells if "upload_widget(" in c.source)
+    assert any(
+        "application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in widget.outputs
+    )
+    if dataset != "demo":  # what a COCO user is told at each point
+        assert "20.4 GB to download" in printed(executed["0_Dataset.ipynb"], "describe_download")
+        epoch = printed(executed["1_Preliminaries.ipynb"], "describe_epoch")
+        assert "2 steps took" in epoch and "an epoch of" in epoch
+        caches = printed(executed["2_Training.ipynb"], "describe_caches")
+        assert "cache: frozen resnet18 features (512,), float16 of 239 images" in caches
+
+
+def test_what_a_coco_user_is_told_before_downloading(tmp_path):
+    from captioning.notebooks import describe_download, holds_coco
+
+    settings = data_settings("coco2017", tmp_path / "coco")
+    text = describe_download(settings)
+    # train2017 19.3 GB + val2017 0.8 GB + annotations 0.25 GB, the published sizes
+    assert "3 archives" in text and "20.4 GB to download" in text and "nothing to" not in text
+    assert "nothing to download" in describe_download(data_settings("demo"))
+    # A COCO folder unpacked by other means is used as it is; an archive left half-way is not.
+    for path in ("train2017", "val2017", "annotations"):
+        (tmp_path / "coco" / path).mkdir(parents=True)
+    for split in ("train", "val"):
+        (tmp_path / "coco" / "annotations" / f"captions_{split}2017.json").write_text("{}")
+    assert holds_coco(settings) and describe_download(settings).endswith("nothing to download")
+    (tmp_path / "coco" / "downloads").mkdir()
+    (tmp_path / "coco" / "downloads" / "train2017.zip.part").write_bytes(b"half")
+    assert not holds_coco(settings)
+
+
+def test_what_a_coco_user_is_told_before_training(tmp_path, monkeypatch):
+    from captioning.notebooks import describe_caches, describe_epoch, training_preset
+
+    monkeypatch.setenv("CAPTIONING_CACHE", str(tmp_path))
+    # Karpathy's 113,287 + 5,000 train and val images: ResNet-101's pooled 2048 float16 each,
+    # or its 14 x 14 grid at 448 px for the attention decoders.
+    pooled = describe_caches(training_preset("coco2014"), 118_287)
+    assert "(2048,), float16 of 118,287 images, 485 MB in " + str(tmp_path) in pooled
+    grid = describe_caches(training_preset("coco2014", "attention"), 118_287)
+    assert "(196, 2048)" in grid and "95 GB" in grid
+    assert "decoded images of 4,500 images, 55.3 MB" in describe_caches(training_preset(), 4500)
+    text = describe_epoch(30.0, 20, 11_829)
+    assert text == (
+        "20 steps took 30.0 s (1.50 s a step): an epoch of 11829 steps takes about 4.9 h here"
+    )

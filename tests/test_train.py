@@ -21,6 +21,7 @@ from captioning.config import TrainConfig
 from captioning.data import feature_cache
 from captioning.data import loading as data_loader
 from captioning.data.annotations import read_split
+from captioning.training import loss_log
 from captioning.training import train as train_module
 from captioning.training.loss_log import LossLog
 from captioning.training.train import train
@@ -469,3 +470,25 @@ def test_every_update_is_clipped_to_grad_clip(demo_root, tmp_path):
         hook.remove()
     assert len(norms) == len(history["step_loss"]) > 0
     assert norms == pytest.approx([grad_clip] * len(norms), rel=1e-4)
+
+
+def test_the_first_epoch_of_each_stage_forecasts_its_length(demo_root, tmp_path, monkeypatch,
+                                                            capsys):  # fmt: skip
+    # 60 training images in batches of 16: 4 steps an epoch; forecast after the first 2.
+    monkeypatch.setattr(loss_log, "FORECAST_STEPS", 2)
+    train(tiny_config(demo_root, tmp_path, epochs=2, scst_epochs=1, log_every=1,
+                      trainable_blocks=0, scst_samples=2))  # fmt: skip
+    lines = [line for line in capsys.readouterr().out.splitlines() if "the epoch takes" in line]
+    assert len(lines) == 2, lines  # cross-entropy epoch 1 and the self-critical epoch, not epoch 2
+    assert lines[0].startswith("epoch 1/3: 2 of 4 steps in ") and "on this machine" in lines[0]
+    assert lines[1].startswith("epoch 3/3 (self-critical): 2 of 4 steps in ")
+
+
+def test_a_forecast_scales_the_first_steps_time_to_the_epoch(capsys):
+    log = loss_log.LossLog(5, None, "epoch 1/9", "", show_perplexity=False, forecast=100)
+    log.announce(20, 6.0)  # 20 steps in 6 s: 100 take 30 s
+    log.announce(40, 6.0)  # once only
+    assert capsys.readouterr().out.splitlines() == [
+        "epoch 1/9: 20 of 100 steps in 6.0 s; the epoch takes about 30 s on this machine"
+    ]
+    assert loss_log.duration_text(5400) == "1.5 h" and loss_log.duration_text(600) == "10 min"

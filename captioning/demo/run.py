@@ -122,7 +122,7 @@ def run_demo(output_dir="outputs/demo", config=DEMO_CONFIG, grid_size=12, datase
 def beam_against_greedy(greedy, beam, annotations_file, draws=60):
     """Beam minus greedy CIDEr over `draws` redrawn reference sets: "mean", "sd", "level_or_better"
     (the draws where beam scored at least greedy's) and "draws". One draw of references is a
-    lottery of phrasings that can decide a difference this small (docs/experiments.md)."""
+    lottery of phrasings that can decide a difference this small (docs/demo.md)."""
     scores = cider_over_redrawn_references(
         {"greedy": greedy, "beam": beam}, annotations_file, draws=draws, progress=False
     )

@@ -177,7 +177,7 @@ def recurrent_layers_training(model):
 
 
 def run_self_critical_epoch(model, forward, loader, reward, vocab, config, device, step,
-                            autocast=None, desc=""):  # fmt: skip
+                            autocast=None, desc="", forecast=False):  # fmt: skip
     """One self-critical pass over the training images; `step(loss, tokens)` updates the model.
 
     Returns each step's loss and the epoch's mean reward, mean baseline and share of positive
@@ -193,7 +193,8 @@ def run_self_critical_epoch(model, forward, loader, reward, vocab, config, devic
     # Read every step: each step waits for the device anyway (the reward is computed on the host
     # from the sampled captions), and a non-finite update must stop the run before the next
     # sampling draws from NaN probabilities (a device-side assert on CUDA).
-    losses = LossLog(1, bar, desc, "lower scst_lr", show_perplexity=False)
+    losses = LossLog(1, bar, desc, "lower scst_lr", show_perplexity=False,
+                     forecast=len(loader) if forecast else None)  # fmt: skip
     for inputs, images in bar:
         (inputs,) = to_device([inputs], device)
         with autocast or contextlib.nullcontext():

@@ -213,8 +213,9 @@ def make_step(model, optimizer, scheduler, scaler, grad_clip):
 
 
 def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=None, scaler=None,
-              autocast=None, desc=""):  # fmt: skip
-    """One pass over `loader`: trains when an optimizer is given, else evaluates.
+              autocast=None, desc="", forecast=False):  # fmt: skip
+    """One pass over `loader`: trains when an optimizer is given, else evaluates; with
+    `forecast`, prints how long the epoch takes from its first steps.
 
     Returns each step's loss, and the epoch's token-weighted mean loss and token accuracy (the
     share of next words predicted right) over all processes. The losses stay on the device and
@@ -230,7 +231,8 @@ def run_epoch(model, loader, vocab, config, device, optimizer=None, scheduler=No
     bar = tqdm(
         loader, desc=desc, unit="batch", disable=progress_disabled(config.progress), leave=False
     )
-    losses = LossLog(config.log_every, bar, desc, "lower the learning rate or check the data")
+    losses = LossLog(config.log_every, bar, desc, "lower the learning rate or check the data",
+                     forecast=len(loader) if forecast else None)  # fmt: skip
     with torch.set_grad_enabled(training):
         for batch in bar:
             batch = caption_batch(batch, vocab.pad_id, device)
@@ -496,7 +498,7 @@ def train(config):
         vocab.save(output_dir / "vocab.json")
         write_json(asdict(config), output_dir / "config.json")
     total_epochs = xe_epochs + config.scst_epochs
-    epoch = run.next_epoch
+    epoch, forecast_stages = run.next_epoch, set()
     while epoch < total_epochs:
         if stage_of(epoch) != stage:
             stage = "scst"
@@ -512,16 +514,19 @@ def train(config):
         data.start_epoch(epoch)
         desc = f"epoch {epoch + 1}/{total_epochs}" + (" (self-critical)" if stage == "scst" else "")
         figures = None
+        forecast = stage not in forecast_stages  # the first epoch of each stage in this run
+        forecast_stages.add(stage)
         if stage == "xe":
             step_losses, train_loss, train_accuracy = run_epoch(
                 ddp_model, data.train, vocab, config, device, optimizer, scheduler, scaler,
-                autocast, desc=desc,
+                autocast, desc=desc, forecast=forecast,
             )  # fmt: skip
         else:
             step = make_step(ddp_model, optimizer, scheduler, scaler, config.grad_clip)
             step_losses, figures = run_self_critical_epoch(
-                model, ddp_model, data.images, reward, vocab, config, device, step, autocast, desc
-            )
+                model, ddp_model, data.images, reward, vocab, config, device, step, autocast, desc,
+                forecast,
+            )  # fmt: skip
             train_loss = train_accuracy = None
         _, val_loss, val_accuracy = run_epoch(
             model, data.val, vocab, config, device, autocast=autocast, desc="val loss"
