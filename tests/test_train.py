@@ -311,8 +311,9 @@ def test_frozen_encoder_trains_from_feature_cache(demo_root, tmp_path, monkeypat
     config = tiny_config(
         demo_root, tmp_path / "a", backbone="resnet18", trainable_blocks=0, epochs=1
     )
+    before = set((isolated_cache / "features").glob("*.npy"))  # other tests' caches
     train(config)
-    files = list((isolated_cache / "features").glob("*.npy"))
+    files = sorted(set((isolated_cache / "features").glob("*.npy")) - before)
     assert len(files) == 2  # train and val images, each computed once
     cached = np.load(files[0], mmap_mode="r")
     assert cached.dtype == np.float16 and cached.shape[1] == 512 and isinstance(cached, np.memmap)
