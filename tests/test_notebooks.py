@@ -5,6 +5,7 @@ demo dataset, with small settings injected after the parameters cell as papermil
 import ast
 import asyncio
 import copy
+import json
 import os
 import re
 import time
@@ -423,3 +424,28 @@ def test_what_a_coco_user_is_told_before_training(tmp_path, monkeypatch):
     assert text == (
         "20 steps took 30.0 s (1.50 s a step): an epoch of 11829 steps takes about 4.9 h here"
     )
+
+
+def test_one_table_compares_several_results(demo_root):
+    from captioning.notebooks import compare_results
+
+    annotations = demo_root / "annotations" / "captions_test2017.json"
+    split = json.loads(annotations.read_text())
+    image = split["images"][0]
+    right = " and ".join(f"a {o['color']} {o['shape']}" for o in image["objects"])
+
+    def result(cider, caption, repeats):
+        metrics = {"Bleu_4": 0.5, "CIDEr": cider, "ROUGE_L": 0.7}
+        health = {"bad_endings": 0.0, "repeats": repeats, "distinct_captions": 1.0}
+        return {"metrics": metrics, "health": health, "predictions": {image["id"]: caption}}
+
+    table = compare_results(
+        {"greedy": result(2.5, right, 0.25), "beam 3": result(1.25, "a tiny dot", 0.0)},
+        annotations,
+    ).splitlines()
+    assert table[0].split() == ["CIDEr", "BLEU-4", "ROUGE-L", "objects", "bad", "end", "repeats",
+                                "novel", "distinct"]  # fmt: skip
+    assert table[1].split() == ["greedy", "2.500", "0.500", "0.700", "100.0%", "0.0%", "25.0%",
+                                "-", "100.0%"]  # fmt: skip
+    assert table[2].split()[:6] == ["beam", "3", "1.250", "0.500", "0.700", "0.0%"]
+    assert "objects" not in compare_results({"greedy": result(2.5, right, 0.0)})
