@@ -162,8 +162,10 @@ def describe_caches(config, images):
     size = images * math.prod(shape) * item_bytes
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
+    # The home folder as "~": a notebook's saved output names no user's path.
+    shown = f"~/{folder.relative_to(Path.home())}" if folder.is_relative_to(Path.home()) else folder
     return (
-        f"cache: {kind} of {images:,} images, {size_text(size)} in {folder} "
+        f"cache: {kind} of {images:,} images, {size_text(size)} in {shown} "
         f"({size_text(free)} free there; $CAPTIONING_CACHE moves it), built before the first "
         "epoch and reused by every later run with the same CNN and images"
     )
