@@ -1,4 +1,4 @@
-"""Download MS-COCO and Karpathy's splits: `python download.py --help`."""
+"""Download MS-COCO or Flickr8k and Karpathy's splits: `python download.py --help`."""
 
 from captioning.data.download import main
 

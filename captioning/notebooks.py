@@ -8,9 +8,19 @@ import math
 import shutil
 from pathlib import Path
 
-from captioning.data.download import COCO_FILES, coco_archive_names, download_coco, expected_layout
+from captioning.data.download import (
+    APPROXIMATE_SIZES,
+    COCO_FILES,
+    FLICKR8K_FILES,
+    coco_archive_names,
+    download_coco,
+    download_flickr8k,
+    expected_layout,
+    flickr8k_archive_names,
+    flickr8k_layout,
+)
 from captioning.demo.dataset import make_demo_dataset, read_marker
-from captioning.presets import coco_config, demo_config
+from captioning.presets import coco_config, demo_config, flickr8k_config
 from captioning.training.loss_log import duration_text
 
 # The standard demo dataset: what `make demo` trains on and the committed notebooks show.
@@ -36,6 +46,7 @@ DATASETS = {
         "coco2014", "data/coco", "karpathy", "test", 2014, ("train", "val"), karpathy=True
     ),
     "coco2017": DataSettings("coco2017", "data/coco2017", "auto", "val", 2017, ("train", "val")),
+    "flickr8k": DataSettings("flickr8k", "data/flickr8k", "karpathy", "test"),
 }
 
 
@@ -55,33 +66,38 @@ def get_data(settings, download=False, progress=True):
 
     Demo: generated unless an identical dataset is there (a few seconds); a demo dataset already
     in the folder is used with the options it was made with, other folders get DEMO_OPTIONS.
-    COCO: downloaded with `download` (0_Dataset.ipynb; finished archives are skipped), else
-    checked to be there.
+    COCO and Flickr8k: downloaded with `download` (0_Dataset.ipynb; finished archives are
+    skipped), else checked to be there.
     """
     root = Path(settings.data_dir)
     if settings.dataset == "demo":
         made_with = read_marker(root) or {}
         options = {k: made_with.get(k, v) for k, v in DEMO_OPTIONS.items()}
         return make_demo_dataset(root, **options, progress=progress)
-    if download and not holds_coco(settings):
+    if download and not holds_dataset(settings):
+        if settings.dataset == "flickr8k":
+            return download_flickr8k(root, progress=progress)
         return download_coco(
             root, settings.coco_year, settings.coco_splits, settings.karpathy, progress=progress
         )
     if not root.is_dir():
         raise FileNotFoundError(
             f"no dataset in {root}: run 0_Dataset.ipynb with DATASET = {settings.dataset!r} "
-            "first (it downloads COCO), or set DATA_DIR to where COCO is"
+            "first (it downloads it), or set DATA_DIR to where it is"
         )
     return root
 
 
 def training_preset(dataset="demo", decoder=None, scst=False):
     """The `TrainConfig` a notebook's model settings start from: `presets.demo_config` for the
-    demo, `presets.coco_config` (the published recipes, docs/coco_recipes.md) for COCO; with
-    `scst`, the preset with its self-critical stage."""
+    demo, `presets.coco_config` (the published recipes, docs/coco_recipes.md) for COCO,
+    `presets.flickr8k_config` for Flickr8k; with `scst`, the preset with its self-critical
+    stage."""
     decoder = decoder or "showtell"
     if dataset == "demo":
         return demo_config(decoder, scst)
+    if dataset == "flickr8k":
+        return flickr8k_config(decoder, scst)
     return coco_config(decoder, scst)
 
 
@@ -91,13 +107,27 @@ def configure(preset, **changes):
     return dataclasses.replace(preset, **{k: v for k, v in changes.items() if v is not None})
 
 
-def holds_coco(settings):
-    """Whether the folder already holds the COCO release `settings` name, unpacked (by this
-    project's download or another), with no archive of ours left half downloaded."""
+def archive_names(settings):
+    """The archives that make up the downloaded dataset `settings` name (COCO or Flickr8k)."""
+    if settings.dataset == "flickr8k":
+        return flickr8k_archive_names()
+    return coco_archive_names(settings.coco_year, settings.coco_splits, settings.karpathy)
+
+
+def downloaded_layout(settings):
+    """The paths a finished download of the dataset `settings` name leaves in its folder."""
     root = Path(settings.data_dir)
-    layout = expected_layout(root, settings.coco_year, settings.coco_splits, settings.karpathy)
+    if settings.dataset == "flickr8k":
+        return flickr8k_layout(root)
+    return expected_layout(root, settings.coco_year, settings.coco_splits, settings.karpathy)
+
+
+def holds_dataset(settings):
+    """Whether the folder already holds the COCO release or Flickr8k `settings` name, unpacked (by
+    this project's download or another), with no archive of ours left half downloaded."""
+    root = Path(settings.data_dir)
     partial = list((root / "downloads").glob("*.part")) if (root / "downloads").is_dir() else []
-    return all(path.exists() for path in layout) and not partial
+    return all(path.exists() for path in downloaded_layout(settings)) and not partial
 
 
 def size_text(size):
@@ -109,21 +139,24 @@ def size_text(size):
 
 
 def describe_download(settings):
-    """What getting the dataset costs: for COCO the archives, their sizes and the disk space."""
+    """What getting the dataset costs: for COCO and Flickr8k the archives, their sizes (published,
+    or stated roughly where none is) and the disk space."""
     if settings.dataset == "demo":
         return "the demo dataset is drawn on this machine: nothing to download"
-    names = coco_archive_names(settings.coco_year, settings.coco_splits, settings.karpathy)
-    sizes = [COCO_FILES[name].size for name in names]
+    names = archive_names(settings)
+    remote_files = FLICKR8K_FILES if settings.dataset == "flickr8k" else COCO_FILES
+    sizes = [remote_files[name].size or APPROXIMATE_SIZES.get(name) for name in names]
+    rough = any(not remote_files[name].size and name in APPROXIMATE_SIZES for name in names)
     known = sum(size for size in sizes if size)
     unknown = [name for name, size in zip(names, sizes) if not size]
     text = (
         f"{settings.dataset}: {len(names)} archives ({', '.join(names)}), "
-        f"{size_text(known)} to download"
+        f"{'about ' if rough else ''}{size_text(known)} to download"
         + (f" besides {', '.join(unknown)} (size not published)" if unknown else "")
         + f"; about as much again once unpacked into {settings.data_dir} (the archives can be "
         "deleted then)"
     )
-    if holds_coco(settings):
+    if holds_dataset(settings):
         text += f". {settings.data_dir} holds it already: nothing to download"
     return text
 

@@ -1,9 +1,11 @@
-"""Training presets: the demo's, measured on two CPU cores, and COCO's, from the published recipes."""
+"""Training presets: the demo's, measured on two CPU cores, and COCO's and Flickr8k's, from the
+published recipes."""
 
 import dataclasses
 from pathlib import Path
 
 from captioning.config import TrainConfig
+from captioning.data.annotations import KARPATHY_FILES, detect_layout
 from captioning.demo.dataset import DEFAULT_DEMO_ROOT, read_marker
 
 # Chosen by measurement on 2 CPU cores (docs/demo.md; the variants in docs/what_we_tried.md): the
@@ -179,7 +181,23 @@ def coco_config(decoder="showtell", scst=False, **changes):
     return dataclasses.replace(COCO_CONFIG, **{**preset, **stage, **changes})
 
 
-PRESETS = ("auto", "coco", "demo", "none")
+# Flickr8k (docs/coco_recipes.md#flickr8k): the COCO preset, whose frozen ImageNet ResNet-101
+# suits Flickr's photos as well, on data/flickr8k (download.py --dataset flickr8k). Only the
+# transformer's warm-up changes: it is counted in steps, and ruotianluo's 20,000 (1.77 of COCO's
+# 11,329-step epochs) would outlast all 15 epochs of Flickr8k's 6,000 training images in batches of
+# 10 (600 steps each, 9,000 in all); 1,059 steps are the same 1.77 epochs.
+FLICKR8K_DATA_DIR = "data/flickr8k"
+FLICKR8K_CHANGES = {"transformer": dict(warmup_steps=1059)}
+
+
+def flickr8k_config(decoder="showtell", scst=False, **changes):
+    """The Flickr8k preset for one decoder (docs/coco_recipes.md#flickr8k), with the self-critical
+    stage or without, with `changes` applied."""
+    preset = {"data_dir": FLICKR8K_DATA_DIR, **FLICKR8K_CHANGES.get(decoder, {})}
+    return coco_config(decoder, scst, **{**preset, **changes})
+
+
+PRESETS = ("auto", "coco", "demo", "flickr8k", "none")
 
 
 def is_demo_data(data_dir):
@@ -190,14 +208,37 @@ def is_demo_data(data_dir):
     return read_marker(data_dir) is not None
 
 
+def is_flickr8k_data(data_dir):
+    """Whether `data_dir` is a Karpathy-layout folder whose split file, the one the karpathy reader
+    reads, is dataset_flickr8k.json (as download.py --dataset flickr8k leaves it)."""
+    if data_dir is None or not Path(data_dir).is_dir():
+        return False
+    try:
+        layout = detect_layout(data_dir)
+    except FileNotFoundError:
+        return False
+    split_files = [name for name in KARPATHY_FILES if (Path(data_dir) / name).exists()]
+    return layout == "karpathy" and split_files[0] == "dataset_flickr8k.json"
+
+
+def choose_auto_preset(data_dir):
+    """The preset auto names for `data_dir`: demo, flickr8k or coco."""
+    if is_demo_data(data_dir):
+        return "demo"
+    return "flickr8k" if is_flickr8k_data(data_dir) else "coco"
+
+
 def preset_config(name, data_dir=None, decoder="showtell"):
-    """The config a preset names (train.py's --preset): coco, demo, none (TrainConfig's defaults),
-    or auto: demo for the demo dataset (`is_demo_data`), with `data_dir` kept, else coco."""
+    """The config a preset names (train.py's --preset): coco, demo, flickr8k, none (TrainConfig's
+    defaults), or auto, with `data_dir` kept: demo for the demo dataset (`is_demo_data`), flickr8k
+    for a Flickr8k folder (`is_flickr8k_data`), else coco."""
     if name == "auto":
         # The demo's own settings, as demo.py trains it: coco's would fetch a ResNet-101 for
         # 64 px shapes. data_dir stays none for the built-in dataset, which is made on first use.
-        name = "demo" if is_demo_data(data_dir) else "coco"
+        name = choose_auto_preset(data_dir)
         return dataclasses.replace(preset_config(name, decoder=decoder), data_dir=data_dir)
     if name == "coco":
         return coco_config(decoder)
+    if name == "flickr8k":
+        return flickr8k_config(decoder)
     return demo_config(decoder) if name == "demo" else TrainConfig(decoder=decoder)

@@ -1,8 +1,10 @@
-"""Tests for download.py against a local HTTP server that can cut, corrupt or ignore Range."""
+"""Tests for download.py (COCO and Flickr8k) against a local HTTP server that can cut, corrupt or
+ignore Range."""
 
 import hashlib
 import http.server
 import json
+import os
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -11,13 +13,17 @@ from pathlib import Path
 import pytest
 
 from captioning.data import download
+from captioning.data.annotations import FLICKR_IMAGE_DIRS, KARPATHY_FILES, read_split
 from captioning.data.download import (
+    FLICKR8K_IMAGE_DIR,
     DownloadError,
     RemoteFile,
     download_coco,
     download_file,
+    download_flickr8k,
     extract_archive,
 )
+from tests.flickr8k_folder import make_flickr8k_folder
 
 
 @dataclass
@@ -357,3 +363,142 @@ def test_cli_reports_unreachable_server_as_error(tmp_path, monkeypatch, capsys):
         )
     assert exited.value.code == 1
     assert "cannot connect" in capsys.readouterr().err
+
+
+def flickr8k_archives(folder, karpathy_members=None):
+    """Write Flickr8k_Dataset.zip (the images under Flicker8k_Dataset/, with the __MACOSX/ forks a
+    Mac adds) and caption_datasets.zip (Karpathy's three split files) into folder, from a small
+    Flickr8k folder; return its split file."""
+    staging = make_flickr8k_folder(folder / "flickr8k-source")
+    images = {
+        f"{FLICKR8K_IMAGE_DIR}/{path.name}": path.read_bytes()
+        for path in sorted((staging / FLICKR8K_IMAGE_DIR).iterdir())
+    }
+    forks = {
+        f"__MACOSX/{FLICKR8K_IMAGE_DIR}/._{name.split('/')[1]}": b"\0\5\26\7" for name in images
+    }
+    write_zip(folder / download.FLICKR8K_IMAGES, {**images, **forks})
+    split_file = (staging / download.FLICKR8K_SPLIT_FILE).read_text()
+    # A COCO split file beside Flickr8k's, as in the real archive: the karpathy reader would read
+    # it first, so a Flickr8k folder must not get it.
+    coco_image = {"filepath": "val2014", "filename": "COCO_val2014_000000000042.jpg",
+                  "cocoid": 42, "split": "test", "sentences": [{"raw": "a cat on a mat"}]}  # fmt: skip
+    write_zip(folder / download.KARPATHY_ARCHIVE, karpathy_members or {
+        "dataset_coco.json": json.dumps({"images": [coco_image]}).encode(),
+        download.FLICKR8K_SPLIT_FILE: split_file.encode(),
+        "dataset_flickr30k.json": b'{"images": []}',
+    })  # fmt: skip
+    return json.loads(split_file)
+
+
+def serve_flickr8k(server, monkeypatch, karpathy_members=None):
+    """Serve the Flickr8k archives as FLICKR8K_FILES, with their md5 and size; the split file."""
+    base_url, behaviour = server
+    split_file = flickr8k_archives(behaviour.folder, karpathy_members)
+    table = {}
+    for name in download.flickr8k_archive_names():
+        path = behaviour.folder / name
+        table[name] = RemoteFile(f"{base_url}/{name}", digests(path)[0], path.stat().st_size)
+    monkeypatch.setattr(download, "FLICKR8K_FILES", table)
+    return split_file
+
+
+def test_download_flickr8k_resumes_checks_and_leaves_what_the_karpathy_reader_reads(
+    server, tmp_path, monkeypatch
+):
+    _, behaviour = server
+    split_file = serve_flickr8k(server, monkeypatch)
+    root = tmp_path / "data" / "flickr8k"
+    behaviour.cut_after = 20_000  # the images' archive stops part way
+    with pytest.raises(DownloadError, match="Flickr8k_Dataset.zip.part kept, rerun to resume"):
+        download_flickr8k(root, progress=False)
+    kept = (root / "downloads" / "Flickr8k_Dataset.zip.part").stat().st_size
+    assert 0 < kept <= 20_000
+    behaviour.cut_after = None
+    assert download_flickr8k(root, progress=False) == root
+    assert behaviour.requests[1][:2] == ("/Flickr8k_Dataset.zip", f"bytes={kept}-")
+    assert sorted(p.name for p in root.iterdir()) == sorted([
+        ".Flickr8k_Dataset.zip.extracted", ".caption_datasets.zip.extracted", "downloads",
+        FLICKR8K_IMAGE_DIR, "dataset_flickr8k.json",
+    ])  # fmt: skip
+    for split, count in (("train", 24), ("val", 6), ("test", 6)):
+        captions = read_split(root, split)
+        assert (captions.layout, len(captions.image_ids)) == ("karpathy", count)
+        assert all(os.path.isfile(path) for path in captions.image_paths)
+        assert {os.path.dirname(path) for path in captions.image_paths} == {
+            str(root / FLICKR8K_IMAGE_DIR)
+        }
+    names = [im["filename"] for im in split_file["images"] if im["split"] == "test"]
+    assert [os.path.basename(p) for p in read_split(root, "test").image_paths] == names
+
+    behaviour.requests.clear()
+    download_flickr8k(root, progress=False)  # a second run: every archive already extracted
+    for archive_path in (root / "downloads").iterdir():
+        archive_path.unlink()
+    download_flickr8k(root, progress=False)  # the markers alone say the work is done
+    assert behaviour.requests == []
+
+
+def test_download_flickr8k_reports_a_split_file_missing_from_karpathys_archive(
+    server, tmp_path, monkeypatch
+):
+    serve_flickr8k(server, monkeypatch, karpathy_members={"dataset_coco.json": b"{}"})
+    root = tmp_path / "flickr8k"
+    with pytest.raises(DownloadError) as raised:
+        download_flickr8k(root, progress=False)
+    assert str(raised.value) == (
+        f"{root / 'downloads' / 'caption_datasets.zip'}: no member dataset_flickr8k.json in the "
+        "archive; delete it and download again"
+    )
+    assert not (root / ".caption_datasets.zip.extracted").exists()
+    assert not (root / "dataset_coco.json").exists()
+
+
+def test_download_flickr8k_names_the_paths_the_archives_left_missing(server, tmp_path, monkeypatch):
+    base_url, behaviour = server
+    serve_flickr8k(server, monkeypatch)
+    # An images archive whose folder is not the one the karpathy reader looks in.
+    renamed = write_zip(behaviour.folder / "renamed.zip", {"Images8k/a.jpg": b"jpeg"})
+    table = {**download.FLICKR8K_FILES}
+    table["Flickr8k_Dataset.zip"] = RemoteFile(f"{base_url}/renamed.zip", digests(renamed)[0], None)
+    monkeypatch.setattr(download, "FLICKR8K_FILES", table)
+    root = tmp_path / "flickr8k"
+    with pytest.raises(DownloadError) as raised:
+        download_flickr8k(root, progress=False)
+    assert str(raised.value) == (
+        f"archives extracted but these expected paths are missing: {root / FLICKR8K_IMAGE_DIR}"
+    )
+
+
+def test_flickr8k_table_and_layout_agree_with_the_reader():
+    assert download.flickr8k_archive_names() == ["Flickr8k_Dataset.zip", "caption_datasets.zip"]
+    for name, remote in download.FLICKR8K_FILES.items():
+        assert remote.url.endswith("/" + name) and len(remote.md5) == 32
+    assert FLICKR8K_IMAGE_DIR in FLICKR_IMAGE_DIRS
+    assert download.FLICKR8K_SPLIT_FILE in KARPATHY_FILES
+
+
+def test_cli_downloads_flickr8k_into_root(server, tmp_path, monkeypatch, capsys):
+    serve_flickr8k(server, monkeypatch)
+    root = tmp_path / "flickr8k"
+    download.main(["--dataset", "flickr8k", "--root", str(root), "--no-progress"])
+    assert len(read_split(root, "val").image_ids) == 6
+    assert f"Flickr8k ready in {root}" in capsys.readouterr().out
+
+
+def test_cli_defaults_per_dataset_and_refuses_cocos_options_for_flickr8k(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(download, "download_coco", lambda *args: calls.append(args) or args[0])
+    monkeypatch.setattr(download, "download_flickr8k", lambda *args: calls.append(args) or args[0])
+    download.main(["--no-progress"])
+    download.main(["--dataset", "flickr8k"])
+    assert calls == [
+        (Path("data/coco"), 2014, ("train", "val"), True, False),
+        (Path("data/flickr8k"), True),
+    ]
+    for flags in (["--year", "2017"], ["--splits", "val"], ["--no-karpathy"]):
+        with pytest.raises(SystemExit) as exited:
+            download.main(["--dataset", "flickr8k", *flags])
+        assert exited.value.code == 2
+        assert f"{flags[0]}: COCO's options, not Flickr8k's" in capsys.readouterr().err
+    assert len(calls) == 2

@@ -16,6 +16,7 @@ import pytest
 from bench import real_data
 from captioning.demo.dataset import read_marker
 from captioning.notebooks import data_settings
+from tests.flickr8k_folder import image_name, make_flickr8k_folder
 from tests.helpers import COCO_SAMPLE, ROOT
 
 NOTEBOOKS = ("0_Dataset.ipynb", "1_Preliminaries.ipynb", "2_Training.ipynb", "3_Inference.ipynb")
@@ -211,15 +212,18 @@ def inject(nb, values):
 
 # Each dataset's notebooks, in chains that run in this order. On the demo, notebooks 0 and 1
 # read no training output: they run beside training. The COCO chain runs all four on the real
-# COCO sample, as a COCO user would, with random CNN weights and tiny epochs.
+# COCO sample, as a COCO user would, with random CNN weights and tiny epochs; the Flickr8k chain
+# the same on a Flickr8k folder of 36 tiny images that the test makes (tests/flickr8k_folder.py).
 CHAINS = {
     "demo": (NOTEBOOKS[:2], NOTEBOOKS[2:]),
     "coco2017": (NOTEBOOKS,),
+    "flickr8k": (NOTEBOOKS,),
 }
-# Small models: the demo's decoders, and COCO's presets with ResNet-18 on small images. The demo
-# runs the transformer as the second model, COCO the attention decoder (its preset's transformer,
-# 6 + 6 layers, would take most of the suite's time): between them, both grid decoders.
-GRID = {"demo": "transformer", "coco2017": "attention"}
+# Small models: the demo's decoders, and the COCO and Flickr8k presets with ResNet-18 on small
+# images. The demo runs the transformer as the second model, COCO and Flickr8k the attention
+# decoder (their presets' transformer, 6 + 6 layers, would take most of the suite's time): between
+# them, both grid decoders.
+GRID = {"demo": "transformer", "coco2017": "attention", "flickr8k": "attention"}
 SMALL_MODEL = dict(IMAGE_SIZE=32, EMBED_SIZE=32, HIDDEN_SIZE=32)
 COCO_MODEL = dict(BACKBONE="resnet18", PRETRAINED=False, IMAGE_SIZE=64, EMBED_SIZE=32,
                   HIDDEN_SIZE=32)  # fmt: skip
@@ -230,10 +234,11 @@ def notebook_values(root, folder, dataset):
     model = SMALL_MODEL if dataset == "demo" else COCO_MODEL
     data = dict(DATASET=dataset, DATA_DIR=str(root))
     out = folder / "outputs"
-    my_image = (
-        root / "test2017" / "000002000001.png" if dataset == "demo"
-        else root / "val2017" / "000000431848.jpg"  # the sample's grayscale image
-    )  # fmt: skip
+    my_image = {
+        "demo": root / "test2017" / "000002000001.png",
+        "coco2017": root / "val2017" / "000000431848.jpg",  # the sample's grayscale image
+        "flickr8k": root / "Flicker8k_Dataset" / image_name(30),  # its first test image
+    }[dataset]
     return {
         "0_Dataset.ipynb": dict(data, N_IMAGES=4, N_WORDS=10),
         "1_Preliminaries.ipynb": dict(
@@ -286,8 +291,9 @@ def executed_notebooks(demo_root, tmp_path_factory):
     # The notebooks' get_data must find the fixture's dataset as it is (a demo dataset is used
     # as it was made), never regenerate the folder other tests share.
     assert read_marker(demo_root)["n_train"] < 100
-    roots = {"demo": demo_root, "coco2017": COCO_SAMPLE}
-    chains = {d: c for d, c in CHAINS.items() if d == "demo" or COCO_SAMPLE.is_dir()}
+    flickr8k_root = make_flickr8k_folder(tmp_path_factory.mktemp("flickr8k-data") / "flickr8k")
+    roots = {"demo": demo_root, "coco2017": COCO_SAMPLE, "flickr8k": flickr8k_root}
+    chains = {d: c for d, c in CHAINS.items() if d != "coco2017" or COCO_SAMPLE.is_dir()}
     folders = {dataset: tmp_path_factory.mktemp(dataset) for dataset in chains}
     executed = {dataset: {} for dataset in chains}
     errors = {dataset: None for dataset in chains}
@@ -384,16 +390,20 @@ def test_notebooks_run_in_order(executed_notebooks, dataset):
     assert any(
         "application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in widget.outputs
     )
-    if dataset != "demo":  # what a COCO user is told at each point
-        assert "20.4 GB to download" in printed(executed["0_Dataset.ipynb"], "describe_download")
+    if dataset != "demo":  # what a COCO or Flickr8k user is told at each point
+        download = printed(executed["0_Dataset.ipynb"], "describe_download")
+        size = {"coco2017": "20.4 GB", "flickr8k": "about 1 GB"}[dataset]
+        assert f"{size} to download" in download
+        assert "holds it already: nothing to download" in download
         epoch = printed(executed["1_Preliminaries.ipynb"], "describe_epoch")
         assert "2 steps took" in epoch and "an epoch of" in epoch
         caches = printed(executed["2_Training.ipynb"], "describe_caches")
-        assert "cache: frozen resnet18 features (512,), float16 of 239 images" in caches
+        cached = {"coco2017": 239, "flickr8k": 30}[dataset]  # the train and val images
+        assert f"cache: frozen resnet18 features (512,), float16 of {cached} images" in caches
 
 
 def test_what_a_coco_user_is_told_before_downloading(tmp_path):
-    from captioning.notebooks import describe_download, holds_coco
+    from captioning.notebooks import describe_download, holds_dataset
 
     settings = data_settings("coco2017", tmp_path / "coco")
     text = describe_download(settings)
@@ -405,10 +415,10 @@ def test_what_a_coco_user_is_told_before_downloading(tmp_path):
         (tmp_path / "coco" / path).mkdir(parents=True)
     for split in ("train", "val"):
         (tmp_path / "coco" / "annotations" / f"captions_{split}2017.json").write_text("{}")
-    assert holds_coco(settings) and describe_download(settings).endswith("nothing to download")
+    assert holds_dataset(settings) and describe_download(settings).endswith("nothing to download")
     (tmp_path / "coco" / "downloads").mkdir()
     (tmp_path / "coco" / "downloads" / "train2017.zip.part").write_bytes(b"half")
-    assert not holds_coco(settings)
+    assert not holds_dataset(settings)
 
 
 def test_what_a_coco_user_is_told_before_training(tmp_path, monkeypatch):

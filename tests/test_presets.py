@@ -136,7 +136,7 @@ def test_help_shows_the_preset_values(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_command_line(["--data-dir", str(tmp_path), "--decoder", "attention", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--preset {auto,coco,demo,none}" in text and "docs/coco_recipes.md" in text
+    assert "--preset {auto,coco,demo,flickr8k,none}" in text and "docs/coco_recipes.md" in text
     assert "--grid-size GRID_SIZE attention: the CNN grid pooled" in text
     assert "none: as it is (default: 14)" in text and "(default: 448)" in text
     with pytest.raises(SystemExit):

@@ -1,4 +1,5 @@
-"""Fetch and unpack MS-COCO (plus Karpathy's splits): resumable, checksum-verified, restart-safe."""
+"""Fetch and unpack MS-COCO or Flickr8k (plus Karpathy's splits): resumable, checksum-verified,
+restart-safe."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from tqdm import tqdm
 
 from captioning.command import add_debug_flag, command, progress_disabled
 from captioning.errors import DownloadError
-
 
 
 class RemoteFile(NamedTuple):
@@ -69,6 +69,27 @@ COCO_FILES = {
         ),
     ]
 }
+
+FLICKR8K_IMAGES = "Flickr8k_Dataset.zip"
+FLICKR8K_SPLIT_FILE = "dataset_flickr8k.json"  # Karpathy's Flickr8k splits, in KARPATHY_ARCHIVE
+# The images archive's own folder, misspelt as published; the karpathy reader looks there
+# (annotations.FLICKR_IMAGE_DIRS).
+FLICKR8K_IMAGE_DIR = "Flicker8k_Dataset"
+# The copy of Flickr8k's images most download scripts use (jbrownlee/Datasets' GitHub release). Its
+# md5 is the value of mlverse/torchvision (R/dataset-flickr.R) and prabhuomkar/pytorch-cpp
+# (cmake/fetch_flickr8k.cmake); no byte size was found published, only mlverse/torchvision's
+# "~1GB" (APPROXIMATE_SIZES). Its Flickr8k_text.zip, the original captions and splits, is not
+# fetched: Karpathy's split file, the one published results use, holds both.
+FLICKR8K_FILES = {
+    FLICKR8K_IMAGES: RemoteFile(
+        "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/" + FLICKR8K_IMAGES,
+        "f18a1e2920de5bd84dae7cf08ec78978",
+        None,
+    ),
+    KARPATHY_ARCHIVE: COCO_FILES[KARPATHY_ARCHIVE],
+}
+# Sizes stated in words where no byte count is published, for telling users what a download costs.
+APPROXIMATE_SIZES = {FLICKR8K_IMAGES: 1_000_000_000}
 
 
 def download_file(
@@ -189,8 +210,9 @@ def extraction_marker(dest_dir, archive_name) -> Path:
     return Path(dest_dir) / f".{archive_name}.extracted"
 
 
-def extract_archive(archive, dest_dir) -> Path:
-    """Extract a zip into dest_dir via a staging folder, writing the completion marker last."""
+def extract_archive(archive, dest_dir, members=None) -> Path:
+    """Extract a zip (only `members`, when given) into dest_dir via a staging folder, writing the
+    completion marker last."""
     archive, dest_dir = Path(archive), Path(dest_dir)
     marker = extraction_marker(dest_dir, archive.name)
     if marker.exists():
@@ -198,13 +220,24 @@ def extract_archive(archive, dest_dir) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     try:
         with zipfile.ZipFile(archive) as zipped:
-            for name in zipped.namelist():
+            names = zipped.namelist()
+            for name in names:
                 refuse_unsafe_member(archive, name)
+            if members is not None:
+                missing = sorted(set(members) - set(names))
+                if missing:
+                    raise DownloadError(
+                        f"{archive}: no member {', '.join(missing)} in the archive; "
+                        "delete it and download again"
+                    )
+                names = list(members)
+            # The resource forks a Mac adds to the zips it makes (__MACOSX/) are no data.
+            names = [name for name in names if not name.startswith("__MACOSX/")]
             # Staging inside dest_dir keeps the final moves on one filesystem, hence cheap renames.
             with tempfile.TemporaryDirectory(
                 dir=dest_dir, prefix=f".{archive.name}.staging-"
             ) as staging:
-                zipped.extractall(staging)
+                zipped.extractall(staging, members=names)
                 merge_tree(Path(staging), dest_dir)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as error:
         raise DownloadError(
@@ -255,15 +288,13 @@ def expected_layout(root, year, splits, karpathy) -> list[Path]:
     return (paths + [root / "dataset_coco.json"]) if karpathy else paths
 
 
-def download_coco(root, year=2014, splits=("train", "val"), karpathy=True, progress=True) -> Path:
-    """Download, verify and extract COCO into root's official layout, skipping finished archives."""
-    root = Path(root)
-    if year not in (2014, 2017) or not splits or not set(splits) <= {"train", "val", "test"}:
-        raise ValueError(f"unsupported COCO request: year={year!r}, splits={splits!r}")
-    for name in coco_archive_names(year, splits, karpathy):
+def fetch_archives(root, remote_files, names, members=None, progress=True):
+    """Download, verify and extract each archive of `names` (keys of `remote_files`) into root,
+    skipping those already extracted; `members`: {archive: the only members to extract}."""
+    for name in names:
         if extraction_marker(root, name).exists():
             continue  # already unpacked; the zip itself may have been deleted to save space
-        remote = COCO_FILES[name]
+        remote = remote_files[name]
         archive = download_file(
             remote.url,
             root / "downloads" / name,
@@ -271,36 +302,87 @@ def download_coco(root, year=2014, splits=("train", "val"), karpathy=True, progr
             size=remote.size,
             progress=progress,
         )
-        extract_archive(archive, root)
-    missing = [
-        str(path) for path in expected_layout(root, year, splits, karpathy) if not path.exists()
-    ]
+        extract_archive(archive, root, (members or {}).get(name))
+
+
+def check_layout(paths):
+    """Raise DownloadError naming every one of `paths` that the extracted archives left missing."""
+    missing = [str(path) for path in paths if not path.exists()]
     if missing:
         raise DownloadError(
             f"archives extracted but these expected paths are missing: {', '.join(missing)}"
         )
+
+
+def download_coco(root, year=2014, splits=("train", "val"), karpathy=True, progress=True) -> Path:
+    """Download, verify and extract COCO into root's official layout, skipping finished archives."""
+    root = Path(root)
+    if year not in (2014, 2017) or not splits or not set(splits) <= {"train", "val", "test"}:
+        raise ValueError(f"unsupported COCO request: year={year!r}, splits={splits!r}")
+    fetch_archives(root, COCO_FILES, coco_archive_names(year, splits, karpathy), progress=progress)
+    check_layout(expected_layout(root, year, splits, karpathy))
+    return root
+
+
+def flickr8k_archive_names() -> list[str]:
+    """Name the archives that make up Flickr8k: its images and Karpathy's split files."""
+    return [FLICKR8K_IMAGES, KARPATHY_ARCHIVE]
+
+
+def flickr8k_layout(root) -> list[Path]:
+    """List the paths a finished download_flickr8k leaves under root."""
+    return [Path(root) / FLICKR8K_IMAGE_DIR, Path(root) / FLICKR8K_SPLIT_FILE]
+
+
+def download_flickr8k(root, progress=True) -> Path:
+    """Download, verify and extract Flickr8k's images and Karpathy's Flickr8k split file into root,
+    the layout the karpathy reader reads, skipping finished archives."""
+    root = Path(root)
+    # Flickr8k's split file alone: where dataset_coco.json is too, the karpathy reader reads that.
+    members = {KARPATHY_ARCHIVE: [FLICKR8K_SPLIT_FILE]}
+    fetch_archives(root, FLICKR8K_FILES, flickr8k_archive_names(), members, progress)
+    check_layout(flickr8k_layout(root))
     return root
 
 
 @command
 def main(argv=None):
-    """Command-line entry point: python download.py --root data/coco --year 2014."""
+    """Command-line entry point: python download.py --root data/coco --year 2014, or
+    python download.py --dataset flickr8k --root data/flickr8k."""
     parser = argparse.ArgumentParser(
-        description="Download and extract MS-COCO and Karpathy's splits."
-    )
-    parser.add_argument("--root", type=Path, default=Path("data/coco"))
-    parser.add_argument("--year", type=int, choices=(2014, 2017), default=2014)
-    parser.add_argument(
-        "--splits", nargs="+", choices=("train", "val", "test"), default=["train", "val"]
+        description="Download and extract MS-COCO or Flickr8k, with Karpathy's splits."
     )
     parser.add_argument(
-        "--no-karpathy", action="store_true", help="skip Karpathy's caption_datasets.zip"
+        "--dataset", choices=("coco", "flickr8k"), default="coco",
+        help="coco: MS-COCO (--year, --splits); flickr8k: its images and Karpathy's split file",
+    )  # fmt: skip
+    parser.add_argument(
+        "--root", type=Path, default=None, help="where (default: data/coco or data/flickr8k)"
+    )
+    parser.add_argument(
+        "--year", type=int, choices=(2014, 2017), default=None, help="COCO: release (default: 2014)"
+    )
+    parser.add_argument(
+        "--splits", nargs="+", choices=("train", "val", "test"), default=None,
+        help="COCO: image archives (default: train val)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-karpathy", action="store_true", help="COCO: skip Karpathy's caption_datasets.zip"
     )
     parser.add_argument("--no-progress", action="store_true")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if args.dataset == "flickr8k":
+        given = {"--year": args.year, "--splits": args.splits, "--no-karpathy": args.no_karpathy}
+        coco_only = [flag for flag, value in given.items() if value not in (None, False)]
+        if coco_only:
+            parser.error(f"{', '.join(coco_only)}: COCO's options, not Flickr8k's")
+        root = download_flickr8k(args.root or Path("data/flickr8k"), not args.no_progress)
+        print(f"Flickr8k ready in {root}")
+        return root
+    year, splits = args.year or 2014, tuple(args.splits or ("train", "val"))
     root = download_coco(
-        args.root, args.year, tuple(args.splits), not args.no_karpathy, not args.no_progress
+        args.root or Path("data/coco"), year, splits, not args.no_karpathy, not args.no_progress
     )
-    print(f"COCO {args.year} ready in {root}")
+    print(f"COCO {year} ready in {root}")
     return root
