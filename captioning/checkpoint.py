@@ -18,9 +18,11 @@ from model import AttentionDecoder, CaptionModel, DecoderRNN, EncoderCNN
 # feature: their encoder gives the grid, their feature cache holds it, they have attention maps.
 GRID_DECODERS = ("attention", "transformer")
 
-# What the images of checkpoints saved before they recorded it went through, fixed here so that
-# a later change of the defaults never changes how those models are fed.
-LEGACY_PREPROCESSING = {"resize": "crop", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+# What the images of checkpoints saved before they recorded it went through (and the resizing of
+# those whose record predates its `interpolation`: torchvision's bilinear default), fixed here so
+# that a later change of the defaults never changes how those models are fed.
+LEGACY_PREPROCESSING = {"resize": "crop", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                        "interpolation": "bilinear"}  # fmt: skip
 
 
 def save_checkpoint(state, path):
@@ -160,9 +162,13 @@ def decoder_sizes(decoder):
 
 
 def checkpoint_preprocessing(state, config):
-    """The checkpoint's `preprocessing` record; for an older checkpoint, that of its `config`
-    with the preprocessing of its time."""
-    return state.get("preprocessing") or {**preprocessing(config), **LEGACY_PREPROCESSING}
+    """The checkpoint's `preprocessing` record, with the keys it predates (interpolation) as they
+    were then; for a checkpoint without one, that of its `config` with the preprocessing of its
+    time."""
+    record = state.get("preprocessing")
+    if record:
+        return {**LEGACY_PREPROCESSING, **record}
+    return {**preprocessing(config), **LEGACY_PREPROCESSING}
 
 
 def load_trained(path, device="cpu", decoder=None):

@@ -8,10 +8,11 @@ import re
 import types
 from dataclasses import dataclass, field
 
-from captioning.backbones import TORCHVISION_BACKBONES
+from captioning.backbones import check_backbone
 from captioning.data.annotations import LAYOUTS
 from captioning.data.loading import RESIZE_MODES
 from captioning.errors import ConfigError
+from captioning.timm_models import fixed_input_size
 
 # What a resumed run may change: how long and where it runs, never what it trains.
 RESUMABLE_CHANGES = (
@@ -48,8 +49,8 @@ class TrainConfig:
         "resnet50",
         "image network: a torchvision classification network by name (resnet50, vgg16, "
         "efficientnet_b0, convnext_tiny, vit_b_16, ...: backbones.TORCHVISION_BACKBONES), smallcnn "
-        "for small images",
-        choices=(*TORCHVISION_BACKBONES, "smallcnn"),
+        "for small images, or timm:<model name> for one of timm's (pip install timm), such as "
+        "the CLIP tower timm:vit_base_patch16_clip_224.openai, fed as its weights were trained",
     )
     pretrained: bool = option(True, "ImageNet weights for the CNN (downloaded once)")
     weights_path: str | None = option(None, "local CNN weights file instead of a download")
@@ -222,6 +223,14 @@ class TrainConfig:
             if value is not None and kind in (int, float):
                 # Plain Python numbers: checkpoints and config.json hold no NumPy scalars.
                 setattr(self, f.name, kind(value))
+        check_backbone(self.backbone, self.pretrained, self.weights_path, "TrainConfig.backbone")
+        size = fixed_input_size(self.backbone)
+        if size is not None and size != (self.image_size, self.image_size):
+            raise ConfigError(
+                f"TrainConfig.image_size: {self.image_size} is not allowed with backbone "
+                f"{self.backbone!r}, which takes {size[0]}x{size[1]} images only (a ViT's "
+                f"position embeddings fit one size); set image_size={size[0]}"
+            )
         if not re.fullmatch(DEVICE_PATTERN, self.device):
             raise ConfigError(
                 f"TrainConfig.device: {self.device!r} is not allowed; use auto, cpu, cuda, "

@@ -17,6 +17,7 @@ LAYERS = (
         "captioning.command",
         "captioning.distributed",
         "captioning.plots",
+        "captioning.timm_models",  # timm, imported only when a backbone names it
     ),  # fmt: skip
     ("captioning.data", "captioning.demo.dataset"),
     ("captioning.demo.small_cnn", "captioning.backbones", "captioning.transformer"),

@@ -143,13 +143,16 @@ def test_training_reads_images_as_its_resize_says(photos, demo_root, tmp_path, a
 
 @pytest.fixture(scope="module")
 def checkpoints(demo_root, tmp_path_factory):
-    """(new, old): an attention checkpoint trained on whole images, and the same weights saved as
-    before checkpoints recorded their preprocessing (no record, no `resize` in the config)."""
+    """(new, old, unnamed): an attention checkpoint trained on whole images, the same weights
+    saved as before checkpoints recorded their preprocessing (no record, no `resize` in the
+    config), and as before records named the interpolation."""
     out = tmp_path_factory.mktemp("preprocessing")
     train(tiny_config(demo_root, out, epochs=1, resize="full", decoder="attention"))
     state = load_checkpoint(out / "best.pt")
+    del state["preprocessing"]["interpolation"]
+    unnamed = save_checkpoint(state, out / "unnamed.pt")
     del state["preprocessing"], state["config"]["resize"]
-    return out / "best.pt", save_checkpoint(state, out / "old.pt")
+    return out / "best.pt", save_checkpoint(state, out / "old.pt"), unnamed
 
 
 @pytest.fixture
@@ -168,9 +171,11 @@ def model_inputs(monkeypatch):
 
 @pytest.fixture
 def other_defaults(monkeypatch):
-    """Today's defaults changed: another normalisation, and whole images for configs naming none."""
+    """Today's defaults changed: another normalisation and resampling, and whole images for
+    configs naming none."""
     monkeypatch.setattr(data_loader, "IMAGENET_MEAN", (0.5, 0.5, 0.5))
     monkeypatch.setattr(data_loader, "IMAGENET_STD", (0.25, 0.25, 0.25))
+    monkeypatch.setattr(data_loader, "DEFAULT_INTERPOLATION", "nearest")
     real = config.config_from_dict
     monkeypatch.setattr(
         config, "config_from_dict", lambda cls, d: real(cls, {"resize": "full", **d})
@@ -179,7 +184,7 @@ def other_defaults(monkeypatch):
 
 def test_a_checkpoint_records_what_its_images_went_through(checkpoints):
     record = {"image_size": 32, "resize": "full", "mean": MEAN, "std": STD,
-              "backbone": "smallcnn", "grid_size": None}  # fmt: skip
+              "interpolation": "bilinear", "backbone": "smallcnn", "grid_size": None}  # fmt: skip
     for name in ("best.pt", "last.pt"):
         saved = load_checkpoint(checkpoints[0].parent / name)["preprocessing"]
         assert saved == record and json.loads(json.dumps(saved)) == saved  # plain data
@@ -188,9 +193,9 @@ def test_a_checkpoint_records_what_its_images_went_through(checkpoints):
 def test_old_and_new_checkpoints_caption_with_their_own_preprocessing(
     checkpoints, photos, model_inputs, other_defaults
 ):
-    new, old = checkpoints
+    new, old, unnamed = checkpoints
     photo = photos.image_paths[0]  # stored sideways
-    for path, resize in ((new, "full"), (old, "crop")):
+    for path, resize in ((new, "full"), (old, "crop"), (unnamed, "full")):
         model_inputs.clear()
         assert checkpoint.load_trained(path)[0].preprocessing["resize"] == resize
         caption.caption_images(path, [photo])
@@ -207,7 +212,7 @@ def test_evaluate_feeds_a_checkpoint_its_own_preprocessing(
 
     monkeypatch.setattr(coco_metrics, "score_captions", lambda *a, **k: ({}, {}))
     paths = read_split(demo_root, "test").image_paths[:2]
-    for path, resize in zip(checkpoints, ("full", "crop")):
+    for path, resize in zip(checkpoints, ("full", "crop", "full")):
         model_inputs.clear()
         evaluate.evaluate(path, data_dir=str(demo_root), limit=2, num_workers=0, progress=False)
         transform = make_transform(32, resize=resize, mean=MEAN, std=STD)

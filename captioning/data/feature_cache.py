@@ -397,15 +397,16 @@ def _batches_between(dataset, batch_size, num_workers, convert, pin_memory=False
 
 def cached_images(
     split, image_size, cache_dir=None, batch_size=64, num_workers=0, progress=True, rank=0, world=1,
-    resize="crop",
+    resize="crop", interpolation="bilinear",
 ):  # fmt: skip
     """(num_images, 3, image_size, image_size) uint8 memmap of `split`'s images, resized as
-    `resize` says, decoded on first use; `data_loader.pixels_to_input` makes model inputs of it.
+    `resize` and `interpolation` say, decoded on first use; `data_loader.pixels_to_input` makes
+    model inputs of it.
 
     For a CNN trained on images without augmentation: each epoch then reads these rows instead
     of decoding and resizing every file again. `rank` and `world` as in `cached_features`.
     """
-    transform = make_pixel_transform(image_size, resize)
+    transform = make_pixel_transform(image_size, resize, interpolation)
     path = (
         Path(cache_dir or default_cache_dir())
         / "images"

@@ -19,6 +19,7 @@ from captioning.data.annotations import TokenizedCaptions, read_split
 from captioning.data.length_bucket_sampler import LengthBucketSampler
 from captioning.data.vocabulary import Vocabulary
 from captioning.errors import ImageLoadError
+from captioning.timm_models import timm_data_config, timm_model_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -167,53 +168,77 @@ def to_rgb(im):
 
 
 RESIZE_MODES = ("crop", "full")
+# torchvision's Resize default, what every model was fed before records named the interpolation.
+DEFAULT_INTERPOLATION = "bilinear"
 
 
-def resize_steps(image_size, resize="crop", train=False):
+def resize_steps(image_size, resize="crop", train=False, interpolation=DEFAULT_INTERPOLATION):
     """crop: shorter side to `image_size`, centre crop (random crop when training); full: the
-    whole image to `image_size` x `image_size`, aspect not kept; flipped at random when training."""
+    whole image to `image_size` x `image_size`, aspect not kept; flipped at random when training.
+    Resampled by `interpolation` ("bilinear", "bicubic", "nearest"; antialiased)."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize: {resize!r} is not one of {RESIZE_MODES}")
+    mode = transforms.InterpolationMode(interpolation)
     if resize == "full":
-        steps = [transforms.Resize((image_size, image_size))]
+        steps = [transforms.Resize((image_size, image_size), mode)]
     else:
         crop = transforms.RandomCrop if train else transforms.CenterCrop
-        steps = [transforms.Resize(image_size), crop(image_size)]
+        steps = [transforms.Resize(image_size, mode), crop(image_size)]
     return steps + [transforms.RandomHorizontalFlip()] * train
 
 
-def make_pixel_transform(image_size=224, resize="crop"):
+def make_pixel_transform(image_size=224, resize="crop", interpolation=DEFAULT_INTERPOLATION):
     """Resize (`resize_steps`) to uint8 pixels (3, H, W): what the image cache stores."""
-    return transforms.Compose([*resize_steps(image_size, resize), transforms.PILToTensor()])
+    steps = resize_steps(image_size, resize, interpolation=interpolation)
+    return transforms.Compose([*steps, transforms.PILToTensor()])
 
 
-def pixels_to_input(pixels):
-    """Cached uint8 pixels (3, H, W) -> the model's input, bit for bit what `make_transform` gives."""
+def pixels_to_input(pixels, transform=None):
+    """Cached uint8 pixels (3, H, W) -> the model's input, bit for bit what `transform` (a
+    `make_transform` of the pixels' size, resize and interpolation) gives: normalised by its
+    Normalize step (without `transform`, ImageNet's mean and std)."""
+    steps = getattr(transform, "transforms", ())
+    norm = next((s for s in steps if isinstance(s, transforms.Normalize)), None)
+    mean, std = (norm.mean, norm.std) if norm else (IMAGENET_MEAN, IMAGENET_STD)
     scaled = torch.from_numpy(np.array(pixels)).float().div(255)  # as ToTensor scales
-    return transforms.functional.normalize(scaled, IMAGENET_MEAN, IMAGENET_STD)
+    return transforms.functional.normalize(scaled, mean, std)
 
 
-def make_transform(image_size=224, train=False, normalize=True, resize="crop", mean=None, std=None):
+def make_transform(image_size=224, train=False, normalize=True, resize="crop", mean=None, std=None,
+                   interpolation=DEFAULT_INTERPOLATION):  # fmt: skip
     """Resize (`resize_steps`) to a tensor, normalised by `mean` and `std` (default ImageNet's)."""
-    steps = [*resize_steps(image_size, resize, train), transforms.ToTensor()]
+    steps = [*resize_steps(image_size, resize, train, interpolation), transforms.ToTensor()]
     if normalize:
-        steps.append(transforms.Normalize(mean or IMAGENET_MEAN, std or IMAGENET_STD))
+        # Tuples whatever is given: the transform's repr keys the feature cache.
+        mean, std = tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD)
+        steps.append(transforms.Normalize(mean, std))
     return transforms.Compose(steps)
 
 
 def preprocessing(config):
-    """What a model's images go through, from its `TrainConfig` (plain data: saved in checkpoints)."""
-    return {
+    """What a model's images go through, from its `TrainConfig` (plain data: saved in checkpoints):
+    ImageNet's mean and std, bilinear resizing; for a timm backbone, what its weights were
+    trained with (`timm_models.timm_data_config`)."""
+    record = {
         "image_size": config.image_size, "resize": config.resize,
         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "interpolation": DEFAULT_INTERPOLATION,
         "backbone": config.backbone, "grid_size": config.grid_size,
     }  # fmt: skip
+    if timm_model_name(config.backbone) is not None:
+        timm = timm_data_config(config.backbone)
+        record.update(mean=list(timm["mean"]), std=list(timm["std"]),
+                      interpolation=timm["interpolation"])  # fmt: skip
+    return record
 
 
-def preprocessing_transform(record):
-    """The evaluation transform of a `preprocessing` record."""
-    return make_transform(record["image_size"], resize=record["resize"], mean=record["mean"],
-                          std=record["std"])  # fmt: skip
+def preprocessing_transform(record, train=False):
+    """The transform of a `preprocessing` record (`train`: with random crop and flip), as
+    `preprocessing` makes it or `checkpoint.checkpoint_preprocessing` reads it."""
+    return make_transform(
+        record["image_size"], train, resize=record["resize"], mean=record["mean"],
+        std=record["std"], interpolation=record["interpolation"],
+    )  # fmt: skip
 
 
 class CaptionDataset(data.Dataset):
@@ -250,7 +275,7 @@ class CaptionDataset(data.Dataset):
             # In the stored dtype (float16): cast on the device (`training_data.to_device`).
             return torch.from_numpy(np.array(self.features[image_index]))
         if self.pixels is not None:
-            return pixels_to_input(self.pixels[image_index])
+            return pixels_to_input(self.pixels[image_index], self.transform)
         image = load_image(
             self.split.image_paths[image_index], self.split.describe_image(image_index)
         )
@@ -335,7 +360,7 @@ class ImageDataset(data.Dataset):
             # Cast on the device (`training_data.to_device`), not here.
             return torch.from_numpy(np.array(self.features[index])), self.split.image_ids[index]
         if self.pixels is not None and not self.with_original:
-            return pixels_to_input(self.pixels[index]), self.split.image_ids[index]
+            return pixels_to_input(self.pixels[index], self.transform), self.split.image_ids[index]
         image = load_image(self.split.image_paths[index], self.split.describe_image(index))
         tensor = self.transform(image) if self.transform else image
         if self.with_original:

@@ -11,7 +11,8 @@ from captioning.data.loading import (
     ZeroRows,
     make_caption_loader,
     make_image_captions_loader,
-    make_transform,
+    preprocessing,
+    preprocessing_transform,
     resolve_num_workers,
 )
 from captioning.data.feature_cache import cached_features, cached_images
@@ -47,13 +48,16 @@ def image_inputs(config, encoder, splits, rank, world, device):
     )
     # Every process computes its share of a missing cache (feature_cache.build_cache).
     options.update(rank=rank, world=world)
+    record = preprocessing(config)  # its backbone's mean, std and interpolation
     if encoder.frozen:
-        transform = make_transform(config.image_size, resize=config.resize)
+        transform = preprocessing_transform(record)
         caches = [cached_features(encoder, s, transform, device=device, **options) for s in splits]
         return [{"features": c} for c in caches]
     if config.cache_images:
+        size, resize, interpolation = config.image_size, config.resize, record["interpolation"]
         caches = [
-            cached_images(s, config.image_size, resize=config.resize, **options) for s in splits
+            cached_images(s, size, resize=resize, interpolation=interpolation, **options)
+            for s in splits
         ]
         return [{"pixels": c} for c in caches]
     return [{} for _ in splits]
@@ -98,8 +102,9 @@ class TrainingData:
         train_inputs, val_inputs = image_inputs(
             config, model.encoder, (train_split, val_split), rank, world, device
         )
-        train_transform = make_transform(config.image_size, config.augment, resize=config.resize)
-        transform = make_transform(config.image_size, resize=config.resize)
+        record = preprocessing(config)  # its backbone's mean, std and interpolation
+        train_transform = preprocessing_transform(record, train=config.augment)
+        transform = preprocessing_transform(record)
         self.grouped, self.seed = config.batch_by == "image", config.seed
         sharding = dict(num_replicas=world, rank=rank)
         # With cut_captions, no caption is longer than decoding can give (`<end>` is added to the
