@@ -312,13 +312,18 @@ class AttentionDecoder(nn.Module):
     default: `word_in_query` (the word just read joins the hidden state in the attention
     query) and `coverage` (the attention a position has had so far enters its score, Tu et al.,
     2016). The state is (h, c, coverage, grid, projected grid).
+
+    With `region_mask`, the grid's last channel is a mask, 1 for a region, 0 for padding
+    (region features, of varying number per image, padded to a batch): padding gets no
+    attention and no part in the mean, and the state ends with the mask (batch, positions).
     """
 
     def __init__(self, feature_size, embed_size, hidden_size, vocab_size, attention_size=None,
                  dropout=0.0, end_id=1, start_id=0, forget_bias=1.0, attention_weight=1.0,
-                 word_in_query=False, coverage=False):  # fmt: skip
+                 word_in_query=False, coverage=False, region_mask=False):  # fmt: skip
         super().__init__()
         self.attention_weight, self.word_in_query = attention_weight, word_in_query
+        self.region_mask = region_mask
         attention_size = attention_size or hidden_size
         self.start_id, self.end_id, self.vocab_size = start_id, end_id, vocab_size
         self.embed = nn.Embedding(vocab_size, embed_size)
@@ -344,23 +349,34 @@ class AttentionDecoder(nn.Module):
             self.lstm.bias_hh[hidden_size : 2 * hidden_size] = 0.0
 
     def init_state(self, grid):
-        """(h, c, coverage, grid, projected grid) from a grid (batch, positions, feature_size)."""
-        mean = grid.mean(dim=1)  # (batch, feature_size)
+        """(h, c, coverage, grid, projected grid) from a grid (batch, positions, feature_size);
+        with `region_mask`, the grid's mask channel split off and appended to the state."""
+        mask = None
+        if self.region_mask:
+            grid, mask = grid[..., :-1], grid[..., -1] > 0  # (batch, positions, features), mask
+            counted = mask.unsqueeze(2).to(grid.dtype)  # (batch, positions, 1)
+            mean = (grid * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1)
+        else:
+            mean = grid.mean(dim=1)  # (batch, feature_size)
         coverage = grid.new_zeros(grid.shape[:2])  # (batch, positions)
         h, c = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
-        return h, c, coverage, grid, self.grid_attention(grid)  # (batch, positions, attention)
+        state = (h, c, coverage, grid, self.grid_attention(grid))  # projected: (b, p, attention)
+        return state if mask is None else (*state, mask)
 
     def attend(self, state, word):
         """Gated context (batch, feature_size) and attention weights (batch, positions) for the
         embedded word (batch, embed_size) about to be read."""
-        hidden, _, coverage, grid, projected = state
+        hidden, _, coverage, grid, projected = state[:5]
         query = self.hidden_attention(
             torch.cat([hidden, word], 1) if self.word_in_query else hidden
         )
         energy = projected + query.unsqueeze(1)  # (batch, positions, attention)
         if self.coverage_attention is not None:
             energy = energy + self.coverage_attention(coverage.unsqueeze(2))
-        weights = self.attention_score(torch.tanh(energy)).squeeze(2).softmax(dim=1)
+        scores = self.attention_score(torch.tanh(energy)).squeeze(2)  # (batch, positions)
+        if len(state) > 5:  # region_mask: padding gets no weight
+            scores = scores.masked_fill(~state[5], float("-inf"))
+        weights = scores.softmax(dim=1)
         context = torch.bmm(weights.unsqueeze(1), grid).squeeze(1)  # (batch, feature_size)
         return torch.sigmoid(self.gate(hidden)) * context, weights
 
@@ -406,16 +422,21 @@ class AttentionDecoder(nn.Module):
 
     def regulariser(self, output):
         """attention_weight x the doubly stochastic penalty of the output's weights (eq. 14)."""
-        return self.attention_weight * attention_penalty(output.weights)
+        return self.attention_weight * attention_penalty(output.weights, self.region_mask)
 
 
-def attention_penalty(weights):
+def attention_penalty(weights, padded_positions=False):
     """Doubly stochastic regulariser: mean of (1 - attention a position got over the words)^2.
 
     Pushes every position to be attended about once over a caption (Xu et al., eq. 14); padded
-    steps carry zero weights, so only the words predicted count.
+    steps carry zero weights, so only the words predicted count. With `padded_positions`
+    (region features), the positions that got no attention at all, the padding, are left out.
     """
-    return ((1.0 - weights.sum(dim=1)) ** 2).mean()
+    penalty = (1.0 - weights.sum(dim=1)) ** 2  # (batch, positions)
+    if not padded_positions:
+        return penalty.mean()
+    real = (weights.sum(dim=1) > 0).to(penalty.dtype)  # softmax gives a region some weight
+    return (penalty * real).sum() / real.sum().clamp(min=1)
 
 
 class CaptionModel(nn.Module):

@@ -2,6 +2,7 @@
 or sampling); CLI on top."""
 
 import argparse
+import sys
 import warnings
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from captioning.command import add_debug_flag, command
 from captioning.decoding import DecodingOptions
 from captioning.distributed import resolve_device
+from captioning.errors import ImageLoadError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -27,25 +29,67 @@ def find_images(inputs):
     return files
 
 
-def image_batches(paths, preprocessing, batch_size, device):
+def image_batches(paths, preprocessing, batch_size, device, unreadable=None):
     """(paths, model inputs) in chunks of `batch_size` images, made as the `preprocessing` record
-    (`model.preprocessing` of a loaded checkpoint) says."""
+    (`model.preprocessing` of a loaded checkpoint) says. An image that cannot be read raises;
+    with an `unreadable` dict, it is left out and its error kept there, by path."""
     from captioning.data.loading import load_image, preprocessing_transform
+    from captioning.errors import ImageLoadError
 
     transform = preprocessing_transform(preprocessing)
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        yield chunk, torch.stack([transform(load_image(p)) for p in chunk]).to(device)
+        chunk, inputs = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                inputs.append(transform(load_image(path)))
+                chunk.append(path)
+            except ImageLoadError as error:
+                if unreadable is None:
+                    raise
+                unreadable[str(path)] = error
+        if chunk:
+            yield chunk, torch.stack(inputs).to(device)
+
+
+def feature_batches(inputs, features_dir, regions, batch_size, device):
+    """(inputs, model inputs) in chunks of `batch_size` for a model of precomputed features:
+    each input an image id, read from `features_dir`, or a feature file (.npy, .npz)."""
+    from captioning.data.feature_files import SUFFIXES, feature_path, model_input, stack_inputs
+
+    def path_of(item):
+        given = Path(str(item))
+        return given if given.suffix in SUFFIXES else feature_path(features_dir, item)
+
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        arrays = [torch.from_numpy(model_input(path_of(i), regions)) for i in chunk]
+        yield chunk, stack_inputs(arrays).to(device)
+
+
+def model_batches(model, config, inputs, batch_size, device, unreadable=None):
+    """(inputs, what the decoder reads) in chunks: the encoded images, or the precomputed
+    features of image ids (config.features_dir)."""
+    from captioning.checkpoint import GRID_DECODERS
+
+    if config.features_dir is not None:
+        regions = config.decoder in GRID_DECODERS
+        for chunk, x in feature_batches(inputs, config.features_dir, regions, batch_size, device):
+            yield chunk, model.encode(x, cached=True)
+        return
+    for chunk, images in image_batches(inputs, model.preprocessing, batch_size, device, unreadable):
+        yield chunk, model.encode(images)  # (batch, embed) or a grid; zeros seen if blind
 
 
 @torch.no_grad()
 def caption_images(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, device=None,
-                   length_penalty=None, options=None):  # fmt: skip
+                   length_penalty=None, options=None, unreadable=None):  # fmt: skip
     """{path: caption} for image files, using the model saved in `checkpoint`, or
     {path: [captions]} when `options` (`decoding.DecodingOptions`, None: the defaults) are
     `listed` (samples, groups); `max_len`, `length_penalty` (None): the checkpoint's
-    config's. Warns, as `evaluate` does, when most of two or more images get the same (first)
-    caption."""
+    config's. For a model of precomputed features, `paths` are image ids (their files in its
+    features_dir) or feature files. An unreadable image raises, or with an `unreadable` dict is
+    left out, its error kept there. Warns, as `evaluate` does, when most of two or more
+    images get the same (first) caption."""
     from captioning.checkpoint import load_trained
     from captioning.decoding import decode_captions, per_image
     from captioning.evaluation.caption_health import describe_same_caption, measure_health
@@ -54,8 +98,7 @@ def caption_images(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
     model, vocab, config = load_trained(checkpoint, device)
     options = options or DecodingOptions()
     captions = {}
-    for chunk, images in image_batches(paths, model.preprocessing, batch_size, device):
-        features = model.encode(images)  # (batch, embed) or a grid; zeros seen if blind
+    for chunk, features in model_batches(model, config, paths, batch_size, device, unreadable):
         _, texts = decode_captions(
             model.decoder, features, vocab, beam_size,
             config.max_caption_len if max_len is None else max_len,
@@ -99,8 +142,7 @@ def attention_maps(checkpoint, paths, beam_size=1, max_len=None, batch_size=32, 
     length_penalty = config.choose_length_penalty(length_penalty)
     options = vocab_options(options, vocab)
     maps = {}
-    for chunk, images in image_batches(paths, model.preprocessing, batch_size, device):
-        grids = model.encode(images)  # (batch, positions, features)
+    for chunk, grids in model_batches(model, config, paths, batch_size, device):
         ids, weights = decode_ids(model.decoder, grids, beam_size, max_len, length_penalty,
                                   vocab.pad_id, options, with_attention=True)  # fmt: skip
         for path, row, row_weights in zip(chunk, ids.tolist(), weights.cpu()):
@@ -160,6 +202,17 @@ def upload_widget(checkpoint, beam_size=1, device=None, options=None):
 
     upload.observe(on_upload, names="value")
     return ipywidgets.VBox([upload, shown])
+
+
+def reads_precomputed_features(checkpoint):
+    """Whether `checkpoint` holds a model of precomputed features (False if it cannot be read:
+    captioning it then says why)."""
+    from captioning.checkpoint import load_checkpoint
+
+    try:
+        return load_checkpoint(checkpoint)["config"].get("features_dir") is not None
+    except (OSError, ValueError, RuntimeError, KeyError):
+        return False
 
 
 def draw_captions(captions, folder):
@@ -237,13 +290,21 @@ def main(argv=None):
     if args.attention and (args.sample or args.groups > 1):
         parser.error("--attention draws one searched caption per image: not with --sample or "
                      "--groups")  # fmt: skip
-    paths = find_images(args.inputs)
+    try:
+        paths = find_images(args.inputs)
+    except FileNotFoundError:
+        if not reads_precomputed_features(args.checkpoint):
+            raise
+        paths = args.inputs  # image ids in the model's features_dir
+    if args.draw and reads_precomputed_features(args.checkpoint):
+        parser.error("this model reads precomputed features, not images: nothing to draw")
     if not paths:
         parser.error("no images found in " + " ".join(args.inputs))
     options = DecodingOptions.from_flags(args)
+    unreadable = {}  # one bad file among many: the others are captioned all the same
     captions = caption_images(
         args.checkpoint, paths, args.beam, args.max_len, length_penalty=args.length_penalty,
-        options=options,
+        options=options, unreadable=unreadable,
     )  # fmt: skip
     for path, texts in captions.items():
         if isinstance(texts, str):
@@ -267,4 +328,11 @@ def main(argv=None):
                 args.draw,
             )  # fmt: skip
         print(f"captioned images saved in {args.draw}/")
+    if unreadable:  # named each, then a failed exit: a script sees that some were not captioned
+        for error in unreadable.values():
+            print(f"not captioned: {error}", file=sys.stderr)
+        raise ImageLoadError(
+            f"{len(unreadable)} of {len(paths)} images could not be read (named above); the "
+            f"other {len(captions)} are captioned"
+        )
     return captions

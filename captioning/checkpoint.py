@@ -9,6 +9,7 @@ import torch
 
 from captioning.atomic_file import atomic_path
 from captioning.backbones import build_backbone
+from captioning.data.feature_files import PrecomputedFeatures
 from captioning.data.loading import IMAGENET_MEAN, IMAGENET_STD, preprocessing
 from captioning.errors import CheckpointError
 from captioning.transformer import TransformerDecoder
@@ -127,7 +128,10 @@ def backbone_net_keys(state_dict, model_state):
 
 def build_model(config, vocab):
     """Encoder and decoder described by `config`."""
-    backbone = build_backbone(config.backbone, config.pretrained, config.weights_path)
+    if config.features_dir is not None:  # precomputed features: no CNN, their size
+        backbone = PrecomputedFeatures(config.feature_size)
+    else:
+        backbone = build_backbone(config.backbone, config.pretrained, config.weights_path)
     encoder = EncoderCNN(
         config.embed_size, backbone, config.pretrained, config.weights_path,
         config.trainable_blocks, config.feature_norm, grid=config.decoder in GRID_DECODERS,
@@ -135,17 +139,19 @@ def build_model(config, vocab):
     )  # fmt: skip
     common = dict(dropout=config.dropout, end_id=vocab.end_id, start_id=vocab.start_id,
                   forget_bias=config.forget_bias)  # fmt: skip
+    # Precomputed regions vary in number: the grid decoders read a mask (feature_files).
+    regions = dict(region_mask=config.features_dir is not None)
     if config.decoder == "transformer":
         decoder = TransformerDecoder(
             encoder.feature_size, len(vocab), config.embed_size, config.heads,
             config.encoder_layers, config.decoder_layers, config.feed_forward, config.dropout,
-            end_id=vocab.end_id, start_id=vocab.start_id,
+            end_id=vocab.end_id, start_id=vocab.start_id, **regions,
         )  # fmt: skip
     elif config.decoder == "attention":
         decoder = AttentionDecoder(
             encoder.feature_size, config.embed_size, config.hidden_size, len(vocab),
             attention_size=config.attention_size, attention_weight=config.attention_weight,
-            word_in_query=config.word_in_query, coverage=config.coverage, **common,
+            word_in_query=config.word_in_query, coverage=config.coverage, **common, **regions,
         )  # fmt: skip
     else:
         decoder = DecoderRNN(

@@ -18,7 +18,7 @@ from captioning.timm_models import fixed_input_size
 RESUMABLE_CHANGES = (
     "epochs", "patience", "resume", "progress", "num_workers", "device", "amp",
     "output_dir", "data_dir", "val_images", "skip_bad_images", "scst_epochs", "log_every",
-    "length_penalty", "collective_timeout",
+    "length_penalty", "collective_timeout", "features_dir",
 )  # fmt: skip
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 
@@ -38,6 +38,14 @@ class TrainConfig:
     data_dir: str | None = option(None, "dataset root; none: the built-in demo dataset")
     layout: str = option("auto", "annotation layout of data_dir", choices=LAYOUTS)
     output_dir: str = option("runs/latest", "where checkpoints, history and curves go")
+    features_dir: str | None = option(
+        None, "precomputed image features instead of images and a CNN: a folder of one file per "
+        "image, <image id>.npy (a pooled vector) or <image id>.npz (its 'feat' array of regions); "
+        "none: images",
+    )  # fmt: skip
+    feature_size: int | None = option(
+        None, "size of the precomputed features; none: read from features_dir's files", low=1
+    )
     vocab_threshold: int = option(5, "keep words seen at least this often", low=1)
     # Off by default, as the demo's figures were made and as checkpoints from before the option
     # trained (its default is their value); the COCO preset turns it on.
@@ -212,8 +220,8 @@ class TrainConfig:
     @property
     def reads_features(self):
         """Whether training reads cached backbone features rather than images: with a frozen
-        CNN (the feature cache), or blind (zeros, no images)."""
-        return self.blind or self.trainable_blocks == 0
+        CNN (the feature cache), precomputed features, or blind (zeros, no images)."""
+        return self.blind or self.trainable_blocks == 0 or self.features_dir is not None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -249,6 +257,16 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.heads: {self.heads} does not divide embed_size {self.embed_size} "
                 "(the transformer's width); choose heads and embed_size to match"
+            )
+        if self.features_dir is not None and self.blind:
+            raise ConfigError(
+                "TrainConfig.features_dir: a blind model reads no features; leave one of "
+                "features_dir and blind unset"
+            )
+        if self.features_dir is not None and (self.trainable_blocks or self.cache_images):
+            raise ConfigError(
+                "TrainConfig.features_dir: precomputed features replace the CNN and the images; "
+                "set trainable_blocks=0 and cache_images=False"
             )
         if self.cache_images and self.augment:
             raise ConfigError(

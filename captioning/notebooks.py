@@ -180,6 +180,8 @@ def describe_caches(config, images):
     from captioning.data.vocabulary import Vocabulary
 
     folder = default_cache_dir()
+    if config.features_dir is not None:
+        return f"no cache: the precomputed features in {config.features_dir} are read as they are"
     if config.blind or not (config.trainable_blocks == 0 or config.cache_images):
         return "no cache: every epoch reads and decodes the image files"
     if config.trainable_blocks == 0:
@@ -226,3 +228,13 @@ def compare_results(results, annotations_file=None):
                   for k in health]  # fmt: skip
         lines.append(f"{name:<{width}}" + "".join(cells))
     return "\n".join(lines)
+
+
+def reading_features(config, features_dir):
+    """`config` reading precomputed features from `features_dir` instead of images and a CNN
+    (docs/data.md, "Precomputed features"); unchanged when `features_dir` is None."""
+    if features_dir is None:
+        return config
+    return dataclasses.replace(
+        config, features_dir=str(features_dir), trainable_blocks=0, cache_images=False
+    )

@@ -63,12 +63,18 @@ class TransformerDecoder(nn.Module):
     width), each layer's self-attention keys and values of the words read so far, one longer
     after each step (so a step costs O(words), not a pass over the prefix). Nothing is added to
     the training loss (`regulariser`: 0.0).
+
+    With `region_mask`, the grid's last channel is a mask, 1 for a region, 0 for padding
+    (region features, of varying number per image, padded to a batch): the encoder and the
+    cross-attention give padding no weight, the regions get no position code (they have no
+    place in a grid), and the state ends with the mask (batch, positions).
     """
 
     def __init__(self, feature_size, vocab_size, width=512, heads=8, encoder_layers=6,
                  decoder_layers=6, feed_forward=2048, dropout=0.1, end_id=1, start_id=0,
-                 attention_layer=-1, attention_head=None):  # fmt: skip
+                 attention_layer=-1, attention_head=None, region_mask=False):  # fmt: skip
         super().__init__()
+        self.region_mask = region_mask
         if width % heads:
             raise ValueError(f"width {width} is not a multiple of heads {heads}")
         self.start_id, self.end_id, self.vocab_size = start_id, end_id, vocab_size
@@ -122,19 +128,26 @@ class TransformerDecoder(nn.Module):
             raise ValueError(f"attention_head {head}: the decoder has {self.heads} heads")
         self._attention_head = head
 
-    def encode(self, grid):
-        """The encoded grid (batch, positions, width): projected, position-coded, encoded."""
+    def encode(self, grid, mask=None):
+        """The encoded grid (batch, positions, width): projected, position-coded, encoded; with
+        a region `mask` (batch, positions), no position code, and padding left unread."""
+        if mask is not None:
+            return self.encoder(self.grid_embed(grid), src_key_padding_mask=~mask)
         code = grid_positions(grid.size(1), self.width, grid.device)  # (positions, width)
         return self.encoder(self.grid_embed(grid) + code)
 
     def init_state(self, grid):
-        """(cross, cache) for a grid (batch, positions, feature_size); no word read yet."""
-        memory = self.encode(grid)  # (batch, positions, width)
+        """(cross, cache) for a grid (batch, positions, feature_size), and with `region_mask`
+        the mask split off its last channel; no word read yet."""
+        mask = None
+        if self.region_mask:
+            grid, mask = grid[..., :-1], grid[..., -1] > 0  # regions, and which are real
+        memory = self.encode(grid, mask)  # (batch, positions, width)
         cross = torch.stack(
             [self._keys_values(layer.multihead_attn, memory) for layer in self.layers], dim=1
         )  # (batch, layers, 2, positions, width)
         cache = cross.new_zeros(*cross.shape[:3], 0, self.width)  # (batch, layers, 2, 0, width)
-        return cross, cache
+        return (cross, cache) if mask is None else (cross, cache, mask)
 
     def _keys_values(self, attention, inputs):
         """The keys and values that `attention` (nn.MultiheadAttention) makes of `inputs`
@@ -165,11 +178,12 @@ class TransformerDecoder(nn.Module):
         out = out.transpose(1, 2).flatten(2)  # (batch, n, width)
         return attention.out_proj(out), weights
 
-    def _run_layer(self, layer, x, past, cross, need_weights=False):
+    def _run_layer(self, layer, x, past, cross, need_weights=False, cross_mask=None):
         """One pre-norm nn.TransformerDecoderLayer on new words x (batch, n, width) after the
         cached keys and values `past` (batch, 2, t, width): x after the layer, the keys and
         values of all t + n words, and the cross-attention weights (batch, n, positions) if
-        asked. Word t + i sees words 0 to t + i (causal)."""
+        asked. Word t + i sees words 0 to t + i (causal); `cross_mask` (batch, 1, 1,
+        positions), True where a word may look, keeps cross-attention off padding."""
         h = layer.norm1(x)
         new = self._keys_values(layer.self_attn, h)  # (batch, 2, n, width)
         keys_values = torch.cat([past, new], dim=2) if past.size(2) else new
@@ -179,7 +193,9 @@ class TransformerDecoder(nn.Module):
             seen = torch.arange(total, device=x.device)
             mask = seen <= torch.arange(total - n, total, device=x.device).unsqueeze(1)
         x = x + layer.dropout1(self._attend(layer.self_attn, h, keys_values, mask)[0])
-        out, weights = self._attend(layer.multihead_attn, layer.norm2(x), cross, None, need_weights)
+        out, weights = self._attend(
+            layer.multihead_attn, layer.norm2(x), cross, cross_mask, need_weights
+        )
         x = x + layer.dropout2(out)
         h = layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm3(x)))))
         return x + layer.dropout3(h), keys_values, weights
@@ -188,18 +204,22 @@ class TransformerDecoder(nn.Module):
         """Read words (batch, n) after the state's: the decoder's outputs (batch, n, width), the
         state after them (the cache not grown without `keep_cache`) and the chosen layer's
         cross-attention weights (batch, n, positions)."""
-        cross, cache = state
+        cross, cache = state[:2]
+        mask = state[2][:, None, None, :] if len(state) > 2 else None  # (batch, 1, 1, positions)
         t = cache.size(3)
         code = sinusoids(torch.arange(t, t + words.size(1), device=words.device), self.width)
         x = self.dropout(self.embed(words) * math.sqrt(self.width) + code)  # (batch, n, width)
         caches, weights = [], None
         for i, layer in enumerate(self.layers):
             chosen = i == self.attention_layer
-            x, keys_values, alpha = self._run_layer(layer, x, cache[:, i], cross[:, i], chosen)
+            x, keys_values, alpha = self._run_layer(
+                layer, x, cache[:, i], cross[:, i], chosen, mask
+            )
             caches.append(keys_values)
             weights = alpha if chosen else weights
         if keep_cache:
-            state = (cross, torch.stack(caches, dim=1))  # (batch, layers, 2, t + n, width)
+            # The cache: (batch, layers, 2, t + n, width); the mask, if any, as it was.
+            state = (cross, torch.stack(caches, dim=1), *state[2:])
         return self.norm(x), state, weights
 
     def step(self, words, state):

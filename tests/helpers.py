@@ -90,3 +90,23 @@ def right_and_wrong_captions(annotations_file):
              for im in images}  # fmt: skip
     ids = list(right)
     return right, {i: right[ids[(k + 1) % len(ids)]] for k, i in enumerate(ids)}
+
+
+def make_feature_folder(folder, data_root, kind, size=24, seed=0):
+    """A folder of random precomputed features for every image of the dataset at `data_root`:
+    .npy pooled vectors, or .npz files of 3 to 9 regions (`kind`); returns it."""
+    import numpy as np
+
+    from captioning.data.annotations import read_split
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val", "test"):
+        for image_id in read_split(data_root, split).image_ids:
+            if kind == "npy":
+                np.save(folder / f"{image_id}.npy", rng.random(size, dtype=np.float32))
+            else:
+                regions = rng.random((int(rng.integers(3, 10)), size)).astype(np.float16)
+                np.savez_compressed(folder / f"{image_id}.npz", feat=regions)
+    return folder

@@ -350,3 +350,25 @@ def test_evaluate_scores_the_first_caption_of_each_image_and_saves_them_all(
     beam = evaluate.evaluate(varied, "val", beam_size=2, **options)
     assert diverse["predictions"] == beam["predictions"]  # group 0: beam search, 2 beams
     assert (tmp_path / "captions_val_beam4_groups2.json").exists()
+
+
+def test_a_bad_file_among_many_is_named_and_the_others_are_captioned(
+    checkpoint, demo_root, tmp_path, capsys
+):
+    import shutil
+
+    from captioning import caption
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in read_split(demo_root, "test").image_paths[:2]:
+        shutil.copy(path, folder)
+    (folder / "broken.png").write_bytes(b"not a picture")
+    with pytest.raises(SystemExit) as stopped:
+        caption.main([str(checkpoint), str(folder), "--json", str(tmp_path / "captions.json")])
+    assert stopped.value.code == 1  # a script sees that not every image was captioned
+    out, err = capsys.readouterr()
+    written = json.loads((tmp_path / "captions.json").read_text())
+    assert len(written) == 2 and all(f"{path}: {text}" in out for path, text in written.items())
+    assert "not captioned: " in err and "broken.png: cannot read image" in err
+    assert "1 of 3 images could not be read" in err and "the other 2 are captioned" in err

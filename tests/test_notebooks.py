@@ -5,6 +5,7 @@ demo dataset, with small settings injected after the parameters cell as papermil
 import ast
 import asyncio
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from bench import real_data
 from captioning.demo.dataset import read_marker
 from captioning.notebooks import data_settings
 from tests.flickr8k_folder import image_name, make_flickr8k_folder
-from tests.helpers import COCO_SAMPLE, ROOT
+from tests.helpers import COCO_SAMPLE, ROOT, make_feature_folder
 
 NOTEBOOKS = ("0_Dataset.ipynb", "1_Preliminaries.ipynb", "2_Training.ipynb", "3_Inference.ipynb")
 # Notebooks call the project's modules; definitions and loops belong in those modules
@@ -218,19 +219,24 @@ CHAINS = {
     "demo": (NOTEBOOKS[:2], NOTEBOOKS[2:]),
     "coco2017": (NOTEBOOKS,),
     "flickr8k": (NOTEBOOKS,),
+    # The demo again, its second model trained on a folder of precomputed region features.
+    "demo-features": (NOTEBOOKS[2:],),
 }
 # Small models: the demo's decoders, and the COCO and Flickr8k presets with ResNet-18 on small
 # images. The demo runs the transformer as the second model, COCO and Flickr8k the attention
 # decoder (their presets' transformer, 6 + 6 layers, would take most of the suite's time): between
 # them, both grid decoders.
-GRID = {"demo": "transformer", "coco2017": "attention", "flickr8k": "attention"}
+GRID = {"demo": "transformer", "coco2017": "attention", "flickr8k": "attention",
+        "demo-features": "transformer"}  # fmt: skip
 SMALL_MODEL = dict(IMAGE_SIZE=32, EMBED_SIZE=32, HIDDEN_SIZE=32)
 COCO_MODEL = dict(BACKBONE="resnet18", PRETRAINED=False, IMAGE_SIZE=64, EMBED_SIZE=32,
                   HIDDEN_SIZE=32)  # fmt: skip
 
 
-def notebook_values(root, folder, dataset):
-    """Each notebook's injected settings: the test dataset, a tiny model, outputs in `folder`."""
+def notebook_values(root, folder, chain, features_dir=None):
+    """Each notebook's injected settings: the test dataset, a tiny model, outputs in `folder`;
+    with `features_dir`, the second model reads that folder's features."""
+    dataset = chain.removesuffix("-features")
     model = SMALL_MODEL if dataset == "demo" else COCO_MODEL
     data = dict(DATASET=dataset, DATA_DIR=str(root))
     out = folder / "outputs"
@@ -256,6 +262,7 @@ def notebook_values(root, folder, dataset):
             OUTPUT_DIR=str(out / "showtell"),
             GRID_DECODER=GRID[dataset],
             GRID_OUTPUT_DIR=str(out / GRID[dataset]),
+            FEATURES_DIR=features_dir and str(features_dir),
             EPOCHS=1,
             GRID_EPOCHS=1,
             SCST_EPOCHS=1,
@@ -292,7 +299,9 @@ def executed_notebooks(demo_root, tmp_path_factory):
     # as it was made), never regenerate the folder other tests share.
     assert read_marker(demo_root)["n_train"] < 100
     flickr8k_root = make_flickr8k_folder(tmp_path_factory.mktemp("flickr8k-data") / "flickr8k")
-    roots = {"demo": demo_root, "coco2017": COCO_SAMPLE, "flickr8k": flickr8k_root}
+    roots = {"demo": demo_root, "coco2017": COCO_SAMPLE, "flickr8k": flickr8k_root,
+             "demo-features": demo_root}  # fmt: skip
+    regions = make_feature_folder(tmp_path_factory.mktemp("regions"), demo_root, "npz")
     chains = {d: c for d, c in CHAINS.items() if d != "coco2017" or COCO_SAMPLE.is_dir()}
     folders = {dataset: tmp_path_factory.mktemp(dataset) for dataset in chains}
     executed = {dataset: {} for dataset in chains}
@@ -301,7 +310,8 @@ def executed_notebooks(demo_root, tmp_path_factory):
     async def run_chain(dataset, names, kernels):
         folder = folders[dataset]
         for name in names:
-            values = notebook_values(roots[dataset], folder, dataset)[name]
+            features = regions if dataset.endswith("-features") else None
+            values = notebook_values(roots[dataset], folder, dataset, features)[name]
             nb = inject(strip_outputs(read(name)), values)
             client = NotebookClient(
                 nb,
@@ -363,7 +373,9 @@ def test_notebooks_run_in_order(executed_notebooks, dataset):
     folder, executed, error = executed_notebooks[dataset]
     if error:
         raise error
-    assert sorted(executed) == sorted(NOTEBOOKS)
+    assert sorted(executed) == sorted(name for names in CHAINS[dataset] for name in names)
+    features = dataset.endswith("-features")
+    dataset = dataset.removesuffix("-features")
     out = folder / "outputs"
     # Show and Tell trained; the transformer trained, then resumed into its self-critical epoch.
     assert (out / "showtell" / "best.pt").exists() and (out / "showtell" / "vocab.json").exists()
@@ -383,14 +395,19 @@ def test_notebooks_run_in_order(executed_notebooks, dataset):
     assert ("objects" in table) == (dataset == "demo")
     scst = printed(inference, "best_cross_entropy")
     assert "best_cross_entropy.pt" in scst and "before the self-critical stage" in scst
-    assert len(images(inference, "attention_maps(")) == 2  # N_MAPS images, a panel per word
+    if features:  # regions have no place on the image to draw a map at
+        assert json.loads((out / grid / "config.json").read_text())["features_dir"]
+        assert "reads precomputed features" in printed(inference, "attention_maps(")
+        assert "Show and Tell" in printed(inference, "my_name")  # your image: an image model's
+    else:
+        assert len(images(inference, "attention_maps(")) == 2  # N_MAPS images, a panel per word
     assert (out / "inference" / grid / f"results_{data_settings(dataset).test_split}.json").exists()
     assert "sampled: " in printed(inference, "my_sampled")
     widget = next(c for c in inference.cells if "upload_widget(" in c.source)
     assert any(
         "application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in widget.outputs
     )
-    if dataset != "demo":  # what a COCO or Flickr8k user is told at each point
+    if dataset != "demo" and not features:  # what a COCO or Flickr8k user is told at each point
         download = printed(executed["0_Dataset.ipynb"], "describe_download")
         size = {"coco2017": "20.4 GB", "flickr8k": "about 1 GB"}[dataset]
         assert f"{size} to download" in download
@@ -433,6 +450,12 @@ def test_what_a_coco_user_is_told_before_training(tmp_path, monkeypatch):
     grid = describe_caches(training_preset("coco2014", "attention"), 118_287)
     assert "(196, 2048)" in grid and "95 GB" in grid
     assert "decoded images of 4,500 images, 55.3 MB" in describe_caches(training_preset(), 4500)
+    features = dataclasses.replace(training_preset(), features_dir="bu", trainable_blocks=0,
+                                   cache_images=False)  # fmt: skip
+    assert (
+        describe_caches(features, 10)
+        == "no cache: the precomputed features in bu are read as they are"
+    )
     text = describe_epoch(30.0, 20, 11_829)
     assert text == (
         "20 steps took 30.0 s (1.50 s a step): an epoch of 11829 steps takes about 4.9 h here"

@@ -67,7 +67,6 @@ def image_loader(dataset, batch_size, num_workers, pin_memory=False):
     )  # fmt: skip
 
 
-
 def npy_header(shape, dtype):
     """The .npy header `np.save` writes before an array of `shape` and `dtype` (C order)."""
     out = io.BytesIO()

@@ -16,6 +16,7 @@ from torchvision import transforms
 
 from captioning.command import progress_disabled
 from captioning.data.annotations import TokenizedCaptions, read_split
+from captioning.data.feature_files import stack_inputs
 from captioning.data.length_bucket_sampler import LengthBucketSampler
 from captioning.data.vocabulary import Vocabulary
 from captioning.errors import ImageLoadError
@@ -406,10 +407,16 @@ def find_unreadable_images(split, num_workers=0, progress=True):
 
 
 def pad_collate(batch, pad_id=3):
-    """Stack images and right-pad captions with `pad_id` to the longest in the batch."""
+    """Stack images (`stack_inputs`) and right-pad captions with `pad_id` to the longest."""
     images, captions = zip(*batch)
     captions = torch.nn.utils.rnn.pad_sequence(captions, batch_first=True, padding_value=pad_id)
-    return torch.stack(images), captions  # captions: (batch, max_len)
+    return stack_inputs(images), captions  # captions: (batch, max_len)
+
+
+def inputs_collate(batch):
+    """Per-image inputs stacked (`stack_inputs`: regions padded) and their ids as a tensor."""
+    inputs, ids = zip(*batch)
+    return stack_inputs(inputs), torch.as_tensor(ids)
 
 
 def image_captions_collate(batch, pad_id=3):
@@ -420,7 +427,7 @@ def image_captions_collate(batch, pad_id=3):
     captions = torch.nn.utils.rnn.pad_sequence(
         [c for g in groups for c in g], batch_first=True, padding_value=pad_id
     )  # (captions, max_len)
-    return torch.stack(images), captions, owners
+    return stack_inputs(images), captions, owners
 
 
 def make_image_captions_loader(

@@ -9,6 +9,7 @@ from captioning.data.loading import (
     ImageCaptionsDataset,
     ImageDataset,
     ZeroRows,
+    inputs_collate,
     make_caption_loader,
     make_image_captions_loader,
     preprocessing,
@@ -16,6 +17,7 @@ from captioning.data.loading import (
     resolve_num_workers,
 )
 from captioning.data.feature_cache import cached_features, cached_images
+from captioning.data.feature_files import FeatureFiles
 
 
 def to_device(tensors, device):
@@ -38,6 +40,11 @@ def cut_captions(tokens, max_words):
 
 def image_inputs(config, encoder, splits, rank, world, device):
     """Per split, {"features": ...} or {"pixels": ...} that replace reading image files, or {}."""
+    if config.features_dir is not None:  # precomputed: read from their files, per image
+        regions = encoder.grid  # the grid decoders read regions with their mask channel
+        return [
+            {"features": FeatureFiles(config.features_dir, s.image_ids, regions)} for s in splits
+        ]
     if config.blind:
         # A blind model sees zero features whatever it is given (`CaptionModel.encode`), so its
         # data is zeros too: no image is read and no CNN runs.
@@ -88,7 +95,7 @@ def make_image_loader(captions, config, num_replicas=1, rank=0):
     return torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
         persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(config.seed),
+        generator=torch.Generator().manual_seed(config.seed), collate_fn=inputs_collate,
     )  # fmt: skip
 
 
@@ -164,6 +171,7 @@ class TrainingData:
         return torch.utils.data.DataLoader(
             images, batch_size=config.batch_size, num_workers=workers,
             persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+            collate_fn=inputs_collate,
         )  # fmt: skip
 
     def start_epoch(self, epoch):

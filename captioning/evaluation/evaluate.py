@@ -83,6 +83,7 @@ def evaluate(
     device=None,
     progress=True,
     options=None,
+    features_dir=None,
 ):
     """Caption `split` with a checkpoint and score it; returns metrics, caption health (its
     figures: `caption_health.measure_health`, novel captions against the checkpoint's training
@@ -90,26 +91,35 @@ def evaluate(
 
     With `output_dir`, writes results_<tag>.json (COCO results format), metrics, health and
     per-image scores there (tag: the split, then beam size, groups and samples when used).
-    `data_dir`/`layout`, `max_len` and `length_penalty` default to the checkpoint's config's
-    (those the model was trained with). `options`: the `decoding.DecodingOptions` (None: the
-    defaults). When they give a list of captions per image (samples, groups), the first of
-    each image's is scored and measured, and all are in result["all_captions"] and, with
-    `output_dir`, captions_<tag>.json. Warns when most images get the same caption
-    (`caption_health.SAME_CAPTION_SHARE`).
+    `data_dir`/`layout`, `max_len`, `length_penalty` and, for a model of precomputed features,
+    `features_dir` default to the checkpoint's config's (those the model was trained with).
+    `options`: the `decoding.DecodingOptions` (None: the defaults). When they give a list of
+    captions per image (samples, groups), the first of each image's is scored and measured,
+    and all are in result["all_captions"] and, with `output_dir`, captions_<tag>.json. Warns
+    when most images get the same caption (`caption_health.SAME_CAPTION_SHARE`).
     """
-    from captioning.checkpoint import load_trained
+    from captioning.checkpoint import GRID_DECODERS, load_trained
     from captioning.data.annotations import read_split
-    from captioning.data.loading import ImageDataset, preprocessing_transform
+    from captioning.data.feature_files import FeatureFiles, check_feature_files
+    from captioning.data.loading import ImageDataset, inputs_collate, preprocessing_transform
     from captioning.demo.dataset import resolve_data_dir
     from captioning.evaluation.coco_metrics import score_captions, write_results
 
     device = resolve_device(device or "auto")
     model, vocab, config = load_trained(checkpoint, device)
     data = read_split(resolve_data_dir(data_dir or config.data_dir), split, layout or config.layout)
-    dataset = ImageDataset(data, preprocessing_transform(model.preprocessing))
+    features_dir = features_dir or config.features_dir
+    if features_dir is not None and config.features_dir is not None:  # no image, no CNN
+        check_feature_files(features_dir, data, config.feature_size)
+        regions = config.decoder in GRID_DECODERS
+        dataset = ImageDataset(data, features=FeatureFiles(features_dir, data.image_ids, regions))
+    else:
+        dataset = ImageDataset(data, preprocessing_transform(model.preprocessing))
     if limit:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=inputs_collate
+    )
     predictions = predict_captions(
         model,
         vocab,
@@ -120,6 +130,7 @@ def evaluate(
         config.choose_length_penalty(length_penalty),
         progress,
         options,
+        cached=config.features_dir is not None,
     )
     options = options or DecodingOptions()
     all_captions = None
@@ -180,6 +191,10 @@ def main(argv=None):
     )  # fmt: skip
     DecodingOptions.add_flags(parser)
     parser.add_argument("--limit", type=int, help="score only the first N images")
+    parser.add_argument(
+        "--features-dir", help="a model of precomputed features: read them from this folder "
+        "(default: the one it was trained on)",
+    )  # fmt: skip
     parser.add_argument("--output-dir", help="where results and metrics JSON go")
     parser.add_argument("--spice", action="store_true", help="also SPICE (needs its CoreNLP jars)")
     parser.add_argument("--results", help="instead of a checkpoint: score this COCO results file")
@@ -198,6 +213,7 @@ def main(argv=None):
             args.checkpoint, args.split, args.data_dir, args.layout, args.beam, args.max_len,
             length_penalty=args.length_penalty, limit=args.limit,
             output_dir=args.output_dir, spice=args.spice, options=DecodingOptions.from_flags(args),
+            features_dir=args.features_dir,
         )  # fmt: skip
     else:
         parser.error("give a checkpoint, or --results with --annotations")

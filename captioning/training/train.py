@@ -34,6 +34,7 @@ from captioning.checkpoint import (
 from captioning.command import add_debug_flag, command, progress_disabled
 from captioning.config import ConfigError, TrainConfig, parse_config, resume_conflicts
 from captioning.data.annotations import read_split
+from captioning.data.feature_files import check_feature_files, folder_feature_size
 from captioning.data.loading import (
     find_unreadable_images,
     load_or_build_vocab,
@@ -289,7 +290,7 @@ def read_splits(config, rank=0, world=1):
         for name in ("train", "val")
     ]
     skipped = {}
-    if config.skip_bad_images:
+    if config.skip_bad_images and config.features_dir is None:  # features need no images
         for k, split in enumerate(splits):
             splits[k], skipped[split.name] = drop_unreadable_images(split, config, rank, world)
     return splits, skipped
@@ -439,6 +440,8 @@ def check_same_start(epoch, path):
 
 def train(config):
     """Train a captioning model as `config` says; returns the history (per-epoch metrics)."""
+    if config.features_dir is not None and config.feature_size is None:  # saved in checkpoints
+        config = dataclasses.replace(config, feature_size=folder_feature_size(config.features_dir))
     rank, world, device = init_distributed(config)
     output_dir = Path(config.output_dir)
     if world > 1:
@@ -451,6 +454,9 @@ def train(config):
         check_same_start(resume_state["epoch"] if resume_state else -1, last_path)
     init_state = load_checkpoint(config.init_from) if config.init_from else None
     (train_split, val_split), skipped = read_splits(config, rank, world)
+    if config.features_dir is not None:
+        for split in (train_split, val_split):
+            check_feature_files(config.features_dir, split, config.feature_size)
     if resume_state or init_state:
         # The cross-entropy checkpoint's weights only make sense with its vocabulary.
         vocab = Vocabulary.from_dict((resume_state or init_state)["vocab"])
@@ -599,10 +605,11 @@ def parse_command_line(argv=None):
     preset.add_argument(
         "--preset", choices=PRESETS, default="auto",
         help="the defaults below: coco, presets.coco_config(decoder) (the published COCO "
-        "recipes, docs/coco_recipes.md); demo, presets.demo_config(decoder); none, TrainConfig's "
-        "own; auto: demo for the demo dataset (no --data-dir, data/demo, or a folder with its "
-        "marker file), else coco. Flags override them; --help with --data-dir, --decoder or "
-        "--preset shows that preset's values",
+        "recipes, docs/coco_recipes.md); flickr8k, presets.flickr8k_config(decoder); demo, "
+        "presets.demo_config(decoder); none, TrainConfig's own; auto: demo for the demo dataset "
+        "(no --data-dir, data/demo, or a folder with its marker file), flickr8k for a folder "
+        "whose Karpathy split file is dataset_flickr8k.json, else coco. Flags override them; "
+        "--help with --data-dir, --decoder or --preset shows that preset's values",
     )  # fmt: skip
     add_debug_flag(preset)  # shown in --help, acted on by `command`
     # The preset depends on the data and the decoder: read them before the full parse.
