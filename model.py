@@ -102,7 +102,7 @@ class EncoderCNN(nn.Module):
 
     `backbone`: a ResNet's name (RESNETS), with ImageNet weights (`pretrained`) or a local file's
     (`weights_path`); or a module (captioning.backbones.build_backbone makes one of any other
-    torchvision network) with `out_features`, `blocks` (its last 4 stages, for
+    torchvision or timm network) with `out_features`, `blocks` (its last 4 stages, for
     `trainable_blocks`), `feature_map(images)` -> (batch, out_features, h, w) and a pooled
     `forward(images)` -> (batch, out_features).
     """

@@ -60,7 +60,10 @@ class TrainConfig:
         "for small images, or timm:<model name> for one of timm's (pip install timm), such as "
         "the CLIP tower timm:vit_base_patch16_clip_224.openai, fed as its weights were trained",
     )
-    pretrained: bool = option(True, "ImageNet weights for the CNN (downloaded once)")
+    pretrained: bool = option(
+        True, "pretrained weights for the CNN, downloaded once: ImageNet's, or for timm:NAME the "
+        "weights its tag names",
+    )  # fmt: skip
     weights_path: str | None = option(None, "local CNN weights file instead of a download")
     trainable_blocks: int = option(
         0, "CNN blocks trained: 0 frozen (feature cache), k the last k, -1 all", low=-1, high=4
