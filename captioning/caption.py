@@ -291,12 +291,13 @@ def main(argv=None):
         parser.error("--attention draws one searched caption per image: not with --sample or "
                      "--groups")  # fmt: skip
     try:
-        paths = find_images(args.inputs)
+        paths, ids = find_images(args.inputs), False
     except FileNotFoundError:
         if not reads_precomputed_features(args.checkpoint):
             raise
-        paths = args.inputs  # image ids in the model's features_dir
-    if args.draw and reads_precomputed_features(args.checkpoint):
+        paths, ids = args.inputs, True  # image ids in the model's features_dir
+    # The checkpoint is read here only once, and only where the answer matters.
+    if args.draw and (ids or reads_precomputed_features(args.checkpoint)):
         parser.error("this model reads precomputed features, not images: nothing to draw")
     if not paths:
         parser.error("no images found in " + " ".join(args.inputs))
